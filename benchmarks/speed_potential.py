@@ -1,0 +1,141 @@
+"""Single-point throughput of the MatterSim v1 potential (energy + forces + stress).
+
+    python -m benchmarks.speed_potential [--checkpoint PATH] [--repeats 7] [-o results.json]
+
+Measures, with one checkpoint (default: the 1M-architecture fixture in ../shared), in float32 on the CPU:
+
+- diamond Si cells of 8, 64, 216 and 512 atoms, one structure per call: median wall time, ms/atom, the
+  share of it spent building the graph, and the ratio to the official implementation's medians measured on
+  this 2-core machine (given in the project's issue #2);
+- 64 rattled 8-atom cells evaluated in one batched call against the same 64 evaluated one call each
+  (the reference run, in this process);
+- peak resident memory of the process.
+
+The multiply-add floor is estimated from the model's own layer shapes and the graph's edge count, and the
+attained rate is reported against the machine's matmul rate measured here with one large GEMM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.build import bulk
+
+from mattersim.graph import build_structure_graph
+from mattersim.potential import Potential
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "mattersim_v1_reference" / "m3gnet-1M-random.pth"
+#: official MatterSim 1.2.3, same checkpoint, float32, medians on this 2-core CPU (issue #2)
+OFFICIAL_SECONDS = {8: 0.022, 64: 0.16, 216: 0.44, 512: 0.72}
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_rate(n: int = 1024, repeats: int = 5) -> float:
+    """Attained float32 matmul rate of this machine (FLOP/s) on one large square GEMM."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time(lambda: a @ b, repeats)
+    return 2 * n**3 / t
+
+
+def model_flops(pot: Potential, n_atoms: int, n_edges: int) -> float:
+    """Multiply-add FLOPs of one energy+forces+stress evaluation with the per-atom/per-edge layer layout
+    used here (forward, plus the input-gradient backward which costs about the same)."""
+    u = pot.model.model_args["units"]
+    blocks = pot.model.model_args["num_blocks"]
+    per_edge = blocks * 2 * (2 * (u * u) + 2 * (u * u))  # two gated MLPs: edge block of layer 1 + layer 2, g and sigma
+    per_atom = blocks * 2 * (2 * 2 * u * u)  # atom blocks of layer 1 (centre + neighbour), g and sigma
+    forward = 2 * (n_edges * per_edge + n_atoms * per_atom)
+    return 2 * forward
+
+
+def run(checkpoint: Path, repeats: int, sizes: list[int]) -> dict:
+    torch.manual_seed(0)
+    pot = Potential.from_checkpoint(checkpoint, dtype="float32")
+    rate = gemm_rate()
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    single = []
+    for n in sizes:
+        atoms = si.repeat(n)
+        atoms.rattle(0.01, seed=n)
+        t = median_time(lambda: pot.predict([atoms]), repeats)
+        t_graph = median_time(lambda: build_structure_graph(atoms, pot.cutoff, pot.threebody_cutoff), repeats)
+        n_edges = build_structure_graph(atoms).edge_index.shape[1]
+        flops = model_flops(pot, len(atoms), n_edges)
+        row = {
+            "atoms": len(atoms),
+            "edges": int(n_edges),
+            "seconds": t,
+            "ms_per_atom": 1e3 * t / len(atoms),
+            "graph_seconds": t_graph,
+            "model_gflop": flops / 1e9,
+            "attained_fraction_of_gemm_rate": flops / t / rate,
+        }
+        if len(atoms) in OFFICIAL_SECONDS:
+            row["official_seconds"] = OFFICIAL_SECONDS[len(atoms)]
+            row["speedup_vs_official"] = OFFICIAL_SECONDS[len(atoms)] / t
+        single.append(row)
+        print(json.dumps(row))
+
+    cells = []
+    for k in range(64):
+        a = si.copy()
+        a.rattle(0.05, seed=100 + k)
+        cells.append(a)
+    t_batched = median_time(lambda: pot.predict(cells), repeats)
+    t_loop = median_time(lambda: [pot.predict([a]) for a in cells], max(1, repeats // 2))
+    batch = {
+        "structures": 64,
+        "atoms_each": 8,
+        "batched_seconds": t_batched,
+        "one_by_one_seconds": t_loop,
+        "speedup": t_loop / t_batched,
+    }
+    print(json.dumps(batch))
+    return {
+        "checkpoint": str(checkpoint),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gemm_gflops": rate / 1e9,
+        "single": single,
+        "batched_8_atom_cells": batch,
+        "linear_scaling_ms_per_atom_512_over_216": (
+            next((r["ms_per_atom"] for r in single if r["atoms"] == 512), float("nan"))
+            / next((r["ms_per_atom"] for r in single if r["atoms"] == 216), float("nan"))
+        ),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4], help="Si cubic cell repeats")
+    parser.add_argument("-o", "--output", type=Path, default=None)
+    args = parser.parse_args()
+    result = run(args.checkpoint, args.repeats, args.sizes)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""The ``mattersim`` command line.
+
+Commands: ``models`` (what is installed/cached), ``predict`` (energies, forces, stresses of structure
+files) and ``relax`` (batched relaxations with a summary). Heavy modules (torch, the model registry, ASE
+optimizers) are imported inside the commands, so ``mattersim --help`` stays fast.
+
+Every :class:`~mattersim.errors.MatterSimError` (a bad file, an unknown model, ...) is printed as one red
+``Error: ...`` line on stderr and the command exits with code 2; a relaxation that did not converge exits
+with code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from mattersim import __version__
+from mattersim.errors import InputError, MatterSimError
+
+EXIT_USER_ERROR = 2
+EXIT_NOT_CONVERGED = 1
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def print_error(message: str) -> None:
+    """One red ``Error: ...`` line on stderr."""
+    _stderr_console().print(f"Error: {message}", style="bold red", markup=False)
+
+
+class _ErrorHandlingGroup(TyperGroup):
+    """Turns :class:`MatterSimError` raised by any command into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MatterSimError as exc:
+            print_error(str(exc))
+            sys.exit(EXIT_USER_ERROR)
+
+
+app = typer.Typer(
+    cls=_ErrorHandlingGroup,
+    name="mattersim",
+    help="MatterSim: a universal machine-learning interatomic potential for materials.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"mattersim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_callback(
+    version: bool = typer.Option(
+        False, "--version", "-V", help="Show the version and exit.", callback=_version_callback, is_eager=True
+    ),
+) -> None:
+    """MatterSim: a universal machine-learning interatomic potential for materials."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_calculator(model: Optional[str], device: str, float64: bool, trust_pickle: bool = False):
+    from mattersim import registry
+
+    return registry.load_calculator(model, device=device, dtype="float64" if float64 else "float32", trust_pickle=trust_pickle)
+
+
+def _model_info(calc) -> dict[str, Any]:
+    from mattersim.calculator import model_info
+
+    return model_info(calc)
+
+
+def _max_z(calc) -> int:
+    potential = getattr(calc, "potential", None)
+    return int(getattr(potential, "max_z", 94) or 94)
+
+
+def _revalidate_elements(structures, max_z: int) -> None:
+    from mattersim.io import validate_structure
+
+    if max_z >= 94:
+        return
+    for label, atoms in structures:
+        validate_structure(atoms, max_z=max_z, label=label)
+
+
+def _evaluate(calc, atoms_list, with_stress: list[bool]) -> list[dict]:
+    """evaluate_batch over all structures: one call for the periodic ones (with stress), one for the rest."""
+    from mattersim.calculator import evaluate_batch
+
+    results: list[Optional[dict]] = [None] * len(atoms_list)
+    for flag, props in ((True, ("energy", "forces", "stress")), (False, ("energy", "forces"))):
+        idx = [i for i, s in enumerate(with_stress) if s == flag]
+        if not idx:
+            continue
+        out = evaluate_batch(calc, [atoms_list[i] for i in idx], props)
+        for i, r in zip(idx, out):
+            r = dict(r)
+            if not flag:
+                r.pop("stress", None)  # no stress without a 3D-periodic cell
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def _display_labels(labels: list[str]) -> list[str]:
+    """Shorter labels for tables and file names: the file name (plus @frame) when that stays unique."""
+    short = []
+    for label in labels:
+        path, sep, frame = label.rpartition("@")
+        if sep and frame.isdigit():
+            short.append(f"{Path(path).name}@{frame}")
+        else:
+            short.append(Path(label).name or label)
+    return short if len(set(short)) == len(short) else list(labels)
+
+
+def _file_stem(label: str) -> str:
+    """``dir/al.cif`` -> ``al``; ``dir/many.extxyz@3`` -> ``many_3``; ``dir/POSCAR`` -> ``POSCAR``."""
+    path, sep, frame = label.rpartition("@")
+    if not (sep and frame.isdigit()):
+        path, frame = label, ""
+    stem = Path(path).stem or Path(path).name or "structure"
+    return f"{stem}_{frame}" if frame else stem
+
+
+def _short_path(path: Optional[str]) -> str:
+    if not path:
+        return "-"
+    home = str(Path.home())
+    return "~" + path[len(home):] if home not in ("/", "") and path.startswith(home + "/") else path
+
+
+def _table(title: str):
+    """A compact rich table (fits 80 columns for the usual numbers)."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+
+
+def _print_table(console, table) -> None:
+    """Print ``table`` no narrower than its no-wrap columns need: numbers are never cut off."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update(width=10_000), table).maximum
+    if needed > console.width:
+        from rich.console import Console
+
+        console = Console(file=console.file, width=needed, highlight=False, color_system=console.color_system and "auto")
+    console.print(table)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------------------
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the models this installation knows, whether they are available offline, and the default."""
+    from mattersim import registry
+
+    models = registry.list_models()
+    try:
+        default = registry.default_model()
+    except MatterSimError:
+        default = None
+    console = _stdout_console()
+    wide = console.width >= 140
+    table = _table("MatterSim models")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("offline", no_wrap=True)
+    table.add_column("default", no_wrap=True)
+    table.add_column("cached path", overflow="fold")
+    if wide:
+        table.add_column("description", overflow="fold")
+    for m in models:
+        available = bool(m.get("available"))
+        row = [
+            str(m.get("name", "")),
+            str(m.get("kind", "")),
+            "[green]yes[/green]" if available else "[dim]no[/dim]",
+            "*" if default is not None and m.get("name") == default else "",
+            _short_path(m.get("path")),
+        ]
+        if wide:
+            row.append(str(m.get("description", "") or ""))
+        table.add_row(*row)
+    console.print(table)
+    if default is not None:
+        console.print(f"Default model: {default}", markup=False)
+    else:
+        console.print("No model is available offline; download one (see 'mattersim models') or pass a checkpoint path.", markup=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------------------------
+
+
+@app.command("predict")
+def predict_command(
+    files: List[Path] = typer.Argument(..., help="Structure files (POSCAR, CIF, extxyz with all frames, ...)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'mattersim models') or checkpoint path."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .extxyz or .json file."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+) -> None:
+    """Energy, energy/atom, largest force and pressure of every structure in FILES."""
+    import numpy as np
+    from ase.units import GPa
+
+    from mattersim.io import check_result_path, read_structures, write_results
+
+    if output is not None:
+        check_result_path(output)  # fail before any work
+    structures = read_structures([str(f) for f in files])
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements(structures, _max_z(calc))
+    atoms_list = [a for _, a in structures]
+    with_stress = [bool(np.asarray(a.pbc).all()) for a in atoms_list]
+    results = _evaluate(calc, atoms_list, with_stress)
+    info = _model_info(calc)
+
+    shown = _display_labels([label for label, _ in structures])
+    table = _table(f"MatterSim predictions ({info.get('name', 'model')})")
+    table.add_column("structure", overflow="fold", max_width=30)
+    table.add_column("formula", no_wrap=True)
+    table.add_column("atoms", justify="right", no_wrap=True)
+    table.add_column("E (eV)", justify="right", no_wrap=True)
+    table.add_column("E/atom", justify="right", no_wrap=True)
+    table.add_column("max|F| (eV/Å)", justify="right", no_wrap=True)
+    table.add_column("P (GPa)", justify="right", no_wrap=True)
+    for (label, atoms), r, label_shown in zip(structures, results, shown):
+        n = len(atoms)
+        energy = float(r["energy"])
+        forces = r.get("forces")
+        fmax = float(np.linalg.norm(np.asarray(forces).reshape(n, 3), axis=1).max()) if forces is not None else None
+        stress = r.get("stress")
+        pressure = None
+        if stress is not None:
+            s = np.asarray(stress, dtype=float)
+            if s.size == 6:
+                from ase.stress import voigt_6_to_full_3x3_stress
+
+                s = voigt_6_to_full_3x3_stress(s)
+            pressure = float(-np.trace(s.reshape(3, 3)) / 3.0 / GPa)
+        table.add_row(
+            label_shown, atoms.get_chemical_formula(mode="hill"), str(n), f"{energy:.6f}", f"{energy / n:.6f}", _fmt(fmax, ".4f"), _fmt(pressure, ".3f")
+        )
+    console = _stdout_console()
+    _print_table(console, table)
+    if output is not None:
+        write_results(output, atoms_list, results, info, labels=[label for label, _ in structures])
+        console.print(f"Wrote {len(results)} results to {output}", markup=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# relax
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RelaxMode(str, Enum):
+    full = "full"
+    fixed_cell = "fixed-cell"
+    fixed_volume = "fixed-volume"
+
+
+class OptimizerName(str, Enum):
+    FIRE = "FIRE"
+    BFGS = "BFGS"
+    LBFGS = "LBFGS"
+
+
+class StructureFormat(str, Enum):
+    poscar = "poscar"
+    cif = "cif"
+
+
+@app.command("relax")
+def relax_command(
+    files: List[Path] = typer.Argument(..., help="Structure files (POSCAR, CIF, extxyz with all frames, ...)."),
+    pressure: float = typer.Option(0.0, "--pressure", "-p", help="Hydrostatic pressure in GPa (mode full)."),
+    fmax: float = typer.Option(0.02, "--fmax", help="Force convergence threshold in eV/Å (includes cell forces)."),
+    steps: int = typer.Option(500, "--steps", help="Maximum optimizer steps per structure."),
+    mode: RelaxMode = typer.Option(RelaxMode.full, "--mode", help="Relax positions and cell (full), positions only, or at constant volume."),
+    optimizer: OptimizerName = typer.Option(OptimizerName.FIRE, "--optimizer", help="ASE optimizer.", case_sensitive=False),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'mattersim models') or checkpoint path."),
+    outdir: Path = typer.Option(Path("relaxed"), "--output", "-o", help="Output directory."),
+    trajectory: bool = typer.Option(False, "--trajectory", help="Also write each structure's ASE trajectory to OUTDIR/trajectories/."),
+    structure_format: StructureFormat = typer.Option(StructureFormat.poscar, "--format", help="Format of the per-structure files."),
+    max_atoms_per_batch: int = typer.Option(1024, "--max-atoms-per-batch", help="Atoms evaluated together in one model call."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+) -> None:
+    """Relax every structure in FILES (batched) and write them, with a summary.json, to OUTDIR.
+
+    Exit code 1 when any structure did not converge within --steps.
+    """
+    import json
+
+    import ase.io
+    import numpy as np
+
+    from mattersim.io import _atomic_write_text, _to_builtin, read_structures, safe_filename, write_results
+    from mattersim.relax import BatchRelaxer
+
+    mode_name = mode.value.replace("-", "_")
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"Output directory '{outdir}' exists and is not a directory; choose another -o.")
+    structures = read_structures([str(f) for f in files])
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements(structures, _max_z(calc))
+
+    relaxer = BatchRelaxer(
+        calc,
+        fmax=fmax,
+        steps=steps,
+        pressure=pressure,
+        mode=mode_name,
+        optimizer=optimizer.value,
+        max_atoms_per_batch=max_atoms_per_batch,
+        show_progress=sys.stderr.isatty(),
+    )
+    outdir.mkdir(parents=True, exist_ok=True)
+    # the table and one summary line report non-convergence; no per-structure log lines on screen
+    import logging
+
+    quiet = logging.NullHandler()
+    relax_logger = logging.getLogger("mattersim.relax")
+    relax_logger.addHandler(quiet)
+    try:
+        results = relaxer.relax(structures, trajectory_dir=(outdir / "trajectories") if trajectory else None)
+    finally:
+        relax_logger.removeHandler(quiet)
+    info = _model_info(calc)
+
+    # per-structure files
+    struct_dir = outdir / "structures"
+    struct_dir.mkdir(exist_ok=True)
+    taken: set[str] = set()
+    entries = []
+    shown = _display_labels([label for label, _ in structures])
+    for (label, atoms), res, label_shown in zip(structures, results, shown):
+        name = safe_filename(_file_stem(label), taken)
+        periodic = bool(np.asarray(res.atoms.pbc).all())
+        if periodic and structure_format == StructureFormat.poscar:
+            fname = struct_dir / f"{name}.vasp"
+            ase.io.write(fname, res.atoms, format="vasp", direct=True, sort=False)
+        elif periodic:
+            fname = struct_dir / f"{name}.cif"
+            ase.io.write(fname, res.atoms, format="cif")
+        else:
+            fname = struct_dir / f"{name}.xyz"
+            ase.io.write(fname, res.atoms, format="xyz")
+        d = res.to_dict()
+        d["label"] = label
+        d["file"] = str(fname.relative_to(outdir))
+        entries.append(d)
+
+    # all relaxed structures with their final energy/forces/stress
+    final_results = []
+    for res in results:
+        r = {"energy": res.energy, "forces": res.atoms.get_forces()}
+        if res.stress is not None:
+            r["stress"] = res.stress
+        final_results.append(r)
+    relaxed_atoms = []
+    for (label, _), res in zip(structures, results):
+        a = res.atoms.copy()
+        a.info["converged"] = bool(res.converged)
+        a.info["relax_steps"] = int(res.steps)
+        a.info["enthalpy"] = float(res.enthalpy)
+        relaxed_atoms.append(a)
+    write_results(outdir / "relaxed.extxyz", relaxed_atoms, final_results, info, labels=[label for label, _ in structures])
+
+    not_converged = [label_shown for e, label_shown in zip(entries, shown) if not e["converged"]]
+    summary = {
+        "model": info,
+        "settings": {
+            "mode": mode.value,
+            "pressure_GPa": pressure,
+            "fmax": fmax,
+            "steps": steps,
+            "optimizer": optimizer.value,
+            "max_atoms_per_batch": max_atoms_per_batch,
+            "device": device,
+            "dtype": "float64" if float64 else "float32",
+        },
+        "units": {"energy": "eV", "enthalpy": "eV", "volume": "Å^3", "pressure": "GPa", "stress": "eV/Å^3 (ASE sign)", "fmax": "eV/Å"},
+        "n_structures": len(entries),
+        "n_converged": len(entries) - len(not_converged),
+        "structures": entries,
+    }
+    _atomic_write_text(outdir / "summary.json", json.dumps(_to_builtin(summary), indent=2) + "\n")
+
+    show_enthalpy = pressure != 0.0
+    table = _table(f"Relaxation ({mode.value}, P = {pressure:g} GPa, fmax = {fmax:g} eV/Å, {info.get('name', 'model')})")
+    table.add_column("structure", overflow="fold", max_width=30)
+    table.add_column("formula", no_wrap=True)
+    table.add_column("conv.", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("E (eV)", justify="right", no_wrap=True)
+    if show_enthalpy:
+        table.add_column("H (eV)", justify="right", no_wrap=True)
+    table.add_column("V (Å^3)", justify="right", no_wrap=True)
+    table.add_column("ΔV", justify="right", no_wrap=True)
+    table.add_column("P (GPa)", justify="right", no_wrap=True)
+    for e, label_shown in zip(entries, shown):
+        if e["volume"] is None:
+            vol, dvol = "-", "-"
+        else:
+            vol = f"{e['volume']:.2f}"
+            dvol = f"{100.0 * (e['volume'] / e['initial_volume'] - 1.0):+.1f}%"
+        row = [
+            label_shown,
+            e["formula"],
+            "[green]yes[/green]" if e["converged"] else "[red]NO[/red]",
+            str(e["steps"]),
+            f"{e['energy']:.4f}",
+        ]
+        if show_enthalpy:
+            row.append(f"{e['enthalpy']:.4f}")
+        row += [vol, dvol, _fmt(e["pressure"], ".2f")]
+        table.add_row(*row)
+    console = _stdout_console()
+    _print_table(console, table)
+    console.print(f"Wrote {len(entries)} relaxed structures, relaxed.extxyz and summary.json to {outdir}", markup=False)
+    if not_converged:
+        names = ", ".join(not_converged[:5]) + (", ..." if len(not_converged) > 5 else "")
+        print_error(f"{len(not_converged)} of {len(entries)} structures did not converge within {steps} steps (fmax {fmax} eV/Å): {names}.")
+        raise typer.Exit(EXIT_NOT_CONVERGED)
+
+
+def main() -> None:
+    """Console-script entry point (``mattersim = "mattersim.cli:main"``)."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,519 @@
+"""Reading structures and writing results.
+
+:func:`read_structures` reads anything ASE can read (POSCAR/CONTCAR, CIF, extxyz with all frames, ...) and
+checks every structure with :func:`validate_structure`, so that a bad input stops with one clear
+:class:`~mattersim.errors.InputError` line instead of a NaN or a traceback deep inside the model.
+
+:func:`write_results` writes predictions either as extended XYZ (readable back with ``ase.io.read``: the
+energy, forces and 3x3 stress come back through ``atoms.get_potential_energy()``, ``atoms.get_forces()``
+and ``atoms.get_stress(voigt=False)``) or as a JSON document. Any further per-atom arrays (``magmoms``,
+``charges``, ``born_effective_charges`` ...) and per-structure tensors (``dielectric_tensor`` ...) found in
+the result dictionaries are passed through by both writers.
+
+Units: energies in eV, forces in eV/Å, stress in eV/Å^3 with ASE's sign convention (positive = tensile).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from mattersim.errors import InputError
+
+__all__ = [
+    "MIN_DISTANCE",
+    "RESULT_FORMATS",
+    "check_result_path",
+    "read_structures",
+    "validate_structure",
+    "write_results",
+]
+
+#: Atoms closer than this (Å) are rejected as unphysical (overlapping atoms, duplicated sites).
+MIN_DISTANCE = 0.5
+
+#: Extensions :func:`write_results` understands.
+RESULT_FORMATS = (".extxyz", ".json")
+
+# Result keys that describe the whole structure even when their first dimension happens to equal the
+# number of atoms (e.g. a 3x3 stress of a 3-atom cell).
+_PER_STRUCTURE_KEYS = {
+    "energy",
+    "free_energy",
+    "stress",
+    "virial",
+    "dipole",
+    "magmom",
+    "polarization",
+    "dielectric_tensor",
+    "pressure",
+}
+# Result keys that are always per atom.
+_PER_ATOM_KEYS = {
+    "forces",
+    "energies",
+    "stresses",
+    "magmoms",
+    "charges",
+    "born_effective_charges",
+}
+# Keys that ASE's extxyz reader turns into calculator results (and would therefore vanish from
+# ``atoms.info``/``atoms.arrays`` on reading back). We write them under their own name, so reading back
+# gives ``atoms.calc.results[key]``.
+_RESERVED_ARRAY_NAMES = {"numbers", "positions", "species", "pos", "Z", "mass", "masses", "momenta"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    reason = text[0] if text else ""
+    if not reason:
+        reason = f"{type(exc).__name__}: the content does not match the expected format"
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    return reason.rstrip(".")
+
+
+def read_structures(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    format: str | None = None,
+    max_z: int = 94,
+    validate: bool = True,
+) -> list[tuple[str, Atoms]]:
+    """Read every structure of every file.
+
+    Parameters
+    ----------
+    paths:
+        One path or several. Any format ASE reads; the format comes from the extension or ASE's
+        detection (``POSCAR``/``CONTCAR`` by name), or from ``format`` for all files.
+        Multi-frame files (extxyz, traj, ...) contribute all their frames.
+    max_z:
+        Largest atomic number the model knows (MatterSim v1: 94, Pu).
+    validate:
+        Run :func:`validate_structure` on each structure.
+
+    Returns
+    -------
+    list of ``(label, atoms)``
+        The label is the path as given for a single-structure file and ``path@i`` (ASE's index
+        notation, 0-based) for frame ``i`` of a multi-frame file. ``atoms.info["label"]`` is set to it.
+
+    Raises
+    ------
+    InputError
+        A file is missing, unreadable or empty, or a structure fails validation.
+    """
+    import ase.io
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise InputError("No structure file was given; pass at least one file ASE can read (POSCAR, CIF, extxyz, ...).")
+
+    out: list[tuple[str, Atoms]] = []
+    for p in paths:
+        name = os.fspath(p)
+        path = Path(name)
+        if not path.exists():
+            raise InputError(f"Structure file '{name}' does not exist; check the path.")
+        if path.is_dir():
+            raise InputError(f"'{name}' is a directory, not a structure file; pass the file inside it (e.g. {name}/POSCAR).")
+        try:
+            if path.stat().st_size == 0:
+                raise InputError(f"Structure file '{name}' is empty; it contains no structure.")
+        except OSError as exc:  # pragma: no cover - permission problems etc.
+            raise InputError(f"Structure file '{name}' cannot be read ({_short_reason(exc)}).") from exc
+        try:
+            frames = ase.io.read(name, index=":", format=format)
+        except InputError:
+            raise
+        except Exception as exc:  # ASE raises many different exception types
+            raise InputError(
+                f"Structure file '{name}' could not be read by ASE ({_short_reason(exc)}); "
+                "check the file and its extension (e.g. .cif, .vasp/POSCAR, .extxyz)."
+            ) from exc
+        if isinstance(frames, Atoms):
+            frames = [frames]
+        frames = list(frames)
+        if not frames:
+            raise InputError(f"Structure file '{name}' contains no structures.")
+        for i, atoms in enumerate(frames):
+            label = name if len(frames) == 1 else f"{name}@{i}"
+            if len(atoms) == 0:
+                raise InputError(f"Structure {label!r} contains no atoms.")
+            # predictions attached by a previous run are not inputs
+            atoms.calc = None
+            atoms.info["label"] = label
+            if validate:
+                validate_structure(atoms, max_z=max_z, label=label)
+            out.append((label, atoms))
+    return out
+
+
+def validate_structure(atoms: Atoms, *, max_z: int = 94, label: str | None = None, min_distance: float = MIN_DISTANCE) -> None:
+    """Check that a structure is something the model can evaluate.
+
+    Rejects (with one :class:`InputError` line): no atoms, NaN/inf coordinates or cell, an element outside
+    ``1..max_z``, a periodic cell with (near) zero volume, and two atoms (or an atom and a periodic image)
+    closer than ``min_distance`` Å (minimum-image distances).
+    """
+    where = f"structure {label!r}" if label else "the structure"
+    n = len(atoms)
+    if n == 0:
+        raise InputError(f"{where.capitalize()} contains no atoms.")
+
+    numbers = np.asarray(atoms.numbers)
+    bad = [int(z) for z in numbers if z < 1 or z > max_z]
+    if bad:
+        z = bad[0]
+        sym = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
+        sym_max = chemical_symbols[max_z] if max_z < len(chemical_symbols) else f"Z={max_z}"
+        if z < 1:
+            raise InputError(f"{where.capitalize()} contains a dummy atom/vacancy (Z={z}); remove it, the model only knows real elements H..{sym_max}.")
+        raise InputError(
+            f"{where.capitalize()} contains {sym} (Z={z}), which the model does not know; "
+            f"it covers elements H to {sym_max} (Z <= {max_z})."
+        )
+
+    pos = np.asarray(atoms.positions, dtype=float)
+    if not np.all(np.isfinite(pos)):
+        idx = int(np.where(~np.isfinite(pos).all(axis=1))[0][0])
+        raise InputError(f"{where.capitalize()} has a NaN or infinite coordinate (atom {idx}, {atoms[idx].symbol}); fix the positions in the file.")
+    cell = np.asarray(atoms.cell[:], dtype=float)
+    if not np.all(np.isfinite(cell)):
+        raise InputError(f"{where.capitalize()} has a NaN or infinite lattice vector; fix the cell in the file.")
+
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any():
+        vecs = cell[pbc]
+        lengths = np.linalg.norm(vecs, axis=1)
+        if np.any(lengths < 1e-6):
+            raise InputError(
+                f"{where.capitalize()} is periodic but has a zero-length lattice vector; "
+                "give a proper cell (or set pbc=False for a molecule)."
+            )
+        # volume (3D), area (2D) or length (1D) spanned by the periodic vectors, relative to the vector lengths
+        gram = vecs @ vecs.T
+        measure = math.sqrt(max(float(np.linalg.det(gram)), 0.0))
+        if measure < 1e-6 * float(np.prod(lengths)) or (pbc.all() and measure < 1e-3):
+            raise InputError(
+                f"{where.capitalize()} has a periodic cell with zero volume (collinear or coplanar lattice vectors); "
+                "fix the lattice vectors in the file."
+            )
+
+    close = _closest_pair_below(atoms, min_distance)
+    if close is not None:
+        i, j, d = close
+        si, sj = atoms[i].symbol, atoms[j].symbol
+        if i == j:
+            raise InputError(
+                f"{where.capitalize()}: atom {i} ({si}) is only {d:.3f} Å from its own periodic image "
+                f"(minimum allowed {min_distance} Å); the cell is too small."
+            )
+        raise InputError(
+            f"{where.capitalize()}: atoms {i} ({si}) and {j} ({sj}) are only {d:.3f} Å apart "
+            f"(minimum allowed {min_distance} Å); remove the duplicate or fix the positions."
+        )
+
+
+def _closest_pair_below(atoms: Atoms, cutoff: float) -> tuple[int, int, float] | None:
+    """Closest pair (minimum image, periodic images included) with distance < cutoff, or None."""
+    if len(atoms) == 0:
+        return None
+    i = j = d = None
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    try:
+        if pbc.all() or not pbc.any():
+            from vesin import NeighborList
+
+            box = np.asarray(atoms.cell[:], dtype=float) if pbc.all() else np.zeros((3, 3))
+            nl = NeighborList(cutoff=cutoff, full_list=False)
+            i, j, d = nl.compute(points=np.asarray(atoms.positions, dtype=float), box=box, periodic=bool(pbc.all()), quantities="ijd")
+        else:
+            raise ImportError("mixed periodicity")
+    except Exception:  # vesin missing, mixed pbc or a vesin limitation: ASE handles every case
+        from ase.neighborlist import neighbor_list
+
+        i, j, d = neighbor_list("ijd", atoms, cutoff, self_interaction=False)
+    if len(d) == 0:
+        return None
+    k = int(np.argmin(d))
+    a, b = sorted((int(i[k]), int(j[k])))
+    return a, b, float(d[k])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_result_path(path: str | os.PathLike) -> str:
+    """Return the result format (``"extxyz"`` or ``"json"``) for ``path``, or raise :class:`InputError`."""
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if suffix == ".extxyz":
+        return "extxyz"
+    if suffix == ".json":
+        return "json"
+    raise InputError(
+        f"Output file '{os.fspath(path)}' has an unsupported extension '{suffix or '(none)'}'; "
+        f"use one of {', '.join(RESULT_FORMATS)}."
+    )
+
+
+def _split_result(result: dict[str, Any], n_atoms: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Split a result dict into per-structure values and per-atom arrays."""
+    per_structure: dict[str, Any] = {}
+    per_atom: dict[str, np.ndarray] = {}
+    for key, value in result.items():
+        if value is None:
+            continue
+        if key in _PER_ATOM_KEYS:
+            per_atom[key] = np.asarray(value)
+            continue
+        if key in _PER_STRUCTURE_KEYS:
+            per_structure[key] = value
+            continue
+        if isinstance(value, (np.ndarray, list, tuple)) and not isinstance(value, str):
+            arr = np.asarray(value)
+            if arr.ndim >= 1 and arr.shape[0] == n_atoms and arr.dtype.kind in "biufc":
+                per_atom[key] = arr
+                continue
+        per_structure[key] = value
+    return per_structure, per_atom
+
+
+def _to_builtin(value: Any) -> Any:
+    """numpy/torch scalars and arrays -> JSON-serialisable Python objects."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return _to_builtin(value.tolist())
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_builtin(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _labels_for(atoms_list: Sequence[Atoms], labels: Sequence[str] | None) -> list[str]:
+    if labels is not None:
+        labels = [str(x) for x in labels]
+        if len(labels) != len(atoms_list):
+            raise ValueError(f"got {len(labels)} labels for {len(atoms_list)} structures")
+        return labels
+    return [str(a.info.get("label", f"structure_{i}")) for i, a in enumerate(atoms_list)]
+
+
+def _model_info_builtin(model_info: dict[str, Any] | None) -> dict[str, Any]:
+    return _to_builtin(dict(model_info or {}))
+
+
+def write_results(
+    path: str | os.PathLike,
+    atoms_list: Sequence[Atoms],
+    results: Sequence[dict[str, Any]],
+    model_info: dict[str, Any] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+) -> Path:
+    """Write predictions for ``atoms_list`` to ``path`` (``.extxyz`` or ``.json``), atomically.
+
+    ``results[i]`` is the dict for ``atoms_list[i]`` (keys ``energy`` (eV), ``forces`` (n, 3) eV/Å,
+    ``stress`` (3, 3) eV/Å^3, and any others). Per-atom arrays (first dimension = number of atoms, or a
+    known per-atom name such as ``magmoms``, ``charges``, ``born_effective_charges``) and per-structure
+    values/tensors (``dielectric_tensor`` ...) are passed through.
+
+    * ``.extxyz``: one frame per structure; ``energy`` and ``stress`` (written by ASE as 9 numbers) in the
+      comment line and ``forces`` as per-atom columns, so ``ase.io.read(path, ":")`` gives them back via
+      ``atoms.get_potential_energy()``, ``atoms.get_forces()``, ``atoms.get_stress(voigt=False)``. Arrays
+      with more than 2 dimensions per atom (e.g. ``born_effective_charges`` (n, 3, 3)) are stored
+      flattened as (n, 9). The model is recorded as ``model_name``/``model_sha256``/... in each frame's info.
+    * ``.json``: ``{"model": {...}, "units": {...}, "structures": [{label, formula, n_atoms, energy,
+      energy_per_atom, forces, stress, ..., cell, pbc, numbers, positions}]}``.
+
+    Returns the path written. Raises :class:`InputError` for an unsupported extension.
+    """
+    fmt = check_result_path(path)
+    path = Path(os.fspath(path))
+    atoms_list = list(atoms_list)
+    results = list(results)
+    if len(atoms_list) != len(results):
+        raise ValueError(f"got {len(results)} results for {len(atoms_list)} structures")
+    labels = _labels_for(atoms_list, labels)
+    info = _model_info_builtin(model_info)
+    if fmt == "extxyz":
+        _write_extxyz(path, atoms_list, results, info, labels)
+    else:
+        _write_json(path, atoms_list, results, info, labels)
+    return path
+
+
+def _write_extxyz(path: Path, atoms_list, results, model_info, labels) -> None:
+    import io as _io
+
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for atoms, result, label in zip(atoms_list, results, labels):
+        n = len(atoms)
+        frame = atoms.copy()
+        frame.calc = None
+        # drop stale results a previous run may have left in info/arrays
+        for key in list(frame.info):
+            if key in ("energy", "free_energy", "stress", "virial") or key.startswith("model_"):
+                del frame.info[key]
+        for key in list(frame.arrays):
+            if key in ("forces", "energies", "stresses"):
+                del frame.arrays[key]
+        per_structure, per_atom = _split_result(result, n)
+        frame.info["label"] = label
+        calc_results: dict[str, Any] = {}
+        for key, value in per_structure.items():
+            if key == "energy":
+                calc_results["energy"] = float(value)
+            elif key == "stress":
+                calc_results["stress"] = np.asarray(value, dtype=float).reshape(3, 3) if np.size(value) == 9 else np.asarray(value, dtype=float)
+            else:
+                v = _to_builtin(value) if not isinstance(value, (str, int, float, bool)) else value
+                if isinstance(v, list):
+                    v = np.asarray(v)
+                frame.info[key] = v
+        for key, arr in per_atom.items():
+            if key in _RESERVED_ARRAY_NAMES:
+                continue
+            arr = np.asarray(arr)
+            if arr.dtype.kind == "c":
+                arr = arr.real
+            if arr.ndim > 2:
+                arr = arr.reshape(n, -1)
+            if key == "forces":
+                calc_results["forces"] = np.asarray(arr, dtype=float)
+            else:
+                frame.arrays[key] = arr
+        for key, value in model_info.items():
+            if isinstance(value, (str, int, float, bool)):
+                frame.info[f"model_{key}"] = value
+        if calc_results:
+            frame.calc = SinglePointCalculator(frame, **calc_results)
+        frames.append(frame)
+
+    buf = _io.StringIO()
+    ase.io.write(buf, frames, format="extxyz")
+    _atomic_write_text(path, buf.getvalue())
+
+
+def _write_json(path: Path, atoms_list, results, model_info, labels) -> None:
+    structures = []
+    for atoms, result, label in zip(atoms_list, results, labels):
+        n = len(atoms)
+        per_structure, per_atom = _split_result(result, n)
+        entry: dict[str, Any] = {
+            "label": label,
+            "formula": atoms.get_chemical_formula(mode="hill", empirical=False),
+            "n_atoms": n,
+        }
+        if "energy" in per_structure:
+            energy = float(per_structure["energy"])
+            entry["energy"] = energy
+            entry["energy_per_atom"] = energy / n
+        if "forces" in per_atom:
+            forces = np.asarray(per_atom["forces"], dtype=float).reshape(n, 3)
+            entry["forces"] = forces
+            entry["max_force"] = float(np.linalg.norm(forces, axis=1).max())
+        if "stress" in per_structure:
+            stress = np.asarray(per_structure["stress"], dtype=float)
+            if stress.size == 6:
+                from ase.stress import voigt_6_to_full_3x3_stress
+
+                stress = voigt_6_to_full_3x3_stress(stress)
+            stress = stress.reshape(3, 3)
+            entry["stress"] = stress
+            from ase.units import GPa
+
+            entry["pressure_GPa"] = float(-np.trace(stress) / 3.0 / GPa)
+        for key, value in per_structure.items():
+            if key not in ("energy", "stress"):
+                entry[key] = value
+        for key, value in per_atom.items():
+            if key != "forces":
+                entry[key] = value
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        entry["volume"] = float(atoms.get_volume()) if pbc.all() else None
+        entry["cell"] = np.asarray(atoms.cell[:], dtype=float)
+        entry["pbc"] = pbc.tolist()
+        entry["numbers"] = np.asarray(atoms.numbers)
+        entry["positions"] = np.asarray(atoms.positions, dtype=float)
+        structures.append(_to_builtin(entry))
+    document = {
+        "model": model_info,
+        "units": {
+            "energy": "eV",
+            "forces": "eV/Å",
+            "stress": "eV/Å^3 (3x3, ASE sign convention: positive = tensile)",
+            "pressure_GPa": "GPa (-trace(stress)/3)",
+            "positions": "Å",
+        },
+        "structures": structures,
+    }
+    _atomic_write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def safe_filename(label: str, taken: set[str] | None = None) -> str:
+    """A file-system safe, unique (within ``taken``) name derived from a structure label."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label)).strip("._") or "structure"
+    stem = stem[:100]
+    if taken is None:
+        return stem
+    name = stem
+    k = 2
+    while name in taken:
+        name = f"{stem}_{k}"
+        k += 1
+    taken.add(name)
+    return name

@@ -1,0 +1,567 @@
+"""Structure relaxation: one structure with :func:`relax`, many together with :class:`BatchRelaxer`.
+
+Both use ASE's optimizers (FIRE, BFGS, LBFGS) and, for cell relaxations, ASE's ``FrechetCellFilter``
+with a hydrostatic target pressure, so the results are the ones an ASE user would get:
+
+* ``mode="full"``: positions and cell, minimising the enthalpy ``E + P V``;
+* ``mode="fixed_volume"``: positions and cell shape at constant volume;
+* ``mode="fixed_cell"``: positions only.
+
+:class:`BatchRelaxer` runs one ASE optimizer per structure in lockstep and evaluates all active
+structures with a single :func:`mattersim.calculator.evaluate_batch` call per optimisation step (one
+batched model call for a MatterSim calculator). Converged or exhausted structures leave the batch and
+queued ones enter, keeping the batch below ``max_atoms_per_batch`` atoms. Apart from batching, each
+structure follows exactly the trajectory :func:`relax` would give it.
+
+Non-convergence is never silent: ``RelaxResult.converged`` is False and a warning is logged through
+:mod:`logging` (logger ``mattersim.relax``).
+
+Units: energies eV, forces eV/Å, stress eV/Å^3 (ASE sign: positive = tensile), pressures GPa, volumes Å^3.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress
+from ase.units import GPa
+
+from mattersim.calculator import evaluate_batch
+from mattersim.errors import InputError
+
+__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "relax"]
+
+logger = logging.getLogger("mattersim.relax")
+
+MODES = ("full", "fixed_cell", "fixed_volume")
+OPTIMIZERS = ("FIRE", "BFGS", "LBFGS")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RelaxResult:
+    """Outcome of one relaxation.
+
+    ``pressure`` is the pressure of the final structure, ``-trace(stress)/3`` in GPa (None without a
+    stress); ``target_pressure`` the requested one. ``enthalpy = energy + target_pressure * volume``
+    (eV; equals ``energy`` for non-periodic structures). ``fmax`` is the optimizer's convergence measure
+    at the end (largest atomic force, including the scaled cell forces for cell relaxations), eV/Å.
+    """
+
+    atoms: Atoms
+    converged: bool
+    steps: int
+    energy: float
+    enthalpy: float
+    fmax: float
+    stress: np.ndarray | None
+    pressure: float | None
+    target_pressure: float = 0.0
+    volume: float | None = None
+    initial_volume: float | None = None
+    initial_energy: float | None = None
+    mode: str = "full"
+    fmax_target: float | None = None
+    label: str | None = None
+
+    def to_dict(self, *, include_structure: bool = False) -> dict[str, Any]:
+        """JSON-serialisable summary (stress as a 3x3 nested list)."""
+        n = len(self.atoms)
+        d: dict[str, Any] = {
+            "label": self.label,
+            "formula": self.atoms.get_chemical_formula(mode="hill", empirical=False),
+            "n_atoms": n,
+            "mode": self.mode,
+            "converged": bool(self.converged),
+            "steps": int(self.steps),
+            "energy": float(self.energy),
+            "energy_per_atom": float(self.energy) / n,
+            "initial_energy": None if self.initial_energy is None else float(self.initial_energy),
+            "enthalpy": float(self.enthalpy),
+            "fmax": float(self.fmax),
+            "fmax_target": self.fmax_target,
+            "stress": None if self.stress is None else np.asarray(self.stress, dtype=float).tolist(),
+            "pressure": self.pressure,
+            "target_pressure": float(self.target_pressure),
+            "initial_volume": self.initial_volume,
+            "volume": self.volume,
+        }
+        if include_structure:
+            d["cell"] = np.asarray(self.atoms.cell[:], dtype=float).tolist()
+            d["pbc"] = np.asarray(self.atoms.pbc, dtype=bool).tolist()
+            d["numbers"] = [int(z) for z in self.atoms.numbers]
+            d["positions"] = np.asarray(self.atoms.positions, dtype=float).tolist()
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _normalise_mode(mode: str) -> str:
+    m = str(mode).strip().lower().replace("-", "_")
+    if m not in MODES:
+        raise InputError(f"Unknown relaxation mode {mode!r}; use one of full, fixed-cell, fixed-volume.")
+    return m
+
+
+def _optimizer_class(name: str):
+    from ase.optimize import BFGS, FIRE, LBFGS
+
+    table = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
+    key = str(name).strip().upper()
+    if key not in table:
+        raise InputError(f"Unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}.")
+    return table[key]
+
+
+def _check_settings(fmax: float, steps: int, pressure: float) -> None:
+    if not (isinstance(fmax, (int, float)) and math.isfinite(fmax) and fmax > 0):
+        raise InputError(f"fmax must be a positive number of eV/Å, got {fmax!r}.")
+    if int(steps) != steps or steps < 0:
+        raise InputError(f"steps must be a non-negative integer, got {steps!r}.")
+    if not math.isfinite(pressure):
+        raise InputError(f"pressure must be a finite number of GPa, got {pressure!r}.")
+
+
+def _check_structure(atoms: Atoms, mode: str, label: str | None) -> None:
+    if mode != "fixed_cell" and not np.asarray(atoms.pbc).all():
+        where = f"Structure {label!r}" if label else "The structure"
+        raise InputError(
+            f"{where} is not periodic in all three directions, so its cell cannot be relaxed; "
+            "use mode fixed-cell (positions only)."
+        )
+
+
+def _wants_stress(atoms: Atoms) -> bool:
+    return bool(np.asarray(atoms.pbc).all())
+
+
+def _make_optimizable(atoms: Atoms, mode: str, pressure: float):
+    if mode == "fixed_cell":
+        return atoms
+    from ase.filters import FrechetCellFilter
+
+    return FrechetCellFilter(atoms, scalar_pressure=pressure * GPa, constant_volume=(mode == "fixed_volume"))
+
+
+def _gradient_fmax(optimizable) -> float:
+    forces = np.asarray(optimizable.get_forces()).reshape(-1, 3)
+    if len(forces) == 0:
+        return 0.0
+    return float(np.sqrt((forces**2).sum(axis=1).max()))
+
+
+def _evaluate_batch(calc, structures, properties=("energy", "forces", "stress")) -> list[dict]:
+    """One batched evaluation of all active structures (a module-level name, so tests can count calls)."""
+    return evaluate_batch(calc, structures, properties=tuple(properties))
+
+
+def _final_result(
+    atoms: Atoms,
+    optimizable,
+    *,
+    converged: bool,
+    steps: int,
+    mode: str,
+    pressure: float,
+    fmax_target: float,
+    initial_volume: float | None,
+    initial_energy: float | None,
+    label: str | None,
+) -> RelaxResult:
+    energy = float(atoms.get_potential_energy())
+    forces = np.array(atoms.get_forces(), dtype=float)
+    stress = None
+    if _wants_stress(atoms):
+        try:
+            stress = np.array(atoms.get_stress(voigt=False), dtype=float)
+        except Exception:  # calculator without stress (fixed-cell relaxations only)
+            stress = None
+    fmax_reached = _gradient_fmax(optimizable)
+    volume = float(atoms.get_volume()) if _wants_stress(atoms) else None
+    enthalpy = energy + (pressure * GPa * volume if volume is not None else 0.0)
+    final_pressure = None if stress is None else float(-np.trace(stress) / 3.0 / GPa)
+
+    relaxed = atoms.copy()
+    relaxed.calc = None
+    spc_results: dict[str, Any] = {"energy": energy, "forces": forces}
+    if stress is not None:
+        spc_results["stress"] = full_3x3_to_voigt_6_stress(stress)
+    relaxed.calc = SinglePointCalculator(relaxed, **spc_results)
+    if label is not None:
+        relaxed.info["label"] = label
+
+    if not converged:
+        what = f"Structure {label!r}" if label else "The structure"
+        logger.warning(
+            "%s did not converge within %d steps (fmax %.4g eV/Å > %.4g eV/Å); its result is not a minimum.",
+            what,
+            steps,
+            fmax_reached,
+            fmax_target,
+        )
+    return RelaxResult(
+        atoms=relaxed,
+        converged=bool(converged),
+        steps=int(steps),
+        energy=energy,
+        enthalpy=float(enthalpy),
+        fmax=fmax_reached,
+        stress=stress,
+        pressure=final_pressure,
+        target_pressure=float(pressure),
+        volume=volume,
+        initial_volume=initial_volume,
+        initial_energy=initial_energy,
+        mode=mode,
+        fmax_target=float(fmax_target),
+        label=label,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# single structure
+# ---------------------------------------------------------------------------------------------------------
+
+
+def relax(
+    atoms: Atoms,
+    calculator,
+    *,
+    pressure: float = 0.0,
+    fmax: float = 0.02,
+    steps: int = 500,
+    mode: str = "full",
+    optimizer: str = "FIRE",
+    trajectory: str | os.PathLike | None = None,
+    logfile: str | os.PathLike | None = None,
+    label: str | None = None,
+) -> RelaxResult:
+    """Relax one structure with an ASE optimizer; the input ``atoms`` is left untouched.
+
+    Parameters
+    ----------
+    atoms, calculator:
+        The structure and any ASE calculator (e.g. :class:`mattersim.calculator.MatterSimCalculator`).
+    pressure:
+        Hydrostatic target pressure in GPa (``mode="full"``).
+    fmax:
+        Convergence threshold on the largest force in eV/Å (for cell modes ASE's ``FrechetCellFilter``
+        criterion, which includes the cell forces).
+    steps:
+        Maximum number of optimizer steps.
+    mode:
+        ``"full"``, ``"fixed_cell"`` or ``"fixed_volume"`` (hyphens accepted).
+    optimizer:
+        ``"FIRE"``, ``"BFGS"`` or ``"LBFGS"``.
+    trajectory, logfile:
+        Passed to the ASE optimizer (``logfile="-"`` logs to stdout).
+    """
+    mode = _normalise_mode(mode)
+    opt_cls = _optimizer_class(optimizer)
+    _check_settings(fmax, steps, pressure)
+    label = label if label is not None else atoms.info.get("label")
+    _check_structure(atoms, mode, label)
+
+    work = atoms.copy()
+    work.calc = calculator
+    initial_volume = float(work.get_volume()) if _wants_stress(work) else None
+    optimizable = _make_optimizable(work, mode, pressure)
+    with opt_cls(optimizable, logfile=logfile, trajectory=None if trajectory is None else str(trajectory)) as opt:
+        initial_energy = float(work.get_potential_energy())
+        converged = bool(opt.run(fmax=fmax, steps=int(steps)))
+        nsteps = int(opt.nsteps)
+    return _final_result(
+        work,
+        optimizable,
+        converged=converged,
+        steps=nsteps,
+        mode=mode,
+        pressure=pressure,
+        fmax_target=fmax,
+        initial_volume=initial_volume,
+        initial_energy=initial_energy,
+        label=label,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batched relaxation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _CachedResultsCalculator(Calculator):
+    """Serves precomputed results for the exact atoms they were computed for.
+
+    :meth:`store` records results together with a copy of the atoms; ASE's ``check_state`` compares
+    positions, cell, pbc and numbers exactly, so any other geometry triggers :meth:`calculate`, which
+    evaluates the real calculator for this one structure.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, real_calculator, properties: Sequence[str]):
+        super().__init__()
+        self.real_calculator = real_calculator
+        self.properties = tuple(properties)
+        self.n_fallback_calls = 0
+
+    def store(self, atoms: Atoms, result: dict[str, Any]) -> None:
+        self.reset()
+        self.atoms = atoms.copy()
+        self.results = self._convert(result)
+
+    @staticmethod
+    def _convert(result: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        energy = float(result["energy"])
+        out["energy"] = energy
+        out["free_energy"] = float(result.get("free_energy", energy))
+        if result.get("forces") is not None:
+            out["forces"] = np.array(result["forces"], dtype=float).reshape(-1, 3)
+        stress = result.get("stress")
+        if stress is not None:
+            stress = np.array(stress, dtype=float)
+            out["stress"] = full_3x3_to_voigt_6_stress(stress.reshape(3, 3)) if stress.size == 9 else stress.reshape(6)
+        return out
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.n_fallback_calls += 1
+        (result,) = _evaluate_batch(self.real_calculator, [self.atoms.copy()], self.properties)
+        self.results = self._convert(result)
+
+
+def _call_log(opt) -> None:
+    """Call ``opt.log`` across ASE versions (``log(gradient)`` in ASE >= 3.25, ``log(forces=None)`` before)."""
+    params = inspect.signature(opt.log).parameters
+    if "gradient" in params:
+        opt.log(opt.optimizable.get_gradient())
+    else:
+        opt.log()
+
+
+def _is_converged(opt) -> bool:
+    if hasattr(opt, "gradient_converged") and hasattr(opt.optimizable, "get_gradient"):
+        return bool(opt.gradient_converged(opt.optimizable.get_gradient()))
+    return bool(opt.converged())
+
+
+@dataclass
+class _Job:
+    index: int
+    label: str | None
+    atoms: Atoms
+    optimizable: Any = None
+    opt: Any = None
+    cache: _CachedResultsCalculator | None = None
+    initial_volume: float | None = None
+    initial_energy: float | None = None
+    properties: tuple = field(default_factory=tuple)
+
+
+class BatchRelaxer:
+    """Relax many structures together, one batched model evaluation per optimisation step.
+
+    Parameters are those of :func:`relax`; ``max_atoms_per_batch`` bounds the number of atoms evaluated
+    together (a larger structure runs alone). ``show_progress`` shows a rich progress bar (on stderr)
+    over finished structures.
+
+    Example
+    -------
+    >>> relaxer = BatchRelaxer(calc, fmax=0.02, steps=500, pressure=0.0, mode="full")
+    >>> results = relaxer.relax(list_of_atoms)       # list[RelaxResult], input order
+    """
+
+    def __init__(
+        self,
+        calculator,
+        *,
+        fmax: float = 0.02,
+        steps: int = 500,
+        pressure: float = 0.0,
+        mode: str = "full",
+        optimizer: str = "FIRE",
+        max_atoms_per_batch: int = 1024,
+        show_progress: bool = False,
+    ):
+        self.calculator = calculator
+        self.mode = _normalise_mode(mode)
+        self.optimizer_class = _optimizer_class(optimizer)
+        self.optimizer = str(optimizer).upper()
+        _check_settings(fmax, steps, pressure)
+        if int(max_atoms_per_batch) < 1:
+            raise InputError(f"max_atoms_per_batch must be at least 1, got {max_atoms_per_batch!r}.")
+        self.fmax = float(fmax)
+        self.steps = int(steps)
+        self.pressure = float(pressure)
+        self.max_atoms_per_batch = int(max_atoms_per_batch)
+        self.show_progress = bool(show_progress)
+        #: number of batched evaluation calls made by the last :meth:`relax`
+        self.n_batch_calls = 0
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    def relax(
+        self,
+        structures: Sequence[Atoms | tuple[str, Atoms]],
+        trajectory_dir: str | os.PathLike | None = None,
+    ) -> list[RelaxResult]:
+        """Relax ``structures`` (Atoms, or ``(label, Atoms)`` pairs); results come back in input order.
+
+        With ``trajectory_dir``, each structure's ASE trajectory is written to
+        ``trajectory_dir/<index>_<label>.traj``.
+        """
+        from mattersim.io import safe_filename
+
+        jobs: list[_Job] = []
+        for i, item in enumerate(structures):
+            if isinstance(item, Atoms):
+                label, atoms = item.info.get("label"), item
+            else:
+                label, atoms = item
+            _check_structure(atoms, self.mode, label)
+            jobs.append(_Job(index=i, label=None if label is None else str(label), atoms=atoms))
+
+        traj_dir = None
+        if trajectory_dir is not None:
+            traj_dir = Path(trajectory_dir)
+            traj_dir.mkdir(parents=True, exist_ok=True)
+        taken: set[str] = set()
+
+        results: list[RelaxResult | None] = [None] * len(jobs)
+        queue = list(jobs)
+        active: list[_Job] = []
+        self.n_batch_calls = 0
+
+        progress = None
+        task = None
+        if self.show_progress and jobs:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            progress = Progress(
+                TextColumn("relaxing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            progress.start()
+            task = progress.add_task("relax", total=len(jobs))
+
+        try:
+            while queue or active:
+                # admit queued structures while the batch has room (at least one always runs)
+                entering: list[_Job] = []
+                n_active_atoms = sum(len(j.atoms) for j in active)
+                while queue and (not active and not entering or n_active_atoms + len(queue[0].atoms) <= self.max_atoms_per_batch):
+                    job = queue.pop(0)
+                    traj = None
+                    if traj_dir is not None:
+                        name = safe_filename(f"{job.index:04d}_{job.label or 'structure'}", taken)
+                        traj = str(traj_dir / f"{name}.traj")
+                    self._start(job, traj)
+                    entering.append(job)
+                    n_active_atoms += len(job.atoms)
+
+                # one step for the running ones (entering ones are evaluated at their start geometry)
+                for job in active:
+                    job.opt.step()
+                    job.opt.nsteps += 1
+                batch = active + entering
+                self._evaluate(batch)
+
+                still_active = []
+                for job in batch:
+                    opt = job.opt
+                    if job in entering:
+                        if opt.nsteps == 0:
+                            _call_log(opt)
+                            opt.call_observers()
+                    else:
+                        _call_log(opt)
+                        opt.call_observers()
+                    converged = _is_converged(opt)
+                    if converged or opt.nsteps >= opt.max_steps:
+                        results[job.index] = self._finish(job, converged)
+                        if progress is not None:
+                            progress.advance(task)
+                    else:
+                        still_active.append(job)
+                active = still_active
+        finally:
+            for job in jobs:
+                if job.opt is not None:
+                    try:
+                        job.opt.close()
+                    except Exception:  # pragma: no cover
+                        pass
+            if progress is not None:
+                progress.stop()
+        return [r for r in results if r is not None]
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _start(self, job: _Job, trajectory: str | None) -> None:
+        work = job.atoms.copy()
+        job.properties = ("energy", "forces", "stress") if (self.mode != "fixed_cell" or _wants_stress(work)) else ("energy", "forces")
+        job.cache = _CachedResultsCalculator(self.calculator, job.properties)
+        work.calc = job.cache
+        job.atoms = work
+        job.initial_volume = float(work.get_volume()) if _wants_stress(work) else None
+        job.optimizable = _make_optimizable(work, self.mode, self.pressure)
+        job.opt = self.optimizer_class(job.optimizable, logfile=None, trajectory=trajectory)
+        job.opt.fmax = self.fmax
+        job.opt.max_steps = job.opt.nsteps + self.steps
+
+    def _evaluate(self, batch: list[_Job]) -> None:
+        if not batch:
+            return
+        # one call per distinct property set (normally exactly one)
+        groups: dict[tuple, list[_Job]] = {}
+        for job in batch:
+            groups.setdefault(job.properties, []).append(job)
+        for props, group in groups.items():
+            copies = [j.atoms.copy() for j in group]
+            for c in copies:
+                c.calc = None
+            out = _evaluate_batch(self.calculator, copies, props)
+            self.n_batch_calls += 1
+            if len(out) != len(group):
+                raise RuntimeError(f"evaluate_batch returned {len(out)} results for {len(group)} structures")
+            for job, result in zip(group, out):
+                job.cache.store(job.atoms, result)
+                if job.initial_energy is None:
+                    job.initial_energy = float(result["energy"])
+
+    def _finish(self, job: _Job, converged: bool) -> RelaxResult:
+        return _final_result(
+            job.atoms,
+            job.optimizable,
+            converged=converged,
+            steps=int(job.opt.nsteps),
+            mode=self.mode,
+            pressure=self.pressure,
+            fmax_target=self.fmax,
+            initial_volume=job.initial_volume,
+            initial_energy=job.initial_energy,
+            label=job.label,
+        )

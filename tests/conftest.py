@@ -1,0 +1,36 @@
+"""Shared test fixtures: the read-only ``../shared`` folder beside the repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "mattersim_v1_reference"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared; skips the test with a clear reason when it is absent (a user's fresh clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the read-only ../shared data folder beside the repository), which is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint() -> Path:
+    return shared_path("fixtures", "mattersim_v1_reference", "m3gnet-small-random.pth")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_1m() -> Path:
+    return shared_path("fixtures", "mattersim_v1_reference", "m3gnet-1M-random.pth")
+
+
+@pytest.fixture(scope="session")
+def small_potential(small_checkpoint):
+    from mattersim.potential import Potential
+
+    return Potential.from_checkpoint(small_checkpoint, dtype="float64")

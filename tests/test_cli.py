@@ -1,0 +1,397 @@
+"""Tests of the ``mattersim`` command line (typer's CliRunner; EMT stands in for the model where possible)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from typer.testing import CliRunner
+
+from mattersim import __version__
+from mattersim.cli import app
+from mattersim.errors import ModelNotAvailableError
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _assert_user_error(result, *fragments):
+    """Exit code 2, one red 'Error: ...' line on stderr naming the fragments, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an EMT-backed registry
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def emt_registry(monkeypatch):
+    """Replace the registry's loader with EMT ('emt', or no --model) and record the calls."""
+    from mattersim import registry
+
+    calls = []
+
+    def load_calculator(model=None, *, device="cpu", dtype="float32", trust_pickle=False, download=True):
+        calls.append({"model": model, "device": device, "dtype": dtype})
+        if model in (None, "emt"):
+            return EMT()
+        raise ModelNotAvailableError(f"Unknown model '{model}'; run 'mattersim models' to see the available ones.")
+
+    def list_models():
+        return [
+            {"name": "emt", "kind": "ase", "description": "effective medium theory", "available": True, "path": None},
+            {"name": "mattersim-v1.0.0-1M", "kind": "mattersim-v1", "description": "MatterSim v1 1M", "available": False, "path": None},
+        ]
+
+    monkeypatch.setattr(registry, "load_calculator", load_calculator)
+    monkeypatch.setattr(registry, "list_models", list_models)
+    monkeypatch.setattr(registry, "default_model", lambda: "emt")
+    return calls
+
+
+@pytest.fixture
+def batch_calls(monkeypatch):
+    """Count evaluate_batch calls (and their sizes) made by the CLI."""
+    import mattersim.calculator as calculator
+
+    original = calculator.evaluate_batch
+    calls = []
+
+    def counting(calc, structures, properties=("energy", "forces", "stress")):
+        calls.append(len(structures))
+        return original(calc, structures, properties=properties)
+
+    monkeypatch.setattr(calculator, "evaluate_batch", counting)
+    return calls
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A strained Cu POSCAR and a two-frame Al/Cu extxyz."""
+    cu = bulk("Cu", "fcc", a=3.70, cubic=True)
+    cu.rattle(0.02, seed=1)
+    poscar = tmp_path / "POSCAR"
+    ase.io.write(poscar, cu, format="vasp")
+    al = bulk("Al", "fcc", a=4.10)
+    cu2 = bulk("Cu", "fcc", a=3.55) * (2, 1, 1)
+    multi = tmp_path / "two.extxyz"
+    ase.io.write(multi, [al, cu2])
+    return poscar, multi
+
+
+def _emt_reference(paths):
+    from mattersim.io import read_structures
+
+    out = []
+    for label, atoms in read_structures(paths):
+        atoms.calc = EMT()
+        out.append((label, atoms, atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# basics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_help_and_version():
+    result = _invoke("--help")
+    assert result.exit_code == 0
+    for command in ("models", "predict", "relax"):
+        assert command in result.output
+    result = _invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"mattersim {__version__}"
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from mattersim.cli import app; assert 'torch' not in sys.modules and 'mattersim.registry' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_models_table(emt_registry):
+    result = _invoke("models")
+    assert result.exit_code == 0, result.output
+    assert "emt" in result.output and "mattersim-v1.0.0-1M" in result.output
+    assert "Default model: emt" in result.output
+
+
+def test_models_with_real_registry():
+    result = _invoke("models")
+    assert result.exit_code == 0, result.output
+    assert "mattersim-v1.0.0-1M" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_predict_table_and_one_batched_call(emt_registry, batch_calls, inputs):
+    poscar, multi = inputs
+    result = _invoke("predict", poscar, multi, "--model", "emt")
+    assert result.exit_code == 0, result.output
+    assert batch_calls == [3]  # all three structures in one evaluate_batch call
+    assert emt_registry[-1] == {"model": "emt", "device": "cpu", "dtype": "float32"}
+    for _, atoms, energy, _, _ in _emt_reference([poscar, multi]):
+        assert f"{energy:.6f}" in result.output.replace("\n", "")
+    result = _invoke("predict", poscar, "--float64", "--device", "cpu")
+    assert result.exit_code == 0
+    assert emt_registry[-1] == {"model": None, "device": "cpu", "dtype": "float64"}
+
+
+def test_predict_extxyz_output_round_trips(emt_registry, inputs, tmp_path):
+    poscar, multi = inputs
+    out = tmp_path / "res" / "out.extxyz"
+    result = _invoke("predict", poscar, multi, "--model", "emt", "-o", out)
+    assert result.exit_code == 0, result.output
+    frames = ase.io.read(out, ":")
+    ref = _emt_reference([poscar, multi])
+    assert len(frames) == len(ref)
+    for frame, (label, atoms, energy, forces, stress) in zip(frames, ref):
+        assert frame.info["label"] == label
+        assert frame.info["model_name"] == "EMT"
+        assert frame.get_potential_energy() == pytest.approx(energy, rel=1e-12, abs=1e-12)
+        assert np.allclose(frame.get_forces(), forces, atol=1e-8)
+        assert np.allclose(frame.get_stress(voigt=False), stress, atol=1e-14, rtol=1e-12)
+
+
+def test_predict_json_output(emt_registry, inputs, tmp_path):
+    poscar, multi = inputs
+    out = tmp_path / "out.json"
+    result = _invoke("predict", poscar, multi, "-o", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["model"]["name"] == "EMT"
+    ref = _emt_reference([poscar, multi])
+    for s, (label, atoms, energy, forces, stress) in zip(doc["structures"], ref):
+        assert s["label"] == label
+        assert s["formula"] == atoms.get_chemical_formula(mode="hill")
+        assert s["energy"] == pytest.approx(energy, rel=1e-12)
+        assert s["energy_per_atom"] == pytest.approx(energy / len(atoms), rel=1e-12)
+        assert np.allclose(s["forces"], forces, atol=1e-12)
+        assert np.allclose(s["stress"], stress, atol=1e-14)
+
+
+def test_predict_molecule_has_no_stress(emt_registry, tmp_path):
+    path = tmp_path / "dimer.xyz"
+    ase.io.write(path, Atoms("Cu2", positions=[[0, 0, 0], [2.4, 0, 0]]))
+    out = tmp_path / "out.json"
+    result = _invoke("predict", path, "-o", out)
+    assert result.exit_code == 0, result.output
+    (s,) = json.loads(out.read_text())["structures"]
+    assert "stress" not in s and s["volume"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, atoms) -> Path:
+    ase.io.write(path, atoms)
+    return path
+
+
+def test_error_missing_file(emt_registry, tmp_path):
+    _assert_user_error(_invoke("predict", tmp_path / "missing.cif"), "missing.cif", "does not exist")
+
+
+def test_error_unreadable_file(emt_registry, tmp_path):
+    junk = tmp_path / "junk.cif"
+    junk.write_text("definitely not a CIF\n")
+    _assert_user_error(_invoke("predict", junk), "junk.cif", "could not be read")
+
+
+def test_error_empty_file(emt_registry, tmp_path):
+    empty = tmp_path / "POSCAR"
+    empty.write_text("")
+    _assert_user_error(_invoke("predict", empty), "POSCAR", "is empty")
+
+
+def test_error_unknown_element(emt_registry, tmp_path):
+    path = _write(tmp_path / "og.extxyz", Atoms("CuOg", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[6, 6, 6], pbc=True))
+    _assert_user_error(_invoke("predict", path), "og.extxyz", "Og (Z=118)")
+    path = _write(tmp_path / "am.vasp", Atoms("Am", cell=[4, 4, 4], pbc=True))
+    _assert_user_error(_invoke("relax", path, "-o", tmp_path / "out"), "am.vasp", "Am (Z=95)")
+
+
+def test_error_atoms_too_close(emt_registry, tmp_path):
+    path = _write(tmp_path / "close.extxyz", Atoms("Cu2", positions=[[0, 0, 0], [0.2, 0, 0]], cell=[5, 5, 5], pbc=True))
+    _assert_user_error(_invoke("predict", path), "close.extxyz", "atoms 0 (Cu) and 1 (Cu)", "0.200 Å")
+
+
+def test_error_zero_volume_cell(emt_registry, tmp_path):
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[[3, 0, 0], [6, 0, 0], [0, 0, 3]], pbc=True)
+    path = _write(tmp_path / "flat.extxyz", atoms)
+    _assert_user_error(_invoke("predict", path), "flat.extxyz", "zero volume")
+
+
+def test_error_unknown_model_fake_registry(emt_registry, inputs):
+    _assert_user_error(_invoke("predict", inputs[0], "--model", "no-such-model"), "no-such-model")
+
+
+def test_error_unknown_model_real_registry(inputs):
+    result = _invoke("predict", inputs[0], "--model", "no-such-model")
+    _assert_user_error(result, "no-such-model")
+
+
+def test_error_missing_checkpoint_path(inputs, tmp_path):
+    result = _invoke("predict", inputs[0], "--model", tmp_path / "nothing.pth")
+    _assert_user_error(result, "nothing.pth")
+
+
+def test_error_unsupported_output_extension(emt_registry, inputs, tmp_path, batch_calls):
+    out = tmp_path / "out.csv"
+    _assert_user_error(_invoke("predict", inputs[0], "-o", out), "out.csv", ".extxyz, .json")
+    assert not out.exists()
+    assert batch_calls == []  # failed before any evaluation
+
+
+def test_error_relax_molecule_with_cell_relaxation(emt_registry, tmp_path):
+    path = _write(tmp_path / "dimer.xyz", Atoms("Cu2", positions=[[0, 0, 0], [2.4, 0, 0]]))
+    _assert_user_error(_invoke("relax", path, "-o", tmp_path / "out"), "dimer.xyz", "fixed-cell")
+    result = _invoke("relax", path, "--mode", "fixed-cell", "--fmax", "0.01", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "structures" / "dimer.xyz").exists()
+
+
+def test_error_bad_fmax(emt_registry, inputs, tmp_path):
+    _assert_user_error(_invoke("relax", inputs[0], "--fmax", "-1", "-o", tmp_path / "o"), "fmax")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# relax
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_relax_writes_structures_summary_and_extxyz(emt_registry, inputs, tmp_path):
+    from mattersim.io import read_structures
+    from mattersim.relax import relax
+
+    poscar, multi = inputs
+    outdir = tmp_path / "relaxed"
+    result = _invoke("relax", poscar, multi, "--fmax", "0.01", "--steps", "200", "--pressure", "0.5", "-o", outdir, "--trajectory")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert summary["settings"]["pressure_GPa"] == 0.5
+    assert summary["settings"]["mode"] == "full"
+    assert summary["model"]["name"] == "EMT"
+    assert summary["n_structures"] == summary["n_converged"] == 3
+    structures = read_structures([poscar, multi])
+    frames = ase.io.read(outdir / "relaxed.extxyz", ":")
+    for entry, frame, (label, atoms) in zip(summary["structures"], frames, structures):
+        ref = relax(atoms, EMT(), pressure=0.5, fmax=0.01, steps=200)
+        assert entry["label"] == label and frame.info["label"] == label
+        assert entry["converged"] is True and frame.info["converged"]
+        assert entry["steps"] == ref.steps
+        assert entry["energy"] == pytest.approx(ref.energy, abs=1e-9)
+        assert entry["enthalpy"] == pytest.approx(ref.enthalpy, abs=1e-9)
+        assert entry["initial_volume"] == pytest.approx(atoms.get_volume())
+        assert entry["volume"] == pytest.approx(ref.volume, rel=1e-9)
+        assert entry["pressure"] == pytest.approx(0.5, abs=0.15)  # fmax 0.01 eV/Å bounds the cell forces
+        assert frame.get_potential_energy() == pytest.approx(ref.energy, abs=1e-9)
+        assert np.allclose(frame.get_stress(voigt=False), ref.stress, atol=1e-12)
+        assert np.allclose(frame.cell[:], ref.atoms.cell[:], atol=1e-8)
+        written = ase.io.read(outdir / entry["file"])
+        assert entry["file"].endswith(".vasp")
+        assert np.allclose(written.cell[:], ref.atoms.cell[:], atol=1e-6)
+        assert np.allclose(written.positions, ref.atoms.positions, atol=1e-5)
+    files = sorted(e["file"] for e in summary["structures"])
+    assert files == ["structures/POSCAR.vasp", "structures/two_0.vasp", "structures/two_1.vasp"]
+    assert len(list((outdir / "trajectories").glob("*.traj"))) == 3
+
+
+def test_relax_cif_output_and_fixed_volume(emt_registry, inputs, tmp_path):
+    poscar, _ = inputs
+    outdir = tmp_path / "fv"
+    result = _invoke("relax", poscar, "--mode", "fixed-volume", "--format", "cif", "--optimizer", "BFGS", "-o", outdir)
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads((outdir / "summary.json").read_text())["structures"]
+    assert entry["file"].endswith(".cif")
+    assert entry["volume"] == pytest.approx(entry["initial_volume"], rel=1e-10)
+
+
+def test_relax_not_converged_exit_code(emt_registry, inputs, tmp_path):
+    poscar, multi = inputs
+    outdir = tmp_path / "nc"
+    result = _invoke("relax", poscar, multi, "--steps", "1", "--fmax", "0.001", "-o", outdir)
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "3 of 3 structures did not converge within 1 steps" in lines[0]
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert summary["n_converged"] == 0
+    assert all(e["converged"] is False and e["steps"] == 1 for e in summary["structures"])
+
+
+def test_relax_output_path_is_a_file(emt_registry, inputs, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    _assert_user_error(_invoke("relax", inputs[0], "-o", target), "file.txt", "not a directory")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real model (random-weight fixture checkpoint), when the shared fixtures are present
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_predict_with_fixture_checkpoint(small_checkpoint, tmp_path):
+    from mattersim import registry
+    from mattersim.calculator import evaluate_batch
+    from mattersim.io import read_structures
+
+    structures_file = small_checkpoint.parent / "structures.extxyz"
+    out_json = tmp_path / "out.json"
+    out_xyz = tmp_path / "out.extxyz"
+    result = _invoke("predict", structures_file, "--model", small_checkpoint, "--float64", "-o", out_json)
+    assert result.exit_code == 0, result.output
+    result = _invoke("predict", structures_file, "--model", small_checkpoint, "--float64", "-o", out_xyz)
+    assert result.exit_code == 0, result.output
+
+    calc = registry.load_calculator(str(small_checkpoint), dtype="float64")
+    structures = [a for _, a in read_structures([structures_file])]
+    ref = evaluate_batch(calc, structures)
+    doc = json.loads(out_json.read_text())
+    frames = ase.io.read(out_xyz, ":")
+    assert len(doc["structures"]) == len(frames) == len(ref) == 6
+    assert doc["model"].get("sha256")
+    for s, frame, r in zip(doc["structures"], frames, ref):
+        assert s["energy"] == pytest.approx(r["energy"], rel=1e-10, abs=1e-10)
+        assert np.allclose(s["forces"], r["forces"], atol=1e-10)
+        assert np.allclose(s["stress"], r["stress"], atol=1e-12)
+        assert frame.get_potential_energy() == pytest.approx(r["energy"], rel=1e-10, abs=1e-10)
+        assert np.allclose(frame.get_forces(), r["forces"], atol=1e-7)
+        assert np.allclose(frame.get_stress(voigt=False), r["stress"], atol=1e-12)
+
+
+def test_relax_with_fixture_checkpoint(small_checkpoint, tmp_path):
+    structures_file = small_checkpoint.parent / "structures.extxyz"
+    outdir = tmp_path / "relax"
+    result = _invoke("relax", structures_file, "--model", small_checkpoint, "--steps", "3", "-o", outdir)
+    assert result.exit_code in (0, 1), result.output
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert summary["n_structures"] == 6
+    assert summary["model"].get("sha256")
+    assert len(ase.io.read(outdir / "relaxed.extxyz", ":")) == 6
+    if result.exit_code == 1:
+        assert "did not converge" in result.stderr

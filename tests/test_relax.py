@@ -1,0 +1,323 @@
+"""Tests of mattersim.relax with ASE's EMT calculator (no model, no downloads)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.filters import FrechetCellFilter
+from ase.optimize import BFGS
+from ase.units import GPa
+
+import mattersim.relax as relax_mod
+from mattersim.calculator import evaluate_batch
+from mattersim.errors import InputError
+from mattersim.relax import BatchRelaxer, RelaxResult, relax
+
+
+def _emt_lattice_constant(symbol: str, guess: float) -> float:
+    """Independent reference: equation-of-state fit of fcc EMT energies."""
+    from ase.eos import EquationOfState
+
+    volumes, energies = [], []
+    for a in np.linspace(guess * 0.98, guess * 1.02, 11):
+        atoms = bulk(symbol, "fcc", a=a)
+        atoms.calc = EMT()
+        volumes.append(atoms.get_volume())
+        energies.append(atoms.get_potential_energy())
+    v0, _, _ = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
+    return (4.0 * v0) ** (1.0 / 3.0)  # primitive fcc cell holds a^3/4
+
+
+def _fcc_a(atoms) -> float:
+    return (4.0 * atoms.get_volume() / len(atoms)) ** (1.0 / 3.0)
+
+
+def test_strained_cu_relaxes_to_emt_lattice_constant():
+    a_ref = _emt_lattice_constant("Cu", 3.59)
+    atoms = bulk("Cu", "fcc", a=3.75)  # 4 % strained
+    res = relax(atoms, EMT(), fmax=1e-4, steps=1000, mode="full", optimizer="BFGS")
+    assert isinstance(res, RelaxResult)
+    assert res.converged
+    assert abs(_fcc_a(res.atoms) - a_ref) < 1e-3
+    # the input is not modified
+    assert atoms.cell[0, 1] == pytest.approx(3.75 / 2)
+
+    # ASE's own FrechetCellFilter + BFGS gives the same structure
+    ref = bulk("Cu", "fcc", a=3.75)
+    ref.calc = EMT()
+    BFGS(FrechetCellFilter(ref), logfile=None).run(fmax=1e-4, steps=1000)
+    assert abs(_fcc_a(res.atoms) - _fcc_a(ref)) < 1e-4
+    assert res.energy == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+    # at zero pressure the enthalpy is the energy and the stress vanishes
+    assert res.enthalpy == pytest.approx(res.energy)
+    assert np.abs(res.stress).max() < 1e-4
+    assert res.volume == pytest.approx(res.atoms.get_volume())
+    assert res.initial_volume == pytest.approx(atoms.get_volume())
+    # the relaxed copy carries its final results
+    assert res.atoms.get_potential_energy() == pytest.approx(res.energy)
+
+
+@pytest.mark.parametrize("optimizer", ["FIRE", "LBFGS"])
+def test_other_optimizers_reach_the_same_minimum(optimizer):
+    a_ref = _emt_lattice_constant("Cu", 3.59)
+    res = relax(bulk("Cu", "fcc", a=3.50), EMT(), fmax=5e-4, steps=1000, optimizer=optimizer)
+    assert res.converged
+    assert abs(_fcc_a(res.atoms) - a_ref) < 2e-3
+
+
+def test_hydrostatic_pressure_shrinks_volume_and_balances_stress():
+    p = 5.0  # GPa
+    res0 = relax(bulk("Al", "fcc", a=4.05), EMT(), fmax=1e-4, steps=1000, optimizer="BFGS")
+    res = relax(bulk("Al", "fcc", a=4.05), EMT(), pressure=p, fmax=1e-4, steps=1000, optimizer="BFGS")
+    assert res0.converged and res.converged
+    assert res.volume < res0.volume
+    # equilibrium under pressure P: stress = -P on the diagonal (ASE sign convention), no shear
+    assert np.allclose(np.diag(res.stress), -p * GPa, atol=2e-4 * GPa * 10)
+    assert np.abs(res.stress - np.diag(np.diag(res.stress))).max() < 1e-5
+    assert res.pressure == pytest.approx(p, abs=0.02)
+    assert res.target_pressure == p
+    assert res.enthalpy == pytest.approx(res.energy + p * GPa * res.volume)
+    d = res.to_dict()
+    assert d["target_pressure"] == p and d["converged"] is True
+    assert np.asarray(d["stress"]).shape == (3, 3)
+
+
+def test_fixed_volume_keeps_volume_exactly():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    # non-hydrostatic strain: tetragonal distortion plus shear
+    atoms.set_cell(atoms.cell[:] @ np.array([[1.04, 0.02, 0.0], [0.0, 0.98, 0.0], [0.0, 0.0, 0.99]]), scale_atoms=True)
+    v0 = atoms.get_volume()
+    res = relax(atoms, EMT(), fmax=1e-3, steps=1000, mode="fixed_volume", optimizer="BFGS")
+    assert res.converged
+    assert res.volume == pytest.approx(v0, rel=1e-10)
+    assert not np.allclose(res.atoms.cell[:], atoms.cell[:], atol=1e-3)  # the shape did change
+    # deviatoric stress relaxed, hydrostatic part remains
+    dev = res.stress - np.eye(3) * np.trace(res.stress) / 3
+    assert np.abs(dev).max() < 1e-3
+
+
+def test_fixed_volume_accepts_hyphenated_mode():
+    res = relax(bulk("Cu", "fcc", a=3.7), EMT(), fmax=1e-3, mode="fixed-volume")
+    assert res.mode == "fixed_volume"
+
+
+def test_fixed_cell_keeps_cell_and_relaxes_positions():
+    atoms = bulk("Cu", "fcc", a=3.65, cubic=True) * (2, 1, 1)
+    atoms.rattle(0.05, seed=3)
+    res = relax(atoms, EMT(), fmax=1e-3, steps=500, mode="fixed_cell")
+    assert res.converged
+    assert np.array_equal(res.atoms.cell[:], atoms.cell[:])
+    assert np.abs(res.atoms.get_forces()).max() < 1e-3
+    assert not np.allclose(res.atoms.positions, atoms.positions)
+    assert res.fmax < 1e-3
+
+
+def test_too_few_steps_is_reported_not_accepted(caplog):
+    atoms = bulk("Cu", "fcc", a=3.9)
+    with caplog.at_level(logging.WARNING, logger="mattersim.relax"):
+        res = relax(atoms, EMT(), fmax=1e-4, steps=2, label="strained-Cu")
+    assert res.converged is False
+    assert res.steps == 2
+    assert res.fmax > 1e-4
+    assert any("did not converge" in r.getMessage() and "strained-Cu" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_settings_raise_input_error():
+    atoms = bulk("Cu")
+    with pytest.raises(InputError, match="mode"):
+        relax(atoms, EMT(), mode="sideways")
+    with pytest.raises(InputError, match="optimizer"):
+        relax(atoms, EMT(), optimizer="newton")
+    with pytest.raises(InputError, match="fmax"):
+        relax(atoms, EMT(), fmax=-1)
+    from ase import Atoms
+
+    molecule = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
+    with pytest.raises(InputError, match="fixed-cell"):
+        relax(molecule, EMT(), mode="full")
+    res = relax(molecule, EMT(), mode="fixed_cell", fmax=1e-3)
+    assert res.converged and res.stress is None and res.volume is None
+
+
+def test_trajectory_and_logfile(tmp_path):
+    from ase.io import read
+
+    traj = tmp_path / "r.traj"
+    log = tmp_path / "r.log"
+    res = relax(bulk("Cu", "fcc", a=3.7), EMT(), fmax=1e-2, optimizer="BFGS", trajectory=traj, logfile=log)
+    frames = read(traj, ":")
+    assert len(frames) == res.steps + 1
+    assert log.read_text().strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BatchRelaxer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _structures():
+    s = []
+    a = bulk("Cu", "fcc", a=3.75)
+    a.info["label"] = "cu-prim"
+    s.append(a)
+    b = bulk("Al", "fcc", a=4.0, cubic=True)
+    b.rattle(0.03, seed=1)
+    b.info["label"] = "al-cubic"
+    s.append(b)
+    c = bulk("Cu", "fcc", a=3.5, cubic=True) * (2, 1, 1)
+    c.rattle(0.04, seed=2)
+    c.info["label"] = "cu-8"
+    s.append(c)
+    d = bulk("Al", "fcc", a=4.1)
+    d.info["label"] = "al-prim"
+    s.append(d)
+    return s
+
+
+@pytest.mark.parametrize(
+    "mode, optimizer", [("full", "FIRE"), ("full", "BFGS"), ("fixed_volume", "LBFGS"), ("fixed_cell", "FIRE")]
+)
+def test_batch_relaxer_matches_one_by_one(mode, optimizer):
+    structures = _structures()
+    pressure = 1.0 if mode == "full" else 0.0
+    # a step limit that some structures hit and some do not: both exits must agree with relax()
+    kwargs = dict(fmax=2e-3, steps=40, pressure=pressure, mode=mode, optimizer=optimizer)
+    singles = [relax(a, EMT(), **kwargs) for a in structures]
+    # 10 atoms at most per batch forces queueing (sizes 1, 4, 8, 1)
+    batch = BatchRelaxer(EMT(), max_atoms_per_batch=10, **kwargs).relax(structures)
+    assert len(batch) == len(singles)
+    for s, b, a in zip(singles, batch, structures):
+        assert b.label == a.info["label"]
+        assert b.converged == s.converged
+        assert b.steps == s.steps
+        assert b.energy == pytest.approx(s.energy, abs=1e-9)
+        assert b.enthalpy == pytest.approx(s.enthalpy, abs=1e-9)
+        assert np.allclose(b.atoms.positions, s.atoms.positions, atol=1e-8)
+        assert np.allclose(b.atoms.cell[:], s.atoms.cell[:], atol=1e-8)
+        if s.stress is not None:
+            assert np.allclose(b.stress, s.stress, atol=1e-10)
+
+
+def test_batch_relaxer_accepts_label_pairs_and_writes_trajectories(tmp_path):
+    structures = [(f"s{i}", a) for i, a in enumerate(_structures()[:2])]
+    results = BatchRelaxer(EMT(), fmax=1e-2, steps=30, show_progress=True).relax(structures, trajectory_dir=tmp_path / "traj")
+    assert [r.label for r in results] == ["s0", "s1"]
+    files = sorted(p.name for p in (tmp_path / "traj").iterdir())
+    assert files == ["0000_s0.traj", "0001_s1.traj"]
+    from ase.io import read
+
+    assert len(read(tmp_path / "traj" / "0000_s0.traj", ":")) == results[0].steps + 1
+
+
+class _CountingBatch:
+    """Stands in for mattersim.calculator.evaluate_batch: EMT per structure, but records every call."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, calc, structures, properties=("energy", "forces", "stress")):
+        self.calls.append([a.info["label"] for a in structures])
+        return evaluate_batch(EMT(), structures, properties)
+
+
+def test_batching_makes_one_call_per_step_for_all_active(monkeypatch):
+    counter = _CountingBatch()
+    monkeypatch.setattr(relax_mod, "_evaluate_batch", counter)
+    structures = _structures()
+    results = BatchRelaxer(object(), fmax=2e-3, steps=60, max_atoms_per_batch=1000).relax(structures)
+    assert any(r.converged for r in results)
+    # every step evaluates all structures that are still running, in one call; no extra calls
+    assert len(counter.calls) == 1 + max(r.steps for r in results)
+    for k, call in enumerate(counter.calls):
+        expected = [a.info["label"] for a, r in zip(structures, results) if r.steps >= k]
+        assert call == expected
+
+
+def test_queued_structures_enter_when_others_finish(monkeypatch):
+    counter = _CountingBatch()
+    monkeypatch.setattr(relax_mod, "_evaluate_batch", counter)
+    structures = _structures()  # 1, 4, 8, 1 atoms
+    relaxer = BatchRelaxer(object(), fmax=2e-3, steps=60, max_atoms_per_batch=6)
+    results = relaxer.relax(structures)
+    assert [r.label for r in results] == ["cu-prim", "al-cubic", "cu-8", "al-prim"]
+    assert relaxer.n_batch_calls == len(counter.calls)
+    sizes = {a.info["label"]: len(a) for a in structures}
+    first_seen = {}
+    for k, call in enumerate(counter.calls):
+        for label in call:
+            first_seen.setdefault(label, k)
+        # never above the atom limit unless a single structure is larger than it
+        assert sum(sizes[label] for label in call) <= 6 or len(call) == 1
+    assert first_seen["cu-prim"] == first_seen["al-cubic"] == 0
+    # cu-8 (8 atoms) is larger than the limit: it waits until the batch is empty and runs alone
+    k8 = first_seen["cu-8"]
+    assert k8 > 0
+    assert "cu-prim" not in counter.calls[k8] and "al-cubic" not in counter.calls[k8]
+    # al-prim joins only after cu-8 started (input order is kept), as soon as there is room
+    assert first_seen["al-prim"] > k8 or "al-prim" in counter.calls[k8]
+    # every structure ran exactly steps + 1 evaluations
+    for r in results:
+        assert sum(r.label in call for call in counter.calls) == r.steps + 1
+
+
+def test_batch_non_convergence_is_reported(caplog):
+    structures = _structures()[:2]
+    with caplog.at_level(logging.WARNING, logger="mattersim.relax"):
+        results = BatchRelaxer(EMT(), fmax=1e-5, steps=3).relax(structures)
+    assert [r.converged for r in results] == [False, False]
+    assert [r.steps for r in results] == [3, 3]
+    assert sum("did not converge" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_cache_miss_recomputes(monkeypatch):
+    """The caching calculator never serves results for a geometry they were not computed for."""
+    cache = relax_mod._CachedResultsCalculator(EMT(), ("energy", "forces", "stress"))
+    atoms = bulk("Cu", "fcc", a=3.6)
+    ref = atoms.copy()
+    ref.calc = EMT()
+    cache.store(atoms, {"energy": 123.0, "forces": np.zeros((1, 3)), "stress": np.zeros((3, 3))})
+    atoms.calc = cache
+    assert atoms.get_potential_energy() == 123.0  # served from the cache
+    atoms.positions[0, 0] += 1e-12  # any change invalidates
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+    assert cache.n_fallback_calls == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real model (random-weight fixture checkpoint), when the shared fixtures are present
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_batch_relaxer_with_mattersim_calculator(small_potential, monkeypatch):
+    """Batched relaxation with the MatterSim calculator: one model call per step, same result as relax()."""
+    from mattersim.calculator import MatterSimCalculator
+
+    calc = MatterSimCalculator(small_potential)
+    structures = []
+    for symbol, a in (("Si", 5.5), ("Cu", 3.7)):
+        atoms = bulk(symbol, "fcc" if symbol == "Cu" else "diamond", a=a)
+        atoms.rattle(0.02, seed=4)
+        atoms.info["label"] = symbol
+        structures.append(atoms)
+    kwargs = dict(fmax=1e-3, steps=4, mode="full", optimizer="FIRE")
+    singles = [relax(a, MatterSimCalculator(small_potential), **kwargs) for a in structures]
+
+    n_calls = []
+    original = small_potential.predict
+
+    def counting_predict(list_of_atoms, *args, **kw):
+        n_calls.append(len(list_of_atoms))
+        return original(list_of_atoms, *args, **kw)
+
+    monkeypatch.setattr(small_potential, "predict", counting_predict)
+    batch = BatchRelaxer(calc, **kwargs).relax(structures)
+    assert n_calls == [2] * (1 + max(r.steps for r in batch))
+    for s, b in zip(singles, batch):
+        assert b.steps == s.steps
+        assert b.energy == pytest.approx(s.energy, abs=1e-8)
+        assert np.allclose(b.atoms.positions, s.atoms.positions, atol=1e-7)
+        assert np.allclose(b.atoms.cell[:], s.atoms.cell[:], atol=1e-7)
