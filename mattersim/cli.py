@@ -150,6 +150,14 @@ def _file_stem(label: str) -> str:
     return f"{stem}_{frame}" if frame else stem
 
 
+def _weights_location(path: Optional[str]) -> str:
+    """Where a model's weights are: a cache path, or the Python package whose wheel ships them."""
+    if path and "site-packages" in str(path):
+        package = str(path).split("site-packages", 1)[1].strip("/\\").split("/")[0]
+        return f"inside the {package} package"
+    return _short_path(path)
+
+
 def _short_path(path: Optional[str]) -> str:
     if not path:
         return "-"
@@ -203,7 +211,7 @@ def models_command() -> None:
     table.add_column("kind", no_wrap=True)
     table.add_column("offline", no_wrap=True)
     table.add_column("default", no_wrap=True)
-    table.add_column("cached path", overflow="fold")
+    table.add_column("weights", overflow="fold")
     if wide:
         table.add_column("description", overflow="fold")
     for m in models:
@@ -213,7 +221,7 @@ def models_command() -> None:
             str(m.get("kind", "")),
             "[green]yes[/green]" if available else "[dim]no[/dim]",
             "*" if default is not None and m.get("name") == default else "",
-            _short_path(m.get("path")),
+            _weights_location(m.get("path")),
         ]
         if wide:
             row.append(str(m.get("description", "") or ""))

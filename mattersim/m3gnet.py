@@ -16,6 +16,7 @@ Results agree with the official code to float32 rounding (about 1e-7 relative).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,22 @@ DEFAULT_MODEL_ARGS = {
     "max_z": 94,
     "threebody_cutoff": 4.0,
 }
+
+
+def cached(module: nn.Module, name: str, tensors: list[torch.Tensor], build):
+    """``build()``, cached on ``module`` while ``tensors`` (weights or buffers) are frozen and unchanged.
+
+    Derived constants (fused weight blocks, recursion matrices) are rebuilt whenever a source tensor is
+    modified in place, replaced, moved, or requires grad (training builds them anew every call)."""
+    if any(t.requires_grad for t in tensors):
+        return build()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    hit = module.__dict__.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build()
+    module.__dict__[name] = (key, value)
+    return value
 
 
 class Dense(nn.Module):
@@ -91,13 +108,21 @@ class GatedMLP(nn.Module):
             h_s = layer_s(h_s)
         return h_g * h_s
 
-    def split_first_layer(self, units: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """First-layer weights of g and sigma stacked, split into (centre, neighbour, edge) column blocks."""
-        w = torch.cat([self.g[0].linear.weight, self.sigma[0].linear.weight], dim=0)  # (2H, 3U)
-        b = None
-        if self.g[0].linear.bias is not None:
-            b = torch.cat([self.g[0].linear.bias, self.sigma[0].linear.bias])
-        return w[:, :units], w[:, units : 2 * units], w[:, 2 * units :], b
+    def bond_weights(self, units: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """First-layer weights of g and sigma stacked (2H output rows) and split by input block:
+        ``(W_atoms^T (U, 4H) = [centre | neighbour], W_edge^T (U, 2H), bias (2H,) or None)``.
+
+        Cached while the weights are frozen (inference); rebuilt whenever they change or train.
+        """
+        g, s = self.g[0].linear, self.sigma[0].linear
+
+        def build():
+            w = torch.cat([g.weight, s.weight], dim=0)  # (2H, 3U)
+            bias = torch.cat([g.bias, s.bias]) if g.bias is not None else None
+            w_atoms = torch.cat([w[:, :units], w[:, units : 2 * units]], dim=0).t().contiguous()
+            return w_atoms, w[:, 2 * units :].t().contiguous(), bias
+
+        return cached(self, "_bond_weights", [t for t in (g.weight, s.weight, g.bias, s.bias) if t is not None], build)
 
 
 class SmoothBesselBasis(nn.Module):
@@ -120,14 +145,24 @@ class SmoothBesselBasis(nn.Module):
         self.register_buffer("n_2_pi_cutoff", ((torch.arange(0, max_n).float() + 2) * pi / r_max).reshape(1, -1))
         self.register_buffer("r_max", torch.tensor(float(r_max)))
 
+    def recursion_matrix(self) -> torch.Tensor:
+        """M with g = f @ M: the orthogonalising recursion g_k = (f_k + sqrt(e_k / d_(k-1)) g_(k-1)) / sqrt(d_k),
+        a fixed linear map, applied to the identity."""
+
+        def build():
+            eye = torch.eye(self.max_n, dtype=self.dn.dtype, device=self.dn.device)
+            rows = [eye[0]]
+            for k in range(1, self.max_n):
+                rows.append(1 / torch.sqrt(self.dn[k]) * (eye[k] + torch.sqrt(self.en[0, k] / self.dn[k - 1]) * rows[-1]))
+            return torch.stack(rows, dim=1)
+
+        return cached(self, "_recursion", [self.dn, self.en], build)
+
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         x1 = r.unsqueeze(-1) * self.n_1_pi_cutoff
         x2 = r.unsqueeze(-1) * self.n_2_pi_cutoff
         fnr = self.fnr_weights * (torch.sin(x1) / x1 + torch.sin(x2) / x2)
-        gn = [fnr[:, 0]]
-        for k in range(1, self.max_n):
-            gn.append(1 / torch.sqrt(self.dn[k]) * (fnr[:, k] + torch.sqrt(self.en[0, k] / self.dn[k - 1]) * gn[-1]))
-        return torch.stack(gn, dim=1)
+        return fnr @ self.recursion_matrix()
 
 
 # Spherical Bessel functions j_l(z_ln x) written as in the official code: coefficients per order
@@ -174,24 +209,43 @@ class SphericalBasisLayer(nn.Module):
                 coef[order, 2 * k + 1, :] = torch.tensor(_SPH_BESSEL_ROOTS[order])
         self.register_buffer("coef", coef)
 
+    def radial_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The official per-order formulas as ``(P_sin(x) sin(a x) + P_cos(x) cos(a x)) / x^(order+1)``:
+        roots ``a`` (1, S), polynomial coefficients of P_sin and P_cos (4, S) in powers x^0..x^3, and the
+        denominators' exponents (S,), columns order-major as the official basis."""
+
+        def build():
+            c = self.coef[:, :, : self.max_l]
+            zero = torch.zeros_like(c[0, 0])
+            # rows: x^0, x^1, x^2, x^3 ; one block of max_l columns per order
+            p_sin = [torch.stack([torch.ones_like(zero), zero, zero, zero])]
+            p_cos = [torch.stack([zero, zero, zero, zero])]
+            roots = [c[0, 0]]
+            if self.max_n > 1:
+                p_sin.append(torch.stack([c[1, 2], zero, zero, zero]))
+                p_cos.append(torch.stack([zero, c[1, 0], zero, zero]))
+                roots.append(c[1, 1])
+            if self.max_n > 2:
+                p_sin.append(torch.stack([c[2, 4], zero, c[2, 0], zero]))
+                p_cos.append(torch.stack([zero, -c[2, 2], zero, zero]))
+                roots.append(c[2, 1])
+            if self.max_n > 3:
+                p_sin.append(torch.stack([c[3, 6], zero, -c[3, 2], zero]))
+                p_cos.append(torch.stack([zero, -c[3, 4], zero, c[3, 0]]))
+                roots.append(c[3, 1])
+            orders = torch.arange(len(roots), dtype=c.dtype, device=c.device).repeat_interleave(self.max_l)
+            return torch.cat(roots).unsqueeze(0), torch.cat(p_sin, dim=1), torch.cat(p_cos, dim=1), orders + 1
+
+        return cached(self, "_radial", [self.coef], build)
+
     def radial(self, r: torch.Tensor) -> torch.Tensor:
         """Spherical Bessel functions of r, shape (len(r), max_n * max_l), order-major as the official code."""
+        roots, p_sin, p_cos, exponents = self.radial_coefficients()
         x = (r / self.cutoff).unsqueeze(1)
-        c = self.coef[:, :, : self.max_l]
-        orders = [torch.sin(c[0, 0] * x) / x]
-        if self.max_n > 1:
-            orders.append((c[1, 0] * x * torch.cos(c[1, 1] * x) + c[1, 2] * torch.sin(c[1, 3] * x)) / x**2)
-        if self.max_n > 2:
-            orders.append(
-                (c[2, 0] * x**2 * torch.sin(c[2, 1] * x) - c[2, 2] * x * torch.cos(c[2, 3] * x)
-                 + c[2, 4] * torch.sin(c[2, 5] * x)) / x**3
-            )
-        if self.max_n > 3:
-            orders.append(
-                (c[3, 0] * x**3 * torch.cos(c[3, 1] * x) - c[3, 2] * x**2 * torch.sin(c[3, 3] * x)
-                 - c[3, 4] * x * torch.cos(c[3, 5] * x) + c[3, 6] * torch.sin(c[3, 7] * x)) / x**4
-            )
-        return torch.cat(orders, dim=1) * self.factor
+        powers = torch.cat([torch.ones_like(x), x, x * x, x * x * x], dim=1)  # (E, 4)
+        z = x * roots
+        value = (powers @ p_sin) * torch.sin(z) + (powers @ p_cos) * torch.cos(z)
+        return value / x.pow(exponents) * self.factor
 
     def angular(self, cos_theta: torch.Tensor) -> torch.Tensor:
         """Spherical harmonics Y_l0 for l < max_l, shape (len(cos_theta), max_l)."""
@@ -225,11 +279,23 @@ class ThreeDInteraction(nn.Module):
         self.atom_mlp = Dense(units, spherical_dim, "sigmoid")
         self.edge_gate_mlp = GatedMLP(spherical_dim, [units], "swish", bias=False)
 
-    def forward(self, edge_attr, atom_attr, edge_center, threebody_sum):
-        # threebody_sum[ij] = sum_k basis_ijk f(r_ij) f(r_ik); the atom gate depends on the centre only
-        e_tilde = self.atom_mlp(atom_attr).index_select(0, edge_center) * threebody_sum
+    def forward(self, edge_attr, atom_gate, edge_center, threebody_sum):
+        """``atom_gate = atom_mlp(v)``; threebody_sum[ij] = sum_k basis_ijk f(r_ij) f(r_ik).
+
+        The official gate ``sigmoid(W v_i)`` multiplies every triplet of centre ``i``; it is applied after
+        the sum over ``k``, which is therefore shared by all blocks."""
+        e_tilde = atom_gate.index_select(0, edge_center) * threebody_sum
         gate = self.edge_gate_mlp
         return torch.addcmul(edge_attr, gate.g[0](e_tilde), gate.sigma[0](e_tilde))
+
+
+class EdgeChunk(NamedTuple):
+    """A slice of the edges and what the blocks need of it (see :meth:`M3Gnet.atomic_energies`)."""
+
+    rbf: torch.Tensor  # (e, max_n)
+    threebody_sum: torch.Tensor  # (e, max_n * max_l)
+    centre: torch.Tensor  # (e,)
+    bond_pairs: torch.Tensor  # (e, 2): [centre, N + neighbour]
 
 
 class MainBlock(nn.Module):
@@ -242,29 +308,37 @@ class MainBlock(nn.Module):
         self.edge_layer_edge = Dense(max_n, units, None, bias=False)
         self.three_body = ThreeDInteraction(units, max_n * max_l)
 
-    def _gated_on_bond(self, mlp: GatedMLP, atom_attr, edge_attr, bond_pairs) -> torch.Tensor:
-        """``mlp(concat(v_i, v_j, e_ij))`` with the atom blocks of the first layer applied per atom.
-
-        ``bond_pairs`` is (E, 2) ``[i, N + j]``: one fused gather-and-sum (embedding_bag) of the centre and
-        neighbour rows of the per-atom table, accumulated into the edge-block GEMM.
-        """
-        w_center, w_neighbour, w_edge, bias = mlp.split_first_layer(self.units)
-        per_atom = atom_attr @ torch.cat([w_center, w_neighbour], dim=0).t()  # (N, 4H)
-        per_centre, per_neighbour = per_atom.chunk(2, dim=1)
+    def _atom_table(self, mlp: GatedMLP, atom_attr: torch.Tensor) -> torch.Tensor:
+        """The centre and neighbour blocks of ``mlp``'s first layer applied per atom, stacked (2N, 2H)."""
+        w_atoms, _, bias = mlp.bond_weights(self.units)
+        per_centre, per_neighbour = (atom_attr @ w_atoms).chunk(2, dim=1)
         if bias is not None:
             per_centre = per_centre + bias
-        gathered = F.embedding_bag(bond_pairs, torch.cat([per_centre, per_neighbour], dim=0), mode="sum")
-        pre = torch.addmm(gathered, edge_attr, w_edge.t())
+        return torch.cat([per_centre, per_neighbour], dim=0)
+
+    def _gated_on_bond(self, mlp: GatedMLP, table, edge_attr, bond_pairs) -> torch.Tensor:
+        """``mlp(concat(v_i, v_j, e_ij))``: one fused gather-and-sum (embedding_bag) of the per-atom rows,
+        accumulated into the GEMM of the edge block."""
+        gathered = F.embedding_bag(bond_pairs, table, mode="sum")
+        pre = torch.addmm(gathered, edge_attr, mlp.bond_weights(self.units)[1])
         return mlp.forward_first_layer_done(pre)
 
-    def forward(self, atom_attr, edge_attr, rbf, edge_index, threebody_sum):
-        bond_pairs = torch.stack([edge_index[0], edge_index[1] + atom_attr.shape[0]], dim=1)
-        edge_attr = self.three_body(edge_attr, atom_attr, edge_index[0], threebody_sum)
-        update = self._gated_on_bond(self.gated_mlp_edge, atom_attr, edge_attr, bond_pairs)
-        edge_attr = torch.addcmul(edge_attr, update, self.edge_layer_edge(rbf))
-        messages = self._gated_on_bond(self.gated_mlp_atom, atom_attr, edge_attr, bond_pairs) * self.edge_layer_atom(rbf)
-        atom_attr = atom_attr.index_add(0, edge_index[0], messages)
-        return atom_attr, edge_attr
+    def forward(self, atom_attr: torch.Tensor, edge_attrs: list[torch.Tensor], chunks: list[EdgeChunk]):
+        """One message-passing block. Edges are processed chunk by chunk (each chunk's chain of per-edge
+        operations stays in cache); atoms see the messages of all chunks."""
+        gate = self.three_body.atom_mlp(atom_attr)
+        table_edge = self._atom_table(self.gated_mlp_edge, atom_attr)
+        table_atom = self._atom_table(self.gated_mlp_atom, atom_attr)
+        new_edges = []
+        aggregated = torch.zeros_like(atom_attr)
+        for edge_attr, c in zip(edge_attrs, chunks):
+            edge_attr = self.three_body(edge_attr, gate, c.centre, c.threebody_sum)
+            update = self._gated_on_bond(self.gated_mlp_edge, table_edge, edge_attr, c.bond_pairs)
+            edge_attr = torch.addcmul(edge_attr, update, self.edge_layer_edge(c.rbf))
+            messages = self._gated_on_bond(self.gated_mlp_atom, table_atom, edge_attr, c.bond_pairs)
+            aggregated = aggregated.index_add(0, c.centre, messages * self.edge_layer_atom(c.rbf))
+            new_edges.append(edge_attr)
+        return atom_attr + aggregated, new_edges
 
 
 class AtomScaling(nn.Module):
@@ -298,6 +372,8 @@ class M3Gnet(nn.Module):
             cutoff=cutoff, max_z=max_z, threebody_cutoff=threebody_cutoff,
         )
         self.cutoff, self.threebody_cutoff, self.max_z = float(cutoff), float(threebody_cutoff), max_z
+        #: edges per chunk in the message-passing blocks (a speed setting: results do not depend on it)
+        self.edge_chunk = 2048
         self.rbf = SmoothBesselBasis(cutoff, max_n)
         self.sbf = SphericalBasisLayer(max_n, max_l, cutoff)
         self.edge_encoder = MLP(max_n, [units], "swish", bias=False)
@@ -331,9 +407,15 @@ class M3Gnet(nn.Module):
         weight_emb = self.atom_embedding.mlp[0].linear.weight  # one-hot @ W^T is a column lookup
         atom_attr = F.embedding(graph.numbers, weight_emb.t())
         rbf = self.rbf(edge_len)
-        edge_attr = self.edge_encoder(rbf)
+        bond_pairs = torch.stack([centre, neighbour + atom_attr.shape[0]], dim=1)
+        size = self.edge_chunk
+        chunks = [
+            EdgeChunk(*parts)
+            for parts in zip(rbf.split(size), threebody_sum.split(size), centre.split(size), bond_pairs.split(size))
+        ]
+        edge_attrs = [self.edge_encoder(c.rbf) for c in chunks]
         for block in self.graph_conv:
-            atom_attr, edge_attr = block(atom_attr, edge_attr, rbf, graph.edge_index, threebody_sum)
+            atom_attr, edge_attrs = block(atom_attr, edge_attrs, chunks)
         energies = self.final(atom_attr).view(-1)
         return self.normalizer(energies, graph.numbers)
 

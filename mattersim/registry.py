@@ -535,6 +535,8 @@ def _load_chgnet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
         from chgnet.model.dynamics import CHGNetCalculator
     except ImportError as exc:
         raise _missing_package(spec, exc) from exc
+    # chgnet 0.4 warns on every stress evaluation about its own internal tensor conversion
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True", category=UserWarning)
     with contextlib.redirect_stdout(io.StringIO()):  # chgnet prints banners
         model = CHGNet.load(model_name=spec.version, use_device=device, verbose=False)
         calc = CHGNetCalculator(model=model, use_device=device)

@@ -161,3 +161,29 @@ def test_device_and_dtype_options(small_checkpoint):
     assert next(pot.model.parameters()).dtype == torch.float64
     with pytest.raises(InputError, match="float32"):
         Potential.from_checkpoint(small_checkpoint, dtype="float16")
+
+
+def test_fused_weight_cache_follows_weight_changes(small_checkpoint):
+    pot = Potential.from_checkpoint(small_checkpoint, dtype="float64")
+    atoms = _rattled_cell()
+    before = pot.predict([atoms])[0]["energy"]
+    layer = pot.model.graph_conv[0].gated_mlp_edge.g[0].linear
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # in place: same storage, new version counter
+    changed = pot.predict([atoms])[0]["energy"]
+    assert changed != pytest.approx(before, abs=1e-9)
+    fresh = Potential(pot.model, dtype="float64")
+    fresh.model.requires_grad_(True)  # training mode path builds the fused weights anew every call
+    assert fresh.predict([atoms])[0]["energy"] == pytest.approx(changed, abs=1e-10)
+
+
+def test_edge_chunking_does_not_change_results(small_checkpoint):
+    pot = Potential.from_checkpoint(small_checkpoint, dtype="float64")
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 1))
+    atoms.rattle(0.05, seed=9)
+    ref = pot.predict([atoms])[0]
+    pot.model.edge_chunk = 37  # many uneven chunks
+    res = pot.predict([atoms])[0]
+    assert res["energy"] == pytest.approx(ref["energy"], abs=1e-10)
+    np.testing.assert_allclose(res["forces"], ref["forces"], atol=1e-10)
+    np.testing.assert_allclose(res["stress"], ref["stress"], atol=1e-12)
