@@ -5,8 +5,9 @@
 Measures, with one checkpoint (default: the 1M-architecture fixture in ../shared), in float32 on the CPU:
 
 - diamond Si cells of 8, 64, 216 and 512 atoms, one structure per call: median wall time, ms/atom, the
-  share of it spent building the graph, and the ratio to the official implementation's medians measured on
-  this 2-core machine (given in the project's issue #2);
+  time spent building the graph, and the ratio to the official implementation: to its medians measured on
+  this 2-core machine (given in the project's issue #2) and, with ``--official DIR``, to the official code
+  run now, right before ours, on the same structures (the fair comparison on a machine whose speed drifts);
 - 64 rattled 8-atom cells evaluated in one batched call against the same 64 evaluated one call each
   (the reference run, in this process);
 - peak resident memory of the process.
@@ -70,11 +71,51 @@ def model_flops(pot: Potential, n_atoms: int, n_edges: int) -> float:
     return 2 * forward
 
 
-def run(checkpoint: Path, repeats: int, sizes: list[int]) -> dict:
+OFFICIAL_SCRIPT = r"""
+import json, statistics, sys, time, warnings
+warnings.filterwarnings("ignore")
+from ase.build import bulk
+from ase.calculators.calculator import all_changes
+from mattersim.forcefield import MatterSimCalculator
+checkpoint, repeats, sizes = sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]]
+calc = MatterSimCalculator(load_path=checkpoint, device="cpu")
+out = {}
+for n in sizes:
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(n)
+    atoms.rattle(0.01, seed=n)
+    def once():
+        calc.calculate(atoms, ["energy", "forces", "stress"], all_changes)
+    once()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); once(); times.append(time.perf_counter() - t0)
+    out[len(atoms)] = statistics.median(times)
+print(json.dumps(out))
+"""
+
+
+def official_seconds(official_path: Path, checkpoint: Path, repeats: int, sizes: list[int]) -> dict[int, float]:
+    """Medians of the official implementation (installed under ``official_path``, e.g. with
+    ``pip install --no-deps --target DIR mattersim==1.2.3`` plus torch_runstats, torch-ema, deprecated,
+    loguru, torchmetrics), run in a subprocess because it shares our import name."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(official_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFICIAL_SCRIPT, str(checkpoint), str(repeats), *map(str, sizes)],
+        env=env, capture_output=True, text=True, check=True, cwd="/",
+    )
+    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+def run(checkpoint: Path, repeats: int, sizes: list[int], official_path: Path | None = None) -> dict:
     torch.manual_seed(0)
     pot = Potential.from_checkpoint(checkpoint, dtype="float32")
     rate = gemm_rate()
     print(f"float32 GEMM rate here: {rate / 1e9:.0f} GFLOP/s")
+    official_now = official_seconds(official_path, checkpoint, repeats, sizes) if official_path else {}
     si = bulk("Si", "diamond", a=5.43, cubic=True)
     single = []
     for n in sizes:
@@ -95,6 +136,9 @@ def run(checkpoint: Path, repeats: int, sizes: list[int]) -> dict:
             "floor_seconds": FLOOR_FLOP_PER_ATOM * len(atoms) / rate,
             "ratio_to_floor": t / (FLOOR_FLOP_PER_ATOM * len(atoms) / rate),
         }
+        if len(atoms) in official_now:
+            row["official_seconds_this_run"] = official_now[len(atoms)]
+            row["speedup_vs_official_this_run"] = official_now[len(atoms)] / t
         if len(atoms) in OFFICIAL_SECONDS:
             row["official_seconds"] = OFFICIAL_SECONDS[len(atoms)]
             row["speedup_vs_official"] = OFFICIAL_SECONDS[len(atoms)] / t
@@ -137,8 +181,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4], help="Si cubic cell repeats")
     parser.add_argument("-o", "--output", type=Path, default=None)
+    parser.add_argument("--official", type=Path, default=None, help="folder where the official mattersim is installed")
     args = parser.parse_args()
-    result = run(args.checkpoint, args.repeats, args.sizes)
+    result = run(args.checkpoint, args.repeats, args.sizes, args.official)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
