@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 from urllib.error import URLError
 from urllib.request import Request, urlopen
 
+from mattersim.adapters import batched_chgnet_calculator
 from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError
 
 __all__ = [
@@ -532,14 +533,13 @@ def _load_chgnet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
     _float32_only(spec.name, dtype)
     try:
         from chgnet.model import CHGNet
-        from chgnet.model.dynamics import CHGNetCalculator
     except ImportError as exc:
         raise _missing_package(spec, exc) from exc
     # chgnet 0.4 warns on every stress evaluation about its own internal tensor conversion
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True", category=UserWarning)
     with contextlib.redirect_stdout(io.StringIO()):  # chgnet prints banners
         model = CHGNet.load(model_name=spec.version, use_device=device, verbose=False)
-        calc = CHGNetCalculator(model=model, use_device=device)
+        calc = batched_chgnet_calculator(model, device=device)
     path = _weights_file(spec)
     return _attach(calc, {
         "name": spec.name,
