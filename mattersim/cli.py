@@ -1,7 +1,8 @@
 """The ``mattersim`` command line.
 
 Commands: ``models`` (what is installed/cached), ``predict`` (energies, forces, stresses of structure
-files) and ``relax`` (batched relaxations with a summary). Heavy modules (torch, the model registry, ASE
+files), ``relax`` (batched relaxations with a summary) and ``phonon`` (harmonic phonons with phonopy,
+:mod:`workflows.phonon`). Heavy modules (torch, the model registry, ASE
 optimizers) are imported inside the commands, so ``mattersim --help`` stays fast.
 
 Every :class:`~mattersim.errors.MatterSimError` (a bad file, an unknown model, ...) is printed as one red
@@ -472,6 +473,154 @@ def relax_command(
         names = ", ".join(not_converged[:5]) + (", ..." if len(not_converged) > 5 else "")
         print_error(f"{len(not_converged)} of {len(entries)} structures did not converge within {steps} steps (fmax {fmax} eV/Å): {names}.")
         raise typer.Exit(EXIT_NOT_CONVERGED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# phonon
+# ---------------------------------------------------------------------------------------------------------
+
+
+class NacMethod(str, Enum):
+    gonze = "gonze"
+    wang = "wang"
+
+
+def _parse_supercell(text: Optional[str]):
+    """'2 2 2' / '2' / 9 integers -> list, or None; InputError for anything else."""
+    if text is None:
+        return None
+    parts = text.replace(",", " ").split()
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3, 9) or len(values) != len(parts) or (len(values) < 9 and min(values) < 1):
+        raise InputError(f"--supercell {text!r} is not understood; give 3 positive integers (\"2 2 2\") or 9 integers (a 3x3 matrix, row by row).")
+    return values[0] if len(values) == 1 else values
+
+
+def _parse_mesh(text: str):
+    parts = text.replace(",", " ").split()
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1 and values[0] > 0:
+        return values[0]
+    if len(values) == 3 and all(v >= 1 and v == int(v) for v in values):
+        return [int(v) for v in values]
+    raise InputError(f"--mesh {text!r} is not understood; give 3 positive integers (\"20 20 20\") or one length in Å (a mesh density).")
+
+
+def _parse_primitive_axis(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip().upper() in ("P", "F", "I", "A", "C", "R"):
+        return text.strip().upper()
+    from fractions import Fraction
+
+    parts = text.replace(",", " ").split()
+    try:
+        values = [float(Fraction(p)) for p in parts]
+    except (ValueError, ZeroDivisionError):
+        values = []
+    if len(values) != 9:
+        raise InputError(f"--primitive-axis {text!r} is not understood; give 'auto' or 9 numbers (fractions like 1/2 allowed), row by row.")
+    return [values[0:3], values[3:6], values[6:9]]
+
+
+@app.command("phonon")
+def phonon_command(
+    file: Path = typer.Argument(..., help="Structure file with one crystal (POSCAR, CIF, ...): the unit cell."),
+    nac: bool = typer.Option(False, "--nac", help="Non-analytical term correction (LO-TO splitting) for polar crystals."),
+    born: Optional[Path] = typer.Option(None, "--born", help="phonopy BORN file with Born charges and ε∞ of the primitive cell (implies --nac)."),
+    nac_method: NacMethod = typer.Option(NacMethod.gonze, "--nac-method", help="NAC method.", case_sensitive=False),
+    supercell: Optional[str] = typer.Option(None, "--supercell", help='Supercell of the unit cell: "2 2 2" or 9 integers; default: automatic from --min-length.'),
+    min_length: float = typer.Option(15.0, "--min-length", help="Automatic supercell: smallest diagonal one whose perpendicular widths are all at least this (Å)."),
+    displacement: float = typer.Option(0.01, "--displacement", help="Finite displacement in Å."),
+    mesh: str = typer.Option("20 20 20", "--mesh", help='Γ-centred q mesh for DOS and thermal properties ("20 20 20"), or one number: a length in Å (density).'),
+    tmax: float = typer.Option(1000.0, "--tmax", help="Thermal properties from 0 K to TMAX (K)."),
+    tstep: float = typer.Option(10.0, "--tstep", help="Temperature step (K)."),
+    pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure for the relaxation, GPa."),
+    relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax positions and cell first."),
+    fmax: float = typer.Option(0.01, "--fmax", help="Relaxation force threshold in eV/Å."),
+    relax_steps: int = typer.Option(500, "--relax-steps", help="Maximum relaxation steps."),
+    primitive_axis: str = typer.Option("auto", "--primitive-axis", help="'auto' or 9 numbers (phonopy PRIMITIVE_AXES, fractions allowed)."),
+    symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'mattersim models') or checkpoint path."),
+    outdir: Path = typer.Option(Path("phonon"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Supercells per batched force evaluation."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision (recommended for finite-difference phonons)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+) -> None:
+    """Phonons of the crystal in FILE (phonopy finite displacements): band structure, DOS, thermal properties.
+
+    Writes phonopy.yaml (reopen with phonopy.load), band.yaml, total_dos.dat, projected_dos.dat,
+    thermal_properties.yaml, BORN (with NAC), plots, phonon.log and summary.json to OUTDIR.
+    """
+    from mattersim.io import read_structures
+
+    supercell_value = _parse_supercell(supercell)
+    mesh_value = _parse_mesh(mesh)
+    primitive_value = _parse_primitive_axis(primitive_axis)
+    if born is not None and not born.is_file():
+        raise InputError(f"BORN file '{born}' does not exist; pass the path of a phonopy BORN file to --born.")
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"Output directory '{outdir}' exists and is not a directory; choose another -o.")
+    structures = read_structures([str(file)])
+    if len(structures) != 1:
+        raise InputError(f"'{file}' holds {len(structures)} structures; 'mattersim phonon' takes a file with one crystal.")
+    label, atoms = structures[0]
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements(structures, _max_z(calc))
+
+    from workflows.phonon import run_phonon  # lazily: the core never imports workflows at module level
+
+    result = run_phonon(
+        atoms, calc, relax=relax, fmax=fmax, pressure=pressure, relax_steps=relax_steps, primitive=primitive_value,
+        supercell=supercell_value, min_length=min_length, displacement=displacement, mesh=mesh_value, tmax=tmax,
+        tstep=tstep, nac=nac or born is not None, born_file=None if born is None else str(born),
+        nac_method=nac_method.value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
+    )
+    from rich.markup import escape
+
+    s = result.summary
+    freq = s["frequencies"]
+    imag = s["imaginary_modes"]
+    th = s["thermal_300K"]
+    st = s["structure"]
+    table = _table(escape(f"Phonons of {st['formula']} ({st['spacegroup']}, {s['model'].get('name', 'model')})"))
+    table.add_column("quantity", no_wrap=True)
+    table.add_column("value", no_wrap=True)
+    smat = st["supercell_matrix"]
+    diagonal = all(smat[i][j] == 0 for i in range(3) for j in range(3) if i != j)
+    shape = "x".join(str(smat[i][i]) for i in range(3)) if diagonal else str(smat)
+    table.add_row("supercell", escape(f"{shape} ({st['n_atoms_supercell']} atoms), {s['forces']['n_supercells']} displaced supercells"))
+    table.add_row("ω_max", f"{freq['omega_max_THz']:.4f} THz")
+    table.add_row("lowest frequency", f"{freq['lowest_THz']:.4f} THz")
+    if imag["count"]:
+        worst = imag["most_negative_at"]
+        q = " ".join(f"{x:.3f}" for x in worst["q"])
+        where = worst.get("segment") or worst["where"]
+        table.add_row("imaginary modes", f"[red]{imag['count']}[/red], " + escape(f"most negative {imag['most_negative_THz']:.4f} THz at q = ({q}) ({where})"))
+    else:
+        table.add_row("imaginary modes", f"[green]none[/green] (below {imag['threshold_THz']} THz)")
+    lo_to = (s.get("nac") or {}).get("gamma_lo_to")
+    if lo_to:
+        for entry in lo_to.get("directions", []):
+            d = "".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x in entry["direction"])
+            lo = ", ".join(f"{x:.3f}" for x in entry.get("lo_frequencies", [])) or "-"
+            others = sorted(entry.get("to_frequencies", []), key=abs)[3:]  # drop the 3 acoustic modes
+            to = ", ".join(f"{x:.3f}" for x in sorted(set(round(v, 3) for v in others))) or "-"
+            table.add_row(escape(f"Γ [{d}] LO / TO"), f"{lo} / {to} THz")
+    table.add_row("F (300 K)", f"{th['free_energy_kJ_per_mol']:.4f} kJ/mol")
+    table.add_row("S (300 K)", f"{th['entropy_J_per_K_per_mol']:.4f} J/K/mol")
+    table.add_row("Cv (300 K)", f"{th['heat_capacity_J_per_K_per_mol']:.4f} J/K/mol")
+    table.add_row("", f"per mole of primitive cells ({st['n_atoms_primitive']} atoms)")
+    table.add_row("output", escape(str(outdir)))
+    console = _stdout_console()
+    _print_table(console, table)
 
 
 def main() -> None:

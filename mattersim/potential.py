@@ -4,7 +4,8 @@ Forces are ``-dE/dr`` and the stress is ``(1/V) dE/d(strain)`` (eV/Å^3, ASE sig
 tensile, pressure = -trace/3), both by automatic differentiation of the same energy, so they are exactly
 conservative. Many structures are merged into one graph per forward pass; the batch size is bounded by a
 maximum number of atoms and of edges (memory grows with edges), and a structure larger than the bounds is
-evaluated alone.
+evaluated alone. Defaults: 4096 atoms and 32768 edges per batch on the CPU (about 1 GB of autograd
+memory with the 1M model), 400000 edges on a GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Potential(torch.nn.Module):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         max_atoms_per_batch: int = 4096,
-        max_edges_per_batch: int = 160_000,
+        max_edges_per_batch: int | None = None,
         identity: dict | None = None,
     ):
         super().__init__()
@@ -62,6 +63,10 @@ class Potential(torch.nn.Module):
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.requires_grad_(False)  # inference: autograd only through positions and strain
         self.max_atoms_per_batch = int(max_atoms_per_batch)
+        if max_edges_per_batch is None:
+            # CPU: past ~30k edges a batch gains nothing (the per-call overhead is already amortised) and a
+            # first call that large pays heavily for fresh memory; GPUs want large batches
+            max_edges_per_batch = 32_768 if self.device.type == "cpu" else 400_000
         self.max_edges_per_batch = int(max_edges_per_batch)
         self.identity = dict(identity or {"name": type(model).__name__, "version": None, "source": None, "sha256": None})
 

@@ -1,0 +1,1074 @@
+"""Harmonic phonons with phonopy's finite-displacement method, forces from any ASE calculator.
+
+One entry point, :func:`run_phonon`::
+
+    from workflows.phonon import run_phonon
+    result = run_phonon(atoms, calc, output_dir="phonon-Si")
+    result.summary["frequencies"]["omega_max_THz"]
+
+Steps (each one logged to ``phonon.log``):
+
+1. optional relaxation of positions and cell (:func:`mattersim.relax.relax`, ``mode="full"``, at
+   ``pressure`` GPa, ``fmax`` eV/Å);
+2. phonopy setup: the primitive cell is phonopy's ``primitive_matrix="auto"`` (or the given 3x3 axes, as
+   in phonopy's ``PRIMITIVE_AXES``); the supercell is the given one or, when ``supercell`` is None, the
+   smallest *diagonal* supercell ``n1 x n2 x n3`` of the unit cell whose three perpendicular widths
+   (distance between opposite faces, ``V / |a_j x a_k|``) are all at least ``min_length`` Å, i.e.
+   ``n_i = ceil(min_length / w_i)``; symmetry-reduced displacements of ``displacement`` Å
+   (``Phonopy.generate_displacements``, phonopy's defaults for plus/minus and diagonal displacements);
+3. forces of the perfect supercell and of all displaced supercells through
+   :func:`mattersim.calculator.evaluate_batch` (one batched model call per chunk for MatterSim
+   potentials), saved after every chunk to ``forces.npz`` so that an interrupted run resumes; nothing is
+   subtracted from the forces (the residual forces of the perfect supercell and the force drift are
+   reported in the summary);
+4. force constants with phonopy (``produce_force_constants``, compact form as in phonopy's default),
+   then phonopy's traditional translational-invariance symmetrisation
+   (``symmetrize_force_constants()``, level 1), which enforces the acoustic sum rule;
+5. optional non-analytical term correction (``nac=True``): Born charges and dielectric tensor from
+   ``born_file``, ``predictor`` or the calculator (:func:`workflows.nac.resolve_born`), symmetrised
+   with the crystal's site symmetry, Gonze-Lee (default) or Wang method;
+6. band structure along the seekpath path, DOS and projected DOS on a Γ-centred mesh, thermal
+   properties, group velocities, imaginary-mode detection, plots and ``summary.json``.
+
+Units: frequencies THz (1 THz = 33.356 cm^-1 = 4.1357 meV), lengths Å, forces eV/Å, force constants
+eV/Å^2, temperature K, free energy kJ/mol, entropy and heat capacity J/K/mol (phonopy's units: per mole
+of *primitive cells*, not per atom or per formula unit), group velocities m/s, pressure GPa, times s.
+
+Imaginary modes (shown by phonopy as negative frequencies) below :data:`IMAGINARY_THRESHOLD_THZ`
+(-0.01 THz) on the mesh or the band path are always reported: in ``summary.json`` (q-point, band,
+frequency), in ``phonon.log`` and through ``logging.warning`` (logger ``mattersim.phonon``). Only the
+three acoustic modes exactly at Γ are excluded, and only when ``|f| <`` :data:`GAMMA_ACOUSTIC_TOL_THZ`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from mattersim.calculator import evaluate_batch, model_info
+from mattersim.errors import InputError
+
+__all__ = [
+    "GAMMA_ACOUSTIC_TOL_THZ",
+    "IMAGINARY_THRESHOLD_THZ",
+    "PhononResult",
+    "auto_supercell",
+    "band_path",
+    "find_imaginary_modes",
+    "run_phonon",
+]
+
+logger = logging.getLogger("mattersim.phonon")
+
+#: A mode counts as imaginary when its frequency (THz, phonopy's sign convention) is below this.
+IMAGINARY_THRESHOLD_THZ = -0.01
+#: At q = Γ the three modes of smallest |f| are the acoustic ones and are ignored if |f| is below this (THz).
+GAMMA_ACOUSTIC_TOL_THZ = 0.05
+#: 1 THz * Å (phonopy's group-velocity unit) in m/s.
+THZ_ANGSTROM_TO_M_PER_S = 100.0
+#: Version of the forces.npz layout.
+_FORCES_FORMAT = 1
+_FORCES_FILE = "forces.npz"
+
+UNITS = {
+    "frequency": "THz",
+    "length": "Å",
+    "force": "eV/Å",
+    "force_constants": "eV/Å^2",
+    "temperature": "K",
+    "free_energy": "kJ/mol (per mole of primitive cells)",
+    "entropy": "J/K/mol (per mole of primitive cells)",
+    "heat_capacity": "J/K/mol (per mole of primitive cells)",
+    "group_velocity": "m/s",
+    "pressure": "GPa",
+    "time": "s",
+    "q_points": "reduced coordinates of the primitive cell's reciprocal lattice",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhononResult:
+    """A finished phonon calculation.
+
+    ``phonopy`` is the :class:`phonopy.Phonopy` object (force constants, NAC parameters, last mesh);
+    ``summary`` the content of ``summary.json``; ``output_dir`` where the files are (None if not saved).
+    """
+
+    phonopy: Any
+    summary: dict
+    output_dir: Path | None = None
+
+    def frequencies_at(self, q: Sequence[float]) -> np.ndarray:
+        """Frequencies (THz, ascending) at reduced q of the primitive reciprocal lattice."""
+        self.phonopy.run_qpoints(np.asarray(q, dtype=float).reshape(1, 3))
+        return np.asarray(self.phonopy.qpoints.frequencies[0], dtype=float)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``phonopy.yaml`` (with force constants and NAC parameters) and ``summary.json`` to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _save_phonopy_yaml(self.phonopy, directory / "phonopy.yaml")
+        _write_json(directory / "summary.json", self.summary)
+        self.output_dir = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "PhononResult":
+        """Reopen a saved result (``phonopy.yaml`` + ``summary.json``); frequencies are reproduced exactly."""
+        import phonopy
+
+        directory = Path(directory)
+        yaml_path = directory / "phonopy.yaml"
+        summary_path = directory / "summary.json"
+        for path in (yaml_path, summary_path):
+            if not path.is_file():
+                raise InputError(f"'{path}' does not exist; pass the output directory of a finished run_phonon/'mattersim phonon'.")
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"'{summary_path}' is not readable JSON ({exc}); rerun the phonon calculation.") from None
+        is_nac = bool((summary.get("nac") or {}).get("enabled"))
+        # is_nac=False when the run had no NAC, so that phonopy does not pick up a stray ./BORN
+        ph = phonopy.load(yaml_path, is_nac=is_nac, produce_fc=True, log_level=0)
+        if ph.force_constants is None:
+            raise InputError(f"'{yaml_path}' has neither force constants nor forces; rerun the phonon calculation.")
+        return cls(phonopy=ph, summary=summary, output_dir=directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _to_builtin(value: Any) -> Any:
+    from mattersim.io import _to_builtin as core_to_builtin
+
+    return core_to_builtin(value)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from mattersim.io import _atomic_write_text
+
+    _atomic_write_text(path, json.dumps(_to_builtin(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def _save_phonopy_yaml(ph, path: Path) -> None:
+    """phonopy.yaml with structure, supercell/primitive matrices, displacements+forces, force constants, NAC."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".phonopy.", suffix=".yaml", dir=path.parent)
+    os.close(fd)
+    try:
+        ph.save(tmp, settings={"force_constants": True, "force_sets": True, "displacements": True,
+                               "born_effective_charge": True, "dielectric_constant": True})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _RunLog:
+    """Writes timestamped lines to ``phonon.log`` (when there is an output folder) and to ``logger``."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8") if path is not None else None
+        if self._fh is not None:
+            self._fh.write("\n")
+
+    def _write(self, level: str, message: str) -> None:
+        if self._fh is not None:
+            self._fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level:7s} {message}\n")
+            self._fh.flush()
+
+    def info(self, message: str) -> None:
+        self._write("INFO", message)
+        logger.info(message)
+
+    def warning(self, message: str) -> None:
+        self._write("WARNING", message)
+        logger.warning(message)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _as_matrix(value, name: str, *, integer: bool) -> np.ndarray:
+    """1 number -> n*I; 3 numbers -> diagonal matrix; 9 numbers or 3x3 -> matrix; else InputError."""
+    try:
+        arr = np.array(value, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be 3 numbers or a 3x3 matrix, not {value!r}.") from None
+    if arr.shape in ((), (1,)):
+        arr = np.eye(3) * float(arr.reshape(-1)[0])
+    elif arr.shape == (3,):
+        arr = np.diag(arr)
+    elif arr.shape == (9,):
+        arr = arr.reshape(3, 3)
+    if arr.shape != (3, 3) or not np.all(np.isfinite(arr)):
+        raise InputError(f"{name} must be 3 numbers or a 3x3 matrix, not {value!r}.")
+    if integer:
+        if not np.allclose(arr, np.rint(arr), atol=1e-8):
+            raise InputError(f"{name} must contain integers, not {value!r}.")
+        arr = np.rint(arr).astype(int)
+    if abs(np.linalg.det(arr)) < 1e-8:
+        raise InputError(f"{name} {np.asarray(value).tolist()} is singular (determinant 0); give three independent rows.")
+    if integer and np.linalg.det(arr) < 0:
+        raise InputError(f"{name} {np.asarray(value).tolist()} has a negative determinant; use a right-handed supercell matrix.")
+    return arr
+
+
+def parse_numbers(text: str, name: str) -> list[float]:
+    """'2 2 2', '0 1/2 1/2 ...' or '2,2,2' -> numbers (fractions allowed); InputError otherwise."""
+    parts = str(text).replace(",", " ").split()
+    try:
+        return [float(Fraction(p)) for p in parts]
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"{name} {text!r} is not a list of numbers; write e.g. \"2 2 2\".") from None
+
+
+def perpendicular_widths(cell) -> np.ndarray:
+    """Distances (Å) between opposite faces of a cell: ``V / |a_j x a_k|`` for i = 1, 2, 3."""
+    cell = np.asarray(cell, dtype=float)
+    volume = abs(np.linalg.det(cell))
+    return np.array([volume / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)])
+
+
+def auto_supercell(cell, min_length: float = 15.0) -> np.ndarray:
+    """The smallest diagonal supercell whose perpendicular widths are all >= ``min_length`` Å.
+
+    ``n_i = ceil(min_length / w_i)`` with ``w_i`` the perpendicular width of the unit cell along lattice
+    vector i; returned as a 3x3 integer matrix (phonopy's ``supercell_matrix``).
+    """
+    if not (min_length > 0 and math.isfinite(min_length)):
+        raise InputError(f"min_length must be a positive length in Å, not {min_length!r}.")
+    widths = perpendicular_widths(cell)
+    n = [max(1, int(math.ceil(min_length / w - 1e-9))) for w in widths]
+    return np.diag(n).astype(int)
+
+
+def _phonopy_atoms(atoms: Atoms):
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    kwargs = {}
+    if atoms.has("masses"):  # masses set explicitly (isotopes): honour them; else phonopy's table
+        kwargs["masses"] = atoms.get_masses()
+    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell[:], dtype=float),
+                        scaled_positions=atoms.get_scaled_positions(wrap=False), **kwargs)
+
+
+def _ase_atoms(cell) -> Atoms:
+    return Atoms(symbols=list(cell.symbols), cell=np.array(cell.cell, dtype=float),
+                 scaled_positions=np.array(cell.scaled_positions, dtype=float), masses=np.array(cell.masses), pbc=True)
+
+
+def _round_list(arr) -> list:
+    return np.round(np.asarray(arr, dtype=float), 10).tolist()
+
+
+def _structure_record(atoms: Atoms) -> dict:
+    return {
+        "numbers": [int(z) for z in atoms.numbers],
+        "cell": _round_list(atoms.cell[:]),
+        "positions": _round_list(atoms.positions),
+        "masses": _round_list(atoms.get_masses()) if atoms.has("masses") else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# band path (seekpath, transformed into the phonopy primitive cell's reciprocal basis)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _label(name: str) -> str:
+    for greek in ("GAMMA", "SIGMA", "DELTA", "LAMBDA"):
+        if greek in name:
+            return "$" + name.replace(greek, "\\" + greek.capitalize()) + "$"
+    return "$\\mathrm{%s}$" % name
+
+
+def _plain(name: str) -> str:
+    return name.replace("GAMMA", "Γ").replace("SIGMA", "Σ").replace("DELTA", "Δ").replace("LAMBDA", "Λ")
+
+
+def band_path(primitive, npoints: int = 51) -> dict:
+    """High-symmetry path of seekpath (Hinuma et al. 2017) for ``primitive`` (a PhonopyAtoms).
+
+    seekpath gives the special points in the reciprocal basis of *its* standardised (and possibly
+    rotated) primitive cell; they are transformed here to the reciprocal basis of ``primitive``, so the
+    path is right for any setting or orientation of the input cell (phonopy's own
+    ``get_band_qpoints_by_seekpath`` assumes that the two bases coincide). Segments are sampled at
+    roughly constant q spacing, the longest with ``npoints`` points.
+
+    Returns ``{"qpoints": [(n_i, 3) arrays], "labels": [...], "connections": [...], "segments": [(start, end)]}``.
+    """
+    import seekpath
+
+    lattice = np.array(primitive.cell, dtype=float)
+    res = seekpath.get_path((lattice, np.array(primitive.scaled_positions), np.array(primitive.numbers)))
+    lat_s = np.array(res["primitive_lattice"], dtype=float)  # rows
+    rot = np.array(res.get("rotation_matrix", np.eye(3)), dtype=float)
+    # columns: A_s = R A_p M  ->  M = A_p^-1 R^T A_s ; q_p = (M^-1)^T q_s
+    m = np.linalg.inv(lattice.T) @ rot.T @ lat_s.T
+    if np.allclose(m, np.rint(m), atol=1e-3):
+        m = np.rint(m)
+    transform = np.linalg.inv(m).T
+    point_coords = {k: transform @ np.asarray(v, dtype=float) for k, v in res["point_coords"].items()}
+    rec = np.linalg.inv(lattice)  # columns: reciprocal vectors (without 2π)
+    pairs = list(res["path"])
+    lengths = [np.linalg.norm(rec @ (point_coords[b] - point_coords[a])) for a, b in pairs]
+    longest = max(lengths) if lengths else 1.0
+    qpoints = []
+    for (a, b), length in zip(pairs, lengths):
+        n = max(2, int(np.rint(length / longest * npoints)))
+        qa, qb = point_coords[a], point_coords[b]
+        qpoints.append(np.array([qa + (qb - qa) * i / (n - 1) for i in range(n)]))
+    labels: list[str] = []
+    connections: list[bool] = []
+    for i, (a, b) in enumerate(pairs[:-1]):
+        if b != pairs[i + 1][0]:
+            connections.append(False)
+            labels += [_label(a), _label(b)]
+        else:
+            connections.append(True)
+            labels.append(_label(a))
+    connections.append(False)
+    labels += [_label(pairs[-1][0]), _label(pairs[-1][1])]
+    return {
+        "qpoints": qpoints,
+        "labels": labels,
+        "connections": connections,
+        "segments": [(_plain(a), _plain(b)) for a, b in pairs],
+        "bravais_lattice": res.get("bravais_lattice_extended"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# imaginary modes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def find_imaginary_modes(
+    qpoints,
+    frequencies,
+    *,
+    where: str,
+    threshold: float = IMAGINARY_THRESHOLD_THZ,
+    gamma_tol: float = GAMMA_ACOUSTIC_TOL_THZ,
+    segments: Sequence[str] | None = None,
+) -> list[dict]:
+    """Modes with frequency < ``threshold`` (THz), except the 3 acoustic modes at Γ with ``|f| < gamma_tol``.
+
+    ``qpoints`` (n, 3) reduced, ``frequencies`` (n, n_bands); ``segments`` optionally names the band-path
+    segment of every q-point. Returns dicts ``{"where", "q", "band", "frequency_THz"[, "segment"]}``.
+    """
+    qpoints = np.asarray(qpoints, dtype=float).reshape(-1, 3)
+    freqs = np.asarray(frequencies, dtype=float).reshape(len(qpoints), -1)
+    found = []
+    for iq, (q, f) in enumerate(zip(qpoints, freqs)):
+        skip: set[int] = set()
+        if np.allclose(q - np.rint(q), 0.0, atol=1e-8):
+            acoustic = np.argsort(np.abs(f))[:3]
+            skip = {int(b) for b in acoustic if abs(f[b]) < gamma_tol}
+        for band in np.nonzero(f < threshold)[0]:
+            if int(band) in skip:
+                continue
+            entry = {"where": where, "q": [float(x) for x in q], "band": int(band), "frequency_THz": float(f[band])}
+            if segments is not None:
+                entry["segment"] = segments[iq]
+            found.append(entry)
+    return found
+
+
+def _imaginary_report(mesh_modes: list[dict], band_modes: list[dict]) -> dict:
+    modes = sorted(mesh_modes + band_modes, key=lambda m: m["frequency_THz"])
+    report = {
+        "threshold_THz": IMAGINARY_THRESHOLD_THZ,
+        "gamma_acoustic_tolerance_THz": GAMMA_ACOUSTIC_TOL_THZ,
+        "count": len(modes),
+        "count_mesh": len(mesh_modes),
+        "count_band": len(band_modes),
+        "q_points_mesh": len({tuple(m["q"]) for m in mesh_modes}),
+        "q_points_band": len({tuple(m["q"]) for m in band_modes}),
+        "most_negative_THz": modes[0]["frequency_THz"] if modes else None,
+        "most_negative_at": modes[0] if modes else None,
+        "modes": modes[:100],
+        "note": "phonopy convention: imaginary frequencies are shown as negative numbers; the list holds the 100 most negative",
+    }
+    return report
+
+
+def _describe_mode(mode: dict) -> str:
+    q = ", ".join(f"{x:.4f}" for x in mode["q"])
+    where = f"band path {mode['segment']}" if mode.get("segment") else mode["where"]
+    return f"{mode['frequency_THz']:.4f} THz at q = ({q}) ({where}, band {mode['band']})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resumable forces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _run_key(atoms: Atoms, settings: dict, info: dict) -> str:
+    model = {k: info.get(k) for k in ("name", "version", "kind", "sha256", "dtype", "model_args")}
+    if model.get("sha256") is None:  # ASE calculators: their class and parameters
+        model["source"] = info.get("source")
+    doc = {"format": _FORCES_FORMAT, "structure": _structure_record(atoms), "settings": settings, "model": model}
+    return hashlib.sha256(json.dumps(_to_builtin(doc), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _displacement_table(dataset: dict) -> tuple[np.ndarray, np.ndarray]:
+    first = dataset["first_atoms"]
+    return (np.array([int(d["number"]) for d in first], dtype=int),
+            np.array([d["displacement"] for d in first], dtype=float).reshape(-1, 3))
+
+
+class _ForceStore:
+    """``forces.npz``: forces (eV/Å) of the perfect (index 0) and displaced supercells, written atomically."""
+
+    def __init__(self, path: Path | None, key: str):
+        self.path = path
+        self.key = key
+        self.data: dict[str, np.ndarray] = {}
+
+    def load(self, log: _RunLog) -> bool:
+        """Read the file when it belongs to this run; True if it did."""
+        if self.path is None or not self.path.exists():
+            return False
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except Exception as exc:  # unreadable (partial write by another program, ...)
+            log.warning(f"{self.path} is unreadable ({type(exc).__name__}: {exc}); starting afresh.")
+            return False
+        if str(data.get("key", "")) != self.key:
+            backup = self.path.with_name(self.path.name + ".old")
+            os.replace(self.path, backup)
+            log.warning(f"{self.path} was computed for a different structure, settings or model; moved it to "
+                        f"{backup.name} and starting afresh.")
+            return False
+        data.pop("key", None)
+        self.data = data
+        return True
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".forces.", suffix=".npz", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, key=np.array(self.key), **self.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def _progress(enabled: bool, total: int, description: str):
+    """A rich progress bar on stderr (a no-op object when disabled)."""
+
+    class _Null:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def advance(self, n: int) -> None:
+            pass
+
+    if not enabled or total == 0:
+        return _Null()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    class _Bar:
+        def __enter__(self):
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+            self.progress.__enter__()
+            self.task = self.progress.add_task(description, total=total)
+            return self
+
+        def __exit__(self, *exc):
+            return self.progress.__exit__(*exc)
+
+        def advance(self, n: int) -> None:
+            self.progress.advance(self.task, n)
+
+    return _Bar()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the workflow
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_method, symprec) -> None:
+    if not isinstance(atoms, Atoms):
+        raise InputError(f"atoms must be an ase.Atoms object, not {type(atoms).__name__}.")
+    if len(atoms) == 0:
+        raise InputError("The structure has no atoms; pass a crystal structure.")
+    if not np.asarray(atoms.pbc).all() or abs(atoms.cell.volume) < 1e-6:
+        raise InputError("Phonons need a 3D-periodic crystal (pbc=True and a cell with volume); set the cell of the structure.")
+    if not (displacement > 0 and displacement < 0.5):
+        raise InputError(f"displacement must be a small positive length in Å (phonopy's default 0.01), not {displacement!r}.")
+    if not (fmax > 0):
+        raise InputError(f"fmax must be positive (eV/Å), not {fmax!r}.")
+    if int(relax_steps) < 0:
+        raise InputError(f"relax_steps must be >= 0, not {relax_steps!r}.")
+    if not (tmax >= 0 and tstep > 0):
+        raise InputError(f"tmax must be >= 0 K and tstep > 0 K, not tmax={tmax!r}, tstep={tstep!r}.")
+    if nac_method not in ("gonze", "wang"):
+        raise InputError(f"nac_method must be 'gonze' or 'wang', not {nac_method!r}.")
+    if not (symprec > 0):
+        raise InputError(f"symprec must be a positive tolerance in Å, not {symprec!r}.")
+
+
+def _mesh_setting(mesh):
+    if isinstance(mesh, (int, float, np.integer, np.floating)) and not isinstance(mesh, bool):
+        if not mesh > 0:
+            raise InputError(f"mesh must be 3 positive integers or a positive length in Å (a density), not {mesh!r}.")
+        return float(mesh)
+    try:
+        arr = np.array(mesh, dtype=float).ravel()
+    except (TypeError, ValueError):
+        arr = np.array([])
+    if arr.size == 1 and arr[0] > 0:
+        return float(arr[0])
+    if arr.size != 3 or not np.all(arr >= 1) or not np.allclose(arr, np.rint(arr)):
+        raise InputError(f"mesh must be 3 positive integers (e.g. 20 20 20) or one length in Å (phonopy's mesh density), not {mesh!r}.")
+    return [int(x) for x in np.rint(arr)]
+
+
+def _primitive_setting(primitive):
+    if primitive is None:
+        return None
+    if isinstance(primitive, str):
+        p = primitive.strip()
+        if p.lower() == "auto":
+            return "auto"
+        if p.upper() in ("P", "F", "I", "A", "C", "R"):
+            return p.upper()
+        return _as_matrix(parse_numbers(p, "primitive"), "primitive", integer=False)
+    return _as_matrix(primitive, "primitive", integer=False)
+
+
+def run_phonon(
+    atoms: Atoms,
+    calculator,
+    *,
+    relax: bool = True,
+    fmax: float = 0.01,
+    pressure: float = 0.0,
+    relax_steps: int = 500,
+    primitive: Any = "auto",
+    supercell: Any = None,
+    min_length: float = 15.0,
+    displacement: float = 0.01,
+    mesh: Any = (20, 20, 20),
+    tmax: float = 1000.0,
+    tstep: float = 10.0,
+    nac: bool = False,
+    born_file: str | os.PathLike | None = None,
+    predictor: Any = None,
+    nac_method: str = "gonze",
+    symprec: float = 1e-5,
+    output_dir: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> PhononResult:
+    """Harmonic phonons of ``atoms`` with forces from ``calculator`` (any ASE calculator).
+
+    Parameters
+    ----------
+    atoms:
+        The crystal (unit cell); left untouched.
+    calculator:
+        Any ASE calculator; MatterSim calculators (with ``calculate_batch``) are evaluated in batches.
+    relax, fmax, pressure, relax_steps:
+        Relax positions and cell first (``mattersim.relax.relax``, mode ``full``) to ``fmax`` eV/Å at
+        ``pressure`` GPa, at most ``relax_steps`` steps. ``relax=False`` uses the structure as given.
+    primitive:
+        ``"auto"`` (phonopy finds the primitive cell), a centring letter (``"F"``, ...), a 3x3 matrix
+        or 9 numbers (phonopy's PRIMITIVE_AXES, relative to the unit cell), or None (the unit cell).
+    supercell, min_length:
+        The supercell matrix (3 integers or 3x3, relative to the unit cell). When None, the smallest
+        diagonal supercell whose perpendicular widths are all >= ``min_length`` Å (default 15 Å).
+    displacement:
+        Finite displacement in Å (phonopy default 0.01).
+    mesh:
+        q-point mesh (3 integers, Γ-centred) for DOS, projected DOS, thermal properties and group
+        velocities, or one number: phonopy's length-based mesh density in Å.
+    tmax, tstep:
+        Thermal properties from 0 to ``tmax`` K in steps of ``tstep`` K.
+    nac, born_file, predictor, nac_method:
+        Non-analytical term correction (polar crystals): Born charges and ε∞ from a phonopy BORN file,
+        a predictor, or the calculator (:func:`workflows.nac.resolve_born`); ``"gonze"`` or ``"wang"``.
+        Giving ``born_file`` or ``predictor`` switches NAC on.
+    symprec:
+        Symmetry tolerance in Å (phonopy/spglib).
+    output_dir:
+        Where to write the outputs and the resumable ``forces.npz``; None writes nothing.
+    batch_size:
+        Supercells per force-evaluation chunk; default: as many as fit in 1024 atoms for batched
+        MatterSim calculators, 1 for other calculators. Also the checkpoint interval.
+    progress:
+        Show a rich progress bar on stderr over the force evaluations.
+    """
+    import phonopy
+    from phonopy import Phonopy
+
+    _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_method, symprec)
+    if born_file is not None or predictor is not None:
+        nac = True
+    mesh_setting = _mesh_setting(mesh)
+    primitive_setting = _primitive_setting(primitive)
+    supercell_setting = None if supercell is None else _as_matrix(supercell, "supercell", integer=True)
+    if supercell_setting is None and not (min_length > 0 and math.isfinite(min_length)):
+        raise InputError(f"min_length must be a positive length in Å, not {min_length!r}.")
+    if batch_size is not None and int(batch_size) < 1:
+        raise InputError(f"batch_size must be a positive integer, not {batch_size!r}.")
+    if born_file is not None and not Path(born_file).is_file():
+        raise InputError(f"BORN file '{born_file}' does not exist; pass the path of a phonopy BORN file.")
+
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"Output directory '{out}' exists and is not a directory; choose another output_dir.")
+        out.mkdir(parents=True, exist_ok=True)
+    log = _RunLog(out / "phonon.log" if out is not None else None)
+    t_start = time.perf_counter()
+    timings = {"relaxation": 0.0, "force_evaluation": 0.0, "post_processing": 0.0}
+    info = model_info(calculator)
+    try:
+        input_atoms = atoms.copy()
+        input_atoms.calc = None
+        settings = {
+            "relax": bool(relax), "fmax_eV_per_A": float(fmax), "pressure_GPa": float(pressure),
+            "relax_steps": int(relax_steps), "relax_mode": "full",
+            "primitive": primitive_setting if isinstance(primitive_setting, (str, type(None))) else primitive_setting.tolist(),
+            "supercell": None if supercell_setting is None else supercell_setting.tolist(),
+            "min_length_A": float(min_length), "displacement_A": float(displacement), "symprec": float(symprec),
+        }
+        key = _run_key(input_atoms, settings, info)
+        store = _ForceStore(out / _FORCES_FILE if out is not None else None, key)
+        resumed = store.load(log)
+        log.info(f"run_phonon: {input_atoms.get_chemical_formula()} ({len(input_atoms)} atoms), model "
+                 f"{info.get('name')} (sha256 {info.get('sha256')}), output {out}")
+        if resumed:
+            log.info(f"resuming from {store.path}: {int(store.data['done'].sum()) if 'done' in store.data else 0} supercells already evaluated")
+
+        # 1. relaxation -------------------------------------------------------------------------------
+        relax_summary = None
+        if relax and resumed and "relaxed_positions" in store.data:
+            unit = Atoms(numbers=store.data["relaxed_numbers"], cell=store.data["relaxed_cell"],
+                         positions=store.data["relaxed_positions"], pbc=True)
+            if input_atoms.has("masses"):
+                unit.set_masses(input_atoms.get_masses())
+            relax_summary = json.loads(str(store.data["relax_summary"]))
+            relax_summary["reused_from"] = _FORCES_FILE
+            log.info("relaxation: reusing the relaxed structure stored in forces.npz")
+        elif relax:
+            from mattersim.relax import relax as relax_structure
+
+            t0 = time.perf_counter()
+            log.info(f"relaxation: positions and cell, P = {pressure} GPa, fmax = {fmax} eV/Å, at most {relax_steps} steps")
+            res = relax_structure(input_atoms, calculator, pressure=pressure, fmax=fmax, steps=relax_steps, mode="full")
+            timings["relaxation"] = time.perf_counter() - t0
+            unit = res.atoms.copy()
+            unit.calc = None
+            relax_summary = res.to_dict()
+            relax_summary.pop("label", None)
+            msg = (f"relaxation: {'converged' if res.converged else 'NOT converged'} after {res.steps} steps, "
+                   f"E = {res.energy:.6f} eV, V {res.initial_volume:.3f} -> {res.volume:.3f} Å^3, fmax {res.fmax:.4g} eV/Å")
+            (log.info if res.converged else log.warning)(msg)
+            if not res.converged:
+                log.warning(f"the relaxation did not reach fmax = {fmax} eV/Å within {relax_steps} steps; "
+                            "phonons of a structure that is not at equilibrium can show spurious imaginary modes.")
+            store.data.update({
+                "relaxed_numbers": unit.numbers, "relaxed_cell": np.array(unit.cell[:]),
+                "relaxed_positions": unit.positions, "relax_summary": np.array(json.dumps(_to_builtin(relax_summary))),
+            })
+            store.save()
+        else:
+            unit = input_atoms
+            log.info("relaxation: skipped (relax=False); the structure is used as given")
+
+        # 2. phonopy setup ----------------------------------------------------------------------------
+        smat = supercell_setting if supercell_setting is not None else auto_supercell(unit.cell[:], min_length)
+        with warnings.catch_warnings():
+            # phonopy 4 warns that "auto" differs from phonopy 3's identity default; here "auto" is chosen on purpose
+            warnings.filterwarnings("ignore", message=".*primitive_matrix defaulted to 'auto'.*")
+            ph = Phonopy(_phonopy_atoms(unit), supercell_matrix=smat, primitive_matrix=primitive_setting,
+                         symprec=symprec, log_level=0)
+        ph.generate_displacements(distance=displacement)
+        primitive_atoms = _ase_atoms(ph.primitive)
+        sc_widths = perpendicular_widths(ph.supercell.cell)
+        n_sc = len(ph.supercell)
+        spacegroup = ph.symmetry.get_international_table()
+        log.info(f"phonopy: space group {spacegroup}, primitive cell {len(ph.primitive)} atoms, supercell "
+                 f"{np.asarray(smat).tolist()} ({n_sc} atoms, perpendicular widths {np.round(sc_widths, 2).tolist()} Å), "
+                 f"{len(ph.supercells_with_displacements)} displaced supercells of {displacement} Å")
+        if n_sc > 2000:
+            log.warning(f"the supercell has {n_sc} atoms; pass a smaller supercell or min_length if this is too slow.")
+
+        if out is not None:  # the structure the phonons belong to (relaxed, if relax=True), phonopy's file name
+            import ase.io
+
+            ase.io.write(out / "POSCAR-unitcell", unit, format="vasp", direct=True, sort=False)
+
+        # NAC parameters first: a missing source of Born charges should fail before the expensive part
+        nac_summary: dict[str, Any] = {"enabled": bool(nac)}
+        born_charges = None
+        if nac:
+            from workflows import nac as nac_module
+
+            born = nac_module.resolve_born(born_file=born_file, predictor=predictor, calculator=calculator,
+                                           primitive_atoms=primitive_atoms, symprec=symprec)
+            born_sym, sym_report = nac_module.symmetrize(born, primitive_atoms, symprec)
+            born_charges = born_sym
+            params = dict(born_sym.to_phonopy_nac_params(method=nac_method))
+            ph.nac_params = params
+            nac_summary.update({"method": nac_method, "source": born_sym.source, "symmetrization": sym_report,
+                                "born": np.asarray(born_sym.born).tolist(), "epsilon": np.asarray(born_sym.epsilon).tolist()})
+            log.info(f"NAC: {nac_method} method, Born charges and dielectric tensor from {born_sym.source}")
+
+        # 3. forces -----------------------------------------------------------------------------------
+        supercells = [_ase_atoms(ph.supercell)] + [_ase_atoms(s) for s in ph.supercells_with_displacements]
+        disp_atoms, disp_vectors = _displacement_table(ph.dataset)
+        n_struct = len(supercells)
+        if resumed and "done" in store.data:
+            same = (store.data["forces"].shape == (n_struct, n_sc, 3)
+                    and np.array_equal(store.data["disp_atoms"], disp_atoms)
+                    and np.allclose(store.data["disp_vectors"], disp_vectors, atol=1e-10))
+            if not same:
+                log.warning("the displacements in forces.npz differ from the ones phonopy generates now (another "
+                            "phonopy version?); evaluating all supercells again.")
+                for k in ("forces", "energies", "done"):
+                    store.data.pop(k, None)
+        if "done" not in store.data:
+            store.data.update({"forces": np.zeros((n_struct, n_sc, 3)), "energies": np.zeros(n_struct),
+                               "done": np.zeros(n_struct, dtype=bool), "disp_atoms": disp_atoms,
+                               "disp_vectors": disp_vectors})
+        done = store.data["done"]
+        todo = [i for i in range(n_struct) if not done[i]]
+        batched = hasattr(calculator, "calculate_batch")
+        chunk = int(batch_size) if batch_size is not None else (max(1, 1024 // n_sc) if batched else 1)
+        log.info(f"forces: {n_struct} supercells (perfect + {n_struct - 1} displaced), {n_struct - len(todo)} reused "
+                 f"from forces.npz, {len(todo)} to evaluate in chunks of {chunk}"
+                 f"{' (batched model calls)' if batched else ''}")
+        t0 = time.perf_counter()
+        with _progress(progress, len(todo), "supercell forces") as bar:
+            for start in range(0, len(todo), chunk):
+                idx = todo[start:start + chunk]
+                results = evaluate_batch(calculator, [supercells[i] for i in idx], ("energy", "forces"))
+                if len(results) != len(idx):
+                    raise RuntimeError(f"evaluate_batch returned {len(results)} results for {len(idx)} structures")
+                for i, r in zip(idx, results):
+                    f = np.asarray(r["forces"], dtype=float).reshape(n_sc, 3)
+                    if not np.all(np.isfinite(f)):
+                        raise InputError(f"The calculator returned non-finite forces for supercell {i}; check the structure and the model.")
+                    store.data["forces"][i] = f
+                    store.data["energies"][i] = float(r["energy"])
+                    done[i] = True
+                store.save()
+                bar.advance(len(idx))
+        timings["force_evaluation"] = time.perf_counter() - t0
+        forces = store.data["forces"]
+        residual = float(np.linalg.norm(forces[0], axis=1).max())
+        drift = float(np.abs(forces[1:].sum(axis=1)).max()) if n_struct > 1 else 0.0
+        log.info(f"forces: largest residual force in the perfect supercell {residual:.3e} eV/Å; largest force "
+                 f"drift (|sum of forces|) in a displaced supercell {drift:.3e} eV/Å; neither is subtracted")
+        if residual > max(10 * fmax, 0.05):
+            log.warning(f"the perfect supercell has residual forces up to {residual:.3g} eV/Å: the structure is not at "
+                        "equilibrium for this model (relax it, or use relax=True); phonons may be unreliable.")
+
+        # 4. force constants --------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        ph.forces = forces[1:]
+        ph.produce_force_constants(calculate_full_force_constants=False, show_drift=False)
+        ph.symmetrize_force_constants(show_drift=False)
+
+        # 5./6. post-processing -----------------------------------------------------------------------
+        summary = _post_process(ph, out, log, mesh_setting=mesh_setting, tmax=tmax, tstep=tstep, nac_summary=nac_summary,
+                                primitive_atoms=primitive_atoms, born_charges=born_charges)
+        timings["post_processing"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+
+        import mattersim
+
+        summary = {
+            "workflow": "phonon",
+            "mattersim_version": getattr(mattersim, "__version__", None),
+            "phonopy_version": phonopy.__version__,
+            "platform": platform.platform(),
+            "model": info,
+            "settings": {**settings, "mesh": mesh_setting, "mesh_gamma_centered": True,
+                         "thermal_exclude_gamma_acoustic": True, "tmax_K": float(tmax),
+                         "tstep_K": float(tstep), "nac": bool(nac), "nac_method": nac_method if nac else None,
+                         "born_file": None if born_file is None else str(born_file), "batch_size": chunk,
+                         "force_constants": "phonopy finite displacements, compact, symmetrize_force_constants(level=1)"},
+            "units": UNITS,
+            "structure": {
+                "formula": unit.get_chemical_formula(mode="hill", empirical=False),
+                "spacegroup": spacegroup,
+                "n_atoms_unitcell": len(unit),
+                "n_atoms_primitive": len(ph.primitive),
+                "n_atoms_supercell": n_sc,
+                "supercell_matrix": np.asarray(ph.supercell_matrix).tolist(),
+                "primitive_matrix": None if ph.primitive_matrix is None else np.asarray(ph.primitive_matrix).tolist(),
+                "supercell_perpendicular_widths_A": sc_widths.tolist(),
+                "unitcell": _structure_record(unit),
+            },
+            "relaxation": relax_summary,
+            "forces": {
+                "n_supercells": n_struct - 1,
+                "evaluated_now": len(todo),
+                "reused": n_struct - len(todo),
+                "residual_force_max_eV_per_A": residual,
+                "drift_max_eV_per_A": drift,
+                "correction": "none: forces are used as computed (no residual-force or drift subtraction); phonopy's "
+                              "translational symmetrisation of the force constants enforces the acoustic sum rule",
+            },
+            **summary,
+            "timings_s": timings,
+        }
+        result = PhononResult(phonopy=ph, summary=summary, output_dir=out)
+        if out is not None:
+            written = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+            summary["files"] = sorted(written | {"phonopy.yaml", "summary.json"})
+            _save_phonopy_yaml(ph, out / "phonopy.yaml")
+            _write_json(out / "summary.json", summary)
+            log.info(f"done in {timings['total']:.1f} s (relaxation {timings['relaxation']:.1f} s, forces "
+                     f"{timings['force_evaluation']:.1f} s, post-processing {timings['post_processing']:.1f} s)")
+        return result
+    finally:
+        log.close()
+
+
+def _post_process(ph, out: Path | None, log: _RunLog, *, mesh_setting, tmax, tstep, nac_summary, primitive_atoms,
+                  born_charges=None) -> dict:
+    """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots."""
+    # Γ and band structure
+    ph.run_qpoints([[0.0, 0.0, 0.0]])
+    gamma = np.asarray(ph.qpoints.frequencies[0], dtype=float)
+    path = band_path(ph.primitive)
+    ph.run_band_structure(path["qpoints"], path_connections=path["connections"], labels=path["labels"],
+                          with_group_velocities=False)
+    bs = ph.band_structure
+    band_q = np.concatenate([np.asarray(q) for q in bs.qpoints])
+    band_f = np.concatenate([np.asarray(f) for f in bs.frequencies])
+    seg_names = []
+    for (a, b), q in zip(path["segments"], bs.qpoints):
+        seg_names += [f"{a}-{b}"] * len(q)
+
+    # projected DOS: needs the full mesh with eigenvectors
+    pdos_note = None
+    if out is not None:
+        n_prim = len(ph.primitive)
+        if isinstance(mesh_setting, list):
+            n_q = int(np.prod(mesh_setting))
+        else:
+            from phonopy.structure.grid_points import length2mesh
+
+            n_q = int(np.prod(length2mesh(mesh_setting, ph.primitive.cell)))
+        memory = n_q * (3 * n_prim) ** 2 * 16
+        if memory < 2e9:
+            ph.run_mesh(mesh_setting, is_mesh_symmetry=False, with_eigenvectors=True, is_gamma_center=True)
+            ph.run_projected_dos()
+            ph.write_projected_dos(filename=out / "projected_dos.dat")
+        else:
+            pdos_note = f"skipped: eigenvectors on the full mesh would need {memory / 1e9:.1f} GB; use a smaller mesh"
+            log.warning(f"projected DOS {pdos_note}")
+
+    # symmetry-reduced mesh with group velocities: DOS, thermal properties
+    ph.run_mesh(mesh_setting, with_group_velocities=True, is_gamma_center=True)
+    mesh = ph.mesh
+    mesh_q = np.asarray(mesh.qpoints, dtype=float)
+    mesh_f = np.asarray(mesh.frequencies, dtype=float)
+    weights = np.asarray(mesh.weights, dtype=float)
+    gv = np.asarray(mesh.group_velocities, dtype=float)  # THz Å
+    speed = np.linalg.norm(gv, axis=2) * THZ_ANGSTROM_TO_M_PER_S
+    ok = np.isfinite(speed)
+    w = np.repeat(weights[:, None], speed.shape[1], axis=1)
+    gv_mean = float((speed * w)[ok].sum() / w[ok].sum())
+    acoustic = slice(0, 3)
+    sa, wa = speed[:, acoustic], w[:, acoustic]
+    oka = np.isfinite(sa)
+    gv_acoustic = float((sa * wa)[oka].sum() / wa[oka].sum())
+    ph.run_total_dos()
+
+    # the Γ-centred mesh contains the three acoustic modes at Γ (ν ≈ 0, whose ln ν term is an artefact)
+    ph.run_thermal_properties(temperatures=[300.0], exclude_gamma_acoustic=True)
+    tp300 = ph.thermal_properties
+    tp300_values = {k: float(np.ravel(getattr(tp300, k))[0]) for k in ("free_energy", "entropy", "heat_capacity")}
+    ph.run_thermal_properties(t_min=0, t_max=tmax, t_step=tstep, exclude_gamma_acoustic=True)
+
+    # frequencies and imaginary modes
+    omega_max = float(max(mesh_f.max(), band_f.max()))
+    mesh_modes = find_imaginary_modes(mesh_q, mesh_f, where="mesh")
+    band_modes = find_imaginary_modes(band_q, band_f, where="band", segments=seg_names)
+    imaginary = _imaginary_report(mesh_modes, band_modes)
+    lowest = _lowest_mode(mesh_q, mesh_f, band_q, band_f, seg_names)
+    if imaginary["count"]:
+        log.warning(f"{imaginary['count']} imaginary modes (below {IMAGINARY_THRESHOLD_THZ} THz) at "
+                    f"{imaginary['q_points_mesh']} mesh q-points and {imaginary['q_points_band']} band-path q-points; "
+                    f"most negative {_describe_mode(imaginary['most_negative_at'])}: the structure is dynamically "
+                    "unstable for this model, or not relaxed, or the supercell is too small")
+    else:
+        log.info(f"no imaginary modes below {IMAGINARY_THRESHOLD_THZ} THz on the mesh or the band path")
+    log.info(f"ω_max = {omega_max:.4f} THz; frequencies at Γ: {np.round(gamma, 4).tolist()} THz")
+
+    if nac_summary.get("enabled"):
+        from workflows import nac as nac_module
+
+        lo_to = nac_module.gamma_lo_to(ph)
+        nac_summary["gamma_lo_to"] = _to_builtin(lo_to)
+        log.info(f"LO/TO at Γ: {json.dumps(_to_builtin(lo_to))}")
+
+    summary = {
+        "frequencies": {
+            "omega_max_THz": omega_max,
+            "gamma_THz": gamma.tolist(),
+            "gamma_note": "at q = 0 exactly (without the NAC term, i.e. TO frequencies for polar crystals)" if nac_summary.get("enabled") else "at q = 0",
+            "lowest_THz": lowest["frequency_THz"],
+            "lowest_at": lowest,
+        },
+        "imaginary_modes": imaginary,
+        "mesh": {"numbers": np.asarray(mesh.mesh_numbers).tolist(), "gamma_centered": True,
+                 "n_irreducible_q": len(mesh_q)},
+        "group_velocity": {"mean_m_per_s": gv_mean, "acoustic_mean_m_per_s": gv_acoustic,
+                           "note": "|v| averaged over the mesh (q-point weights) and over all branches / the 3 lowest branches"},
+        "thermal_300K": {
+            "temperature_K": 300.0,
+            "free_energy_kJ_per_mol": float(tp300_values["free_energy"]),
+            "entropy_J_per_K_per_mol": float(tp300_values["entropy"]),
+            "heat_capacity_J_per_K_per_mol": float(tp300_values["heat_capacity"]),
+            "per": f"mole of primitive cells ({len(ph.primitive)} atoms, {primitive_atoms.get_chemical_formula(mode='hill')})",
+        },
+        "band_path": {"segments": [f"{a}-{b}" for a, b in path["segments"]], "bravais_lattice": path["bravais_lattice"],
+                      "n_qpoints": int(len(band_q))},
+        "nac": nac_summary,
+    }
+    if pdos_note:
+        summary["projected_dos"] = pdos_note
+
+    if out is not None:
+        ph.write_yaml_band_structure(filename=out / "band.yaml")
+        ph.write_total_dos(filename=out / "total_dos.dat")
+        ph.write_yaml_thermal_properties(filename=out / "thermal_properties.yaml")
+        if born_charges is not None:
+            from workflows import nac as nac_module
+
+            nac_module.write_born(out / "BORN", born_charges, primitive_atoms, symprec=ph.symmetry.tolerance)
+            nac_summary["born_file_written"] = "BORN"
+
+        _plot_band_dos(ph, path, out / "band_dos.png")
+        _plot_thermal(ph, out / "thermal.png")
+    return summary
+
+
+def _lowest_mode(mesh_q, mesh_f, band_q, band_f, seg_names) -> dict:
+    """Lowest frequency on mesh and band path, ignoring the 3 acoustic modes exactly at Γ."""
+    best = None
+    for where, qs, fs, names in (("mesh", mesh_q, mesh_f, None), ("band", band_q, band_f, seg_names)):
+        for iq, (q, f) in enumerate(zip(qs, fs)):
+            f = np.array(f, dtype=float)
+            if np.allclose(q - np.rint(q), 0.0, atol=1e-8):
+                f[np.argsort(np.abs(f))[:3]] = np.inf
+            b = int(np.argmin(f))
+            if np.isfinite(f[b]) and (best is None or f[b] < best["frequency_THz"]):
+                best = {"where": where, "q": [float(x) for x in q], "band": b, "frequency_THz": float(f[b])}
+                if names is not None:
+                    best["segment"] = names[iq]
+    return best or {"frequency_THz": None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend change)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _plot_band_dos(ph, path: dict, filename: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    ax_b, ax_d = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+    bs = ph.band_structure
+    for d, f in zip(bs.distances, bs.frequencies):
+        ax_b.plot(d, f, color="tab:blue", lw=1.0)
+    ticks, tick_labels = [], []
+    labels = iter(path["labels"])
+    ticks.append(bs.distances[0][0])
+    tick_labels.append(next(labels))
+    n_seg = len(bs.distances)
+    for i, d in enumerate(bs.distances):
+        ticks.append(d[-1])
+        if i < n_seg - 1 and not path["connections"][i]:
+            tick_labels.append(next(labels) + "|" + next(labels))
+        else:
+            tick_labels.append(next(labels))
+    ax_b.set_xticks(ticks)
+    ax_b.set_xticklabels(tick_labels)
+    for x in ticks:
+        ax_b.axvline(x, color="0.7", lw=0.6)
+    ax_b.axhline(0.0, color="0.4", lw=0.6, ls="--")
+    ax_b.set_xlim(ticks[0], ticks[-1])
+    f_all = np.concatenate([np.ravel(f) for f in bs.frequencies])
+    span = max(float(f_all.max()) - min(float(f_all.min()), 0.0), 1e-3)
+    ax_b.set_ylim(min(float(f_all.min()), 0.0) - 0.03 * span, float(f_all.max()) + 0.05 * span)
+    ax_b.set_ylabel("Frequency (THz)")
+    ax_b.set_title("Phonon band structure")
+    dos = ph.total_dos
+    ax_d.plot(dos.dos, dos.frequency_points, color="k", lw=1.0)
+    ax_d.fill_betweenx(dos.frequency_points, 0, dos.dos, color="0.85")
+    ax_d.axhline(0.0, color="0.4", lw=0.6, ls="--")
+    ax_d.set_xlabel("DOS (states/THz)")
+    ax_d.set_xlim(left=0)
+    fig.savefig(filename, dpi=150)
+
+
+def _plot_thermal(ph, filename: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tp = {k: np.asarray(getattr(ph.thermal_properties, k)) for k in ("temperatures", "free_energy", "entropy", "heat_capacity")}
+    fig = Figure(figsize=(6, 4.5), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(tp["temperatures"], tp["free_energy"], label="F (kJ/mol)")
+    ax.plot(tp["temperatures"], tp["entropy"], label="S (J/K/mol)")
+    ax.plot(tp["temperatures"], tp["heat_capacity"], label="$C_v$ (J/K/mol)")
+    ax.axhline(0.0, color="0.6", lw=0.6)
+    ax.set_xlabel("Temperature (K)")
+    ax.set_title("Harmonic thermal properties (per mole of primitive cells)")
+    ax.legend()
+    fig.savefig(filename, dpi=150)
