@@ -7,7 +7,8 @@ of the 5-atom P4mm cell, 135 atoms), with the 1M-architecture fixture checkpoint
 
 - the workflow with all displaced supercells evaluated in batched model calls (the default), against the
   same workflow with a calculator that can only evaluate one supercell per call (the reference run, in this
-  process, same displacements); the ratio of force-evaluation times is the batching speed-up;
+  process, same displacements, the two alternated, best of ``--repeats``); the ratio of force-evaluation
+  times is the batching speed-up;
 - a relaxation (positions and cell, at most ``--relax-steps`` FIRE steps; the fixture has random weights,
   so this times the machinery, not a physical minimum), reported separately.
 """
@@ -65,7 +66,7 @@ CASES = {
 }
 
 
-def run(checkpoint: Path, relax_steps: int) -> dict:
+def run(checkpoint: Path, relax_steps: int, repeats: int = 2) -> dict:
     pot = Potential.from_checkpoint(checkpoint, dtype="float32")
     batched = MatterSimCalculator(pot)
     single = OneAtATime(MatterSimCalculator(pot))
@@ -76,11 +77,16 @@ def run(checkpoint: Path, relax_steps: int) -> dict:
         relaxed = relax(atoms, batched, fmax=0.01, steps=relax_steps)
         t_relax = time.perf_counter() - t0
         row = {"supercell": supercell, "relaxation_seconds": t_relax, "relaxation_steps": relaxed.steps}
-        for label, calc in (("batched", batched), ("one_at_a_time", single)):
-            with tempfile.TemporaryDirectory() as tmp:
-                res = run_phonon(atoms, calc, relax=False, supercell=supercell, output_dir=tmp, progress=False)
-            timings = res.summary["timings_s"]
-            row[label] = {k: timings[k] for k in ("force_evaluation", "post_processing", "total")}
+        # alternate the two modes and keep each one's fastest of ``repeats`` runs, so that neither pays
+        # alone for the first touch of the memory a large batch needs
+        for _ in range(repeats):
+            for label, calc in (("one_at_a_time", single), ("batched", batched)):
+                with tempfile.TemporaryDirectory() as tmp:
+                    res = run_phonon(atoms, calc, relax=False, supercell=supercell, output_dir=tmp, progress=False)
+                timings = res.summary["timings_s"]
+                best = row.get(label)
+                if best is None or timings["force_evaluation"] < best["force_evaluation"]:
+                    row[label] = {k: timings[k] for k in ("force_evaluation", "post_processing", "total")}
             row["displacements"] = res.summary.get("n_displacements", len(res.phonopy.supercells_with_displacements))
             row["supercell_atoms"] = len(res.phonopy.supercell)
         row["force_evaluation_speedup"] = row["one_at_a_time"]["force_evaluation"] / row["batched"]["force_evaluation"]
@@ -93,9 +99,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--relax-steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
-    report = run(args.checkpoint, args.relax_steps)
+    report = run(args.checkpoint, args.relax_steps, args.repeats)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

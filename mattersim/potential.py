@@ -4,7 +4,7 @@ Forces are ``-dE/dr`` and the stress is ``(1/V) dE/d(strain)`` (eV/Å^3, ASE sig
 tensile, pressure = -trace/3), both by automatic differentiation of the same energy, so they are exactly
 conservative. Many structures are merged into one graph per forward pass; the batch size is bounded by a
 maximum number of atoms and of edges (memory grows with edges), and a structure larger than the bounds is
-evaluated alone. Defaults: 4096 atoms and 32768 edges per batch on the CPU (about 1 GB of autograd
+evaluated alone. Defaults: 4096 atoms and 16384 edges per batch on the CPU (about 0.5 GB of autograd
 memory with the 1M model), 400000 edges on a GPU.
 """
 
@@ -64,9 +64,9 @@ class Potential(torch.nn.Module):
         self.model.requires_grad_(False)  # inference: autograd only through positions and strain
         self.max_atoms_per_batch = int(max_atoms_per_batch)
         if max_edges_per_batch is None:
-            # CPU: past ~30k edges a batch gains nothing (the per-call overhead is already amortised) and a
-            # first call that large pays heavily for fresh memory; GPUs want large batches
-            max_edges_per_batch = 32_768 if self.device.type == "cpu" else 400_000
+            # CPU: past ~16k edges a batch gains nothing (the per-call overhead is already amortised) and
+            # larger ones lose to fresh-memory page faults (benchmarks/speed_phonon.py); GPUs want large ones
+            max_edges_per_batch = 16_384 if self.device.type == "cpu" else 400_000
         self.max_edges_per_batch = int(max_edges_per_batch)
         self.identity = dict(identity or {"name": type(model).__name__, "version": None, "source": None, "sha256": None})
 
