@@ -34,3 +34,15 @@ def small_potential(small_checkpoint):
     from mattersim.potential import Potential
 
     return Potential.from_checkpoint(small_checkpoint, dtype="float64")
+
+
+def assert_user_error(result, *fragments):
+    """A CLI result with exit code 2 and one red 'Error: ...' line on stderr naming the fragments, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

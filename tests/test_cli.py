@@ -13,6 +13,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from typer.testing import CliRunner
 
+from conftest import assert_user_error
 from mattersim import __version__
 from mattersim.cli import app
 from mattersim.errors import ModelNotAvailableError
@@ -22,18 +23,6 @@ runner = CliRunner()
 
 def _invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _assert_user_error(result, *fragments):
-    """Exit code 2, one red 'Error: ...' line on stderr naming the fragments, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,70 +203,70 @@ def _write(path: Path, atoms) -> Path:
 
 
 def test_error_missing_file(emt_registry, tmp_path):
-    _assert_user_error(_invoke("predict", tmp_path / "missing.cif"), "missing.cif", "does not exist")
+    assert_user_error(_invoke("predict", tmp_path / "missing.cif"), "missing.cif", "does not exist")
 
 
 def test_error_unreadable_file(emt_registry, tmp_path):
     junk = tmp_path / "junk.cif"
     junk.write_text("definitely not a CIF\n")
-    _assert_user_error(_invoke("predict", junk), "junk.cif", "could not be read")
+    assert_user_error(_invoke("predict", junk), "junk.cif", "could not be read")
 
 
 def test_error_empty_file(emt_registry, tmp_path):
     empty = tmp_path / "POSCAR"
     empty.write_text("")
-    _assert_user_error(_invoke("predict", empty), "POSCAR", "is empty")
+    assert_user_error(_invoke("predict", empty), "POSCAR", "is empty")
 
 
 def test_error_unknown_element(emt_registry, tmp_path):
     path = _write(tmp_path / "og.extxyz", Atoms("CuOg", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[6, 6, 6], pbc=True))
-    _assert_user_error(_invoke("predict", path), "og.extxyz", "Og (Z=118)")
+    assert_user_error(_invoke("predict", path), "og.extxyz", "Og (Z=118)")
     path = _write(tmp_path / "am.vasp", Atoms("Am", cell=[4, 4, 4], pbc=True))
-    _assert_user_error(_invoke("relax", path, "-o", tmp_path / "out"), "am.vasp", "Am (Z=95)")
+    assert_user_error(_invoke("relax", path, "-o", tmp_path / "out"), "am.vasp", "Am (Z=95)")
 
 
 def test_error_atoms_too_close(emt_registry, tmp_path):
     path = _write(tmp_path / "close.extxyz", Atoms("Cu2", positions=[[0, 0, 0], [0.2, 0, 0]], cell=[5, 5, 5], pbc=True))
-    _assert_user_error(_invoke("predict", path), "close.extxyz", "atoms 0 (Cu) and 1 (Cu)", "0.200 Å")
+    assert_user_error(_invoke("predict", path), "close.extxyz", "atoms 0 (Cu) and 1 (Cu)", "0.200 Å")
 
 
 def test_error_zero_volume_cell(emt_registry, tmp_path):
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[[3, 0, 0], [6, 0, 0], [0, 0, 3]], pbc=True)
     path = _write(tmp_path / "flat.extxyz", atoms)
-    _assert_user_error(_invoke("predict", path), "flat.extxyz", "zero volume")
+    assert_user_error(_invoke("predict", path), "flat.extxyz", "zero volume")
 
 
 def test_error_unknown_model_fake_registry(emt_registry, inputs):
-    _assert_user_error(_invoke("predict", inputs[0], "--model", "no-such-model"), "no-such-model")
+    assert_user_error(_invoke("predict", inputs[0], "--model", "no-such-model"), "no-such-model")
 
 
 def test_error_unknown_model_real_registry(inputs):
     result = _invoke("predict", inputs[0], "--model", "no-such-model")
-    _assert_user_error(result, "no-such-model")
+    assert_user_error(result, "no-such-model")
 
 
 def test_error_missing_checkpoint_path(inputs, tmp_path):
     result = _invoke("predict", inputs[0], "--model", tmp_path / "nothing.pth")
-    _assert_user_error(result, "nothing.pth")
+    assert_user_error(result, "nothing.pth")
 
 
 def test_error_unsupported_output_extension(emt_registry, inputs, tmp_path, batch_calls):
     out = tmp_path / "out.csv"
-    _assert_user_error(_invoke("predict", inputs[0], "-o", out), "out.csv", ".extxyz, .json")
+    assert_user_error(_invoke("predict", inputs[0], "-o", out), "out.csv", ".extxyz, .json")
     assert not out.exists()
     assert batch_calls == []  # failed before any evaluation
 
 
 def test_error_relax_molecule_with_cell_relaxation(emt_registry, tmp_path):
     path = _write(tmp_path / "dimer.xyz", Atoms("Cu2", positions=[[0, 0, 0], [2.4, 0, 0]]))
-    _assert_user_error(_invoke("relax", path, "-o", tmp_path / "out"), "dimer.xyz", "fixed-cell")
+    assert_user_error(_invoke("relax", path, "-o", tmp_path / "out"), "dimer.xyz", "fixed-cell")
     result = _invoke("relax", path, "--mode", "fixed-cell", "--fmax", "0.01", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "structures" / "dimer.xyz").exists()
 
 
 def test_error_bad_fmax(emt_registry, inputs, tmp_path):
-    _assert_user_error(_invoke("relax", inputs[0], "--fmax", "-1", "-o", tmp_path / "o"), "fmax")
+    assert_user_error(_invoke("relax", inputs[0], "--fmax", "-1", "-o", tmp_path / "o"), "fmax")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,7 +336,7 @@ def test_relax_not_converged_exit_code(emt_registry, inputs, tmp_path):
 def test_relax_output_path_is_a_file(emt_registry, inputs, tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("x")
-    _assert_user_error(_invoke("relax", inputs[0], "-o", target), "file.txt", "not a directory")
+    assert_user_error(_invoke("relax", inputs[0], "-o", target), "file.txt", "not a directory")
 
 
 # ---------------------------------------------------------------------------------------------------------

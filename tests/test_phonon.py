@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from mattersim.errors import InputError
 from workflows.phonon import PhononResult, auto_supercell, find_imaginary_modes, perpendicular_widths, run_phonon
 
-from conftest import shared_path
+from conftest import assert_user_error, shared_path
 
 MESH = (8, 8, 8)
 FILES = ("phonopy.yaml", "band.yaml", "total_dos.dat", "projected_dos.dat", "thermal_properties.yaml",
@@ -397,16 +397,6 @@ def test_nac_without_source_fails_before_force_evaluation(tmp_path):
 runner = CliRunner()
 
 
-def _assert_user_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.output
-
-
 @pytest.fixture
 def al_poscar(tmp_path):
     path = tmp_path / "POSCAR"
@@ -433,10 +423,10 @@ def test_cli_phonon_bad_input(al_poscar, small_checkpoint, tmp_path):
     from mattersim.cli import app
 
     model = ["--model", str(small_checkpoint), "--no-relax", "-o", str(tmp_path / "o")]
-    _assert_user_error(runner.invoke(app, ["phonon", str(al_poscar), "--supercell", "2 x 2", *model]), "--supercell")
-    _assert_user_error(runner.invoke(app, ["phonon", str(tmp_path / "missing.vasp"), *model]), "missing.vasp")
+    assert_user_error(runner.invoke(app, ["phonon", str(al_poscar), "--supercell", "2 x 2", *model]), "--supercell")
+    assert_user_error(runner.invoke(app, ["phonon", str(tmp_path / "missing.vasp"), *model]), "missing.vasp")
     result = runner.invoke(app, ["phonon", str(al_poscar), "--nac", "--supercell", "2 2 2", *model])
-    _assert_user_error(result, "BORN")
+    assert_user_error(result, "BORN")
     assert not (tmp_path / "o" / "forces.npz").exists()
 
 
