@@ -25,13 +25,12 @@ from ase import Atoms
 from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 
+from benchmarks.common import DEFAULT_CHECKPOINT, write_report
 from mattersim.calculator import MatterSimCalculator
 from mattersim.potential import Potential
 from mattersim.relax import relax
 from workflows.phonon import run_phonon
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "mattersim_v1_reference" / "m3gnet-1M-random.pth"
 
 
 class OneAtATime(Calculator):
@@ -87,7 +86,7 @@ def run(checkpoint: Path, relax_steps: int, repeats: int = 2) -> dict:
                 best = row.get(label)
                 if best is None or timings["force_evaluation"] < best["force_evaluation"]:
                     row[label] = {k: timings[k] for k in ("force_evaluation", "post_processing", "total")}
-            row["displacements"] = res.summary.get("n_displacements", len(res.phonopy.supercells_with_displacements))
+            row["displacements"] = len(res.phonopy.supercells_with_displacements)
             row["supercell_atoms"] = len(res.phonopy.supercell)
         row["force_evaluation_speedup"] = row["one_at_a_time"]["force_evaluation"] / row["batched"]["force_evaluation"]
         report["cases"][name] = row
@@ -103,10 +102,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
     report = run(args.checkpoint, args.relax_steps, args.repeats)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text)
+    write_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from ase.build import bulk
 
+from benchmarks.common import DEFAULT_CHECKPOINT, write_report
 from mattersim.graph import build_structure_graph
 from mattersim.potential import Potential
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "mattersim_v1_reference" / "m3gnet-1M-random.pth"
 #: official MatterSim 1.2.3, same checkpoint, float32, medians on this 2-core CPU (issue #2)
 OFFICIAL_SECONDS = {8: 0.022, 64: 0.16, 216: 0.44, 512: 0.72}
 #: matmul work of the plain (concatenated-input) formulation of this architecture, per atom of diamond Si,
@@ -184,10 +183,7 @@ def main() -> None:
     parser.add_argument("--official", type=Path, default=None, help="folder where the official mattersim is installed")
     args = parser.parse_args()
     result = run(args.checkpoint, args.repeats, args.sizes, args.official)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text)
+    write_report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -263,10 +263,6 @@ class SphericalBasisLayer(nn.Module):
         t = radial.shape[0]
         return (radial.view(t, self.max_l, self.max_n) * angular.unsqueeze(2)).view(t, self.max_l * self.max_n)
 
-    def forward(self, r: torch.Tensor, cos_theta: torch.Tensor) -> torch.Tensor:
-        """The three-body basis of triplets with second-edge length r and angle cosine cos_theta."""
-        return self.combine(self.radial(r), self.angular(cos_theta))
-
 
 def polynomial_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
     x = r / cutoff

@@ -536,7 +536,9 @@ def _load_chgnet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
     except ImportError as exc:
         raise _missing_package(spec, exc) from exc
     # chgnet 0.4 warns on every stress evaluation about its own internal tensor conversion
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message="Converting a tensor with requires_grad=True", category=UserWarning, module="chgnet"
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # chgnet prints banners
         model = CHGNet.load(model_name=spec.version, use_device=device, verbose=False)
         calc = batched_chgnet_calculator(model, device=device)
