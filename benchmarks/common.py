@@ -1,18 +1,146 @@
-"""Pieces shared by the benchmark scripts."""
+"""Pieces shared by the benchmark runners, the report and the speed scripts.
+
+Results layout (written by every runner, read by :mod:`benchmarks.report`)::
+
+    DIR/                          one folder per benchmark set (``mattersim bench run SET -o DIR``)
+      benchmark.json              {"schema", "benchmark", "kind", "dataset", "models": [slug, ...]}
+      <model-slug>/
+        metrics.json              see :func:`metrics_document`
+        parity.npz                "<quantity>__ref" / "<quantity>__pred" 1-d float arrays for parity plots
+        run.log                   the runner's log
+        ...                       runner-specific per-item predictions (resumable)
+
+A metric is a dict ``{"key", "label", "unit", "value", "better"}`` (``better``: "lower", "higher" or
+None); ``value`` is None when it cannot be computed (e.g. no successful item).
+"""
 
 from __future__ import annotations
 
 import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mattersim.io import atomic_write_json, safe_filename
 
 REPO = Path(__file__).resolve().parents[1]
 #: the 1M-architecture checkpoint with random weights in the read-only ../shared folder
 DEFAULT_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "mattersim_v1_reference" / "m3gnet-1M-random.pth"
 
+SCHEMA = "mattersim-benchmark/1"
+_SOFTWARE = ("mattersim", "torch", "numpy", "ase", "phonopy", "spglib", "chgnet", "sevenn")
+
 
 def write_report(report: dict, output: Path | None) -> None:
-    """Print the report as json and, with ``output``, write it there too."""
+    """Print the report as json and, with ``output``, write it there too (speed scripts)."""
     text = json.dumps(report, indent=2)
     print(text)
     if output:
         Path(output).write_text(text)
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of Python, the platform and the packages that shape the numbers."""
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _SOFTWARE:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC (seconds)."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def model_slug(info: dict[str, Any]) -> str:
+    """A folder name for a model from its identity (``model_info``): its name, file-system safe."""
+    return safe_filename(str(info.get("name") or "model"))
+
+
+def metric(key: str, label: str, unit: str | None, value: float | None, better: str | None = "lower") -> dict:
+    """One metric entry of ``metrics.json``; non-finite values become None."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = int(value)
+    elif value is not None:
+        value = float(value)
+        if not np.isfinite(value):
+            value = None
+    return {"key": key, "label": label, "unit": unit, "value": value, "better": better}
+
+
+def metrics_document(*, benchmark: str, kind: str, dataset: dict, model: dict, metrics: list[dict],
+                     n_items: int, n_done: int, failures: list[dict], wall_time_s: float,
+                     groups: dict[str, list[dict]] | None = None, extra: dict | None = None) -> dict:
+    """The content of ``<model-slug>/metrics.json``.
+
+    ``dataset``: {"name", "path", "sha256", "n_items"}; ``model``: the calculator's ``model_info``;
+    ``failures``: [{"index", "id", "error"}] (never dropped); ``groups``: named lists of metrics for
+    breakdowns (pressure bins, ...); ``extra``: runner-specific settings.
+    """
+    return {
+        "schema": SCHEMA,
+        "benchmark": benchmark,
+        "kind": kind,
+        "dataset": dataset,
+        "model": model,
+        "software": software_versions(),
+        "date": utc_now(),
+        "wall_time_s": float(wall_time_s),
+        "n_items": int(n_items),
+        "n_done": int(n_done),
+        "n_failed": len(failures),
+        "failures": failures,
+        "metrics": metrics,
+        "groups": groups or {},
+        **({"settings": extra} if extra else {}),
+    }
+
+
+def write_benchmark_json(directory: Path, *, benchmark: str, kind: str, dataset: dict, slug: str) -> None:
+    """Create or update ``DIR/benchmark.json``, adding ``slug`` to its list of models."""
+    path = Path(directory) / "benchmark.json"
+    doc = {"schema": SCHEMA, "benchmark": benchmark, "kind": kind, "dataset": dataset, "models": []}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old.get("benchmark") == benchmark:
+                doc["models"] = list(old.get("models", []))
+        except (OSError, ValueError):
+            pass
+    if slug not in doc["models"]:
+        doc["models"].append(slug)
+    atomic_write_json(path, doc)
+
+
+def model_folder(output_dir: str | Path, benchmark: str, info: dict[str, Any]) -> tuple[Path, str, Path]:
+    """``(root, slug, root/slug)`` for a run of ``benchmark`` by the model ``info``, creating the folder.
+
+    Refuses (InputError) an output folder that is a file or holds the results of another benchmark, so
+    that results of different sets never mix.
+    """
+    from mattersim.errors import InputError
+
+    root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"Output folder '{root}' exists and is not a folder; choose another -o.")
+    bench_json = root / "benchmark.json"
+    if bench_json.is_file():
+        try:
+            other = json.loads(bench_json.read_text(encoding="utf-8")).get("benchmark")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other is not None and other != benchmark:
+            raise InputError(f"'{root}' holds results of benchmark '{other}', not '{benchmark}'; use one output "
+                             "folder per benchmark set.")
+    slug = model_slug(info)
+    out = root / slug
+    out.mkdir(parents=True, exist_ok=True)
+    return root, slug, out

@@ -27,7 +27,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from ase.build import bulk
 

@@ -1,8 +1,8 @@
 """The ``mattersim`` command line.
 
 Commands: ``models`` (what is installed/cached), ``predict`` (energies, forces, stresses of structure
-files), ``relax`` (batched relaxations with a summary) and ``phonon`` (harmonic phonons with phonopy,
-:mod:`workflows.phonon`). Heavy modules (torch, the model registry, ASE
+files), ``relax`` (batched relaxations with a summary), ``phonon`` (harmonic phonons with phonopy,
+:mod:`workflows.phonon`) and ``bench run`` / ``bench report`` (:mod:`benchmarks`). Heavy modules (torch, the model registry, ASE
 optimizers) are imported inside the commands, so ``mattersim --help`` stays fast.
 
 Every :class:`~mattersim.errors.MatterSimError` (a bad file, an unknown model, ...) is printed as one red
@@ -621,6 +621,76 @@ def phonon_command(
     table.add_row("output", escape(str(outdir)))
     console = _stdout_console()
     _print_table(console, table)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks
+# ---------------------------------------------------------------------------------------------------------
+
+bench_app = typer.Typer(
+    cls=_ErrorHandlingGroup,
+    help="Benchmarks: energy/force/stress sets (MPF-TP family, HEX), PhononDB, side-by-side reports.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
+def bench_run_command(
+    target: str = typer.Argument(..., help="A set (mpf-TP, mpf-alkali-TP, random-TP, alexandria-random-1k, "
+                                           "mptrj-random-1k, mptrj-highest-stress-1k), 'all' (the six), 'hex', "
+                                           "'phonondb', or an extxyz file with energy, forces and stress."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model name or checkpoint path; repeat for several models."),
+    outdir: Path = typer.Option(..., "--output", "-o", help="Output folder (a rerun resumes there)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with the set files (default: $MATTERSIM_BENCHMARK_DATA, "
+                                                           "then the cache, then download); the HEX file; the PhononDB entries folder."),
+    subset: Optional[Path] = typer.Option(None, "--subset", help="PhononDB: file of entry ids (default: benchmark_subset.txt next to the entries)."),
+    max_items: Optional[int] = typer.Option(None, "--max", help="Only the first N structures / entries (quick checks)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate MatterSim checkpoints in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that need full pickle (only files you trust)."),
+    download: bool = typer.Option(True, "--download/--no-download", help="Download missing sets and MatterSim weights."),
+) -> None:
+    """Evaluate one or more models on a benchmark and write metrics, predictions, parity data and a log."""
+    if max_items is not None and max_items < 1:
+        raise InputError(f"--max must be a positive integer, not {max_items}.")
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"Output folder '{outdir}' exists and is not a folder; choose another -o.")
+    from benchmarks.run import run_benchmark  # lazily: the core never imports benchmarks at module level
+
+    docs = run_benchmark(target, model, outdir, data=data, subset=subset, max_items=max_items, device=device,
+                         dtype="float64" if float64 else "float32", trust_pickle=trust_pickle, download=download,
+                         progress=True)
+    from rich.markup import escape
+
+    table = _table(escape(f"Benchmark results ({outdir})"))
+    for name in ("benchmark", "model", "metric", "value", "unit"):
+        table.add_column(name, no_wrap=True)
+    for doc in docs:
+        first = True
+        for m in doc["metrics"]:
+            if m["value"] is None or m["key"].startswith("time_"):
+                continue
+            value = f"{m['value']:.4g}" if isinstance(m["value"], float) else str(m["value"])
+            table.add_row(escape(doc["benchmark"]) if first else "", escape(str(doc["model"].get("name"))) if first else "",
+                          escape(m["label"]), value, escape(m["unit"] or ""))
+            first = False
+        table.add_row("", "", "failed / done", f"{doc['n_failed']} / {doc['n_done']}", "")
+        table.add_row("", "", "wall time", f"{doc['wall_time_s']:.1f}", "s")
+    _print_table(_stdout_console(), table)
+
+
+@bench_app.command("report")
+def bench_report_command(
+    dirs: List[Path] = typer.Argument(..., help="Output folders of 'mattersim bench run' (or folders holding several)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report: a .md path (writes .md, .html, .json and a figures folder) or a folder."),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+) -> None:
+    """Side-by-side report (Markdown, self-contained HTML, JSON, PNG figures) of benchmark runs."""
+    from benchmarks.report import make_report
+
+    make_report(dirs, output, title=title)
+    _stdout_console().print(f"report written: {output}", markup=False)
 
 
 def main() -> None:

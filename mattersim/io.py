@@ -15,13 +15,14 @@ Units: energies in eV, forces in eV/Å, stress in eV/Å^3 with ASE's sign conven
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -321,23 +322,44 @@ def _to_builtin(value: Any) -> Any:
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` that replaces ``path`` when the ``with`` block succeeds.
+
+    Readers never see a half-written file, and an exception (or an interrupt) leaves the old file as it
+    was. The temporary name keeps ``path``'s suffix (numpy's ``savez`` appends ``.npz`` otherwise); the
+    file gets the usual permissions (0666 minus the umask) and is flushed to disk before the rename.
+    """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        try:
+    finally:
+        if os.path.exists(tmp):
             os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _labels_for(atoms_list: Sequence[Atoms], labels: Sequence[str] | None) -> list[str]:
@@ -517,3 +539,99 @@ def safe_filename(label: str, taken: set[str] | None = None) -> str:
         k += 1
     taken.add(name)
     return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# logs and progress bars of long runs (workflows, benchmarks)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Timestamped lines to a log file (appended; none when ``path`` is None) and to ``logger``."""
+
+    def __init__(self, path: str | os.PathLike | None, logger: Any = None):
+        import logging
+
+        self.path = Path(path) if path is not None else None
+        self.logger = logger if logger is not None else logging.getLogger("mattersim")
+        self._fh = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh.write("\n")
+
+    def _write(self, level: str, message: str) -> None:
+        if self._fh is not None:
+            import time
+
+            self._fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level:7s} {message}\n")
+            self._fh.flush()
+
+    def info(self, message: str) -> None:
+        self._write("INFO", message)
+        self.logger.info(message)
+
+    def warning(self, message: str) -> None:
+        self._write("WARNING", message)
+        self.logger.warning(message)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _NullBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _RichBar:
+    def __init__(self, total: int, description: str):
+        self.total, self.description = total, description
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.description, total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+
+def progress_bar(enabled: bool, total: int, description: str):
+    """A context manager with ``.advance(n)``: a rich progress bar on stderr, or a no-op when disabled."""
+    if not enabled or total == 0:
+        return _NullBar()
+    return _RichBar(total, description)
+
+
+def to_builtin(value: Any) -> Any:
+    """numpy/torch scalars and arrays -> JSON-serialisable Python objects (non-finite floats -> None)."""
+    return _to_builtin(value)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file and a rename (never a half-written file)."""
+    _atomic_write_text(Path(path), json.dumps(_to_builtin(data), indent=2, ensure_ascii=False) + "\n")

@@ -43,6 +43,7 @@ __all__ = [
     "ModelSpec",
     "cache_dir",
     "default_model",
+    "download_file",
     "download_model",
     "file_sha256",
     "is_available",
@@ -350,6 +351,94 @@ def _progress_bar(label: str, total: int | None, enabled: bool) -> Iterator[Call
         yield lambda n: bar.advance(task, n)
 
 
+def download_file(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    label: str,
+    size: int | None = None,
+    sha256: str | None = None,
+    check: Callable[[Path], str | None] | None = None,
+    progress: bool = True,
+    unavailable: type[Exception] = ModelNotAvailableError,
+    offline_hint: str = "",
+    invalid: type[Exception] = CheckpointError,
+) -> tuple[Path, str]:
+    """Download ``url`` to ``dest`` atomically and return ``(dest, sha256)``.
+
+    The data go to a temporary file in ``dest``'s folder, which is renamed into place only after the
+    size (``Content-Length`` and ``size`` if given), the sha256 (if given) and ``check(tmp_path)``
+    (returns an error text or None) pass; the sha256 is then stored next to it as ``<file>.sha256``.
+    A network failure raises ``unavailable`` naming the URL and the exact path to copy the file to by
+    hand (plus ``offline_hint``); a bad download raises ``invalid`` and leaves nothing behind.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            from mattersim import __version__
+
+            request = Request(url, headers={"User-Agent": f"mattersim/{__version__}"})
+            with urlopen(request, timeout=60) as response, os.fdopen(fd, "wb") as out:
+                fd = -1
+                length = response.headers.get("Content-Length")
+                expected = int(length) if length and length.isdigit() else None
+                with _progress_bar(dest.name, expected or size, progress) as advance:
+                    while True:
+                        block = response.read(1 << 20)
+                        if not block:
+                            break
+                        out.write(block)
+                        digest.update(block)
+                        received += len(block)
+                        advance(len(block))
+        except (URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise unavailable(
+                f"Could not download {label} from {url} ({reason}); download that URL on a machine with "
+                f"internet access and copy the file to {dest}{offline_hint}."
+            ) from exc
+        sha = digest.hexdigest()
+        if expected is not None and received != expected:
+            raise invalid(
+                f"Download of {label} from {url} stopped after {received} of {expected} bytes; run the "
+                "command again to retry."
+            )
+        if size is not None and received != size:
+            raise invalid(
+                f"Downloaded {label} has {received} bytes instead of the published {size}; the file at "
+                f"{url} has changed, so copy a known-good file to {dest} by hand."
+            )
+        if sha256 is not None and sha != sha256.lower():
+            raise invalid(
+                f"Downloaded {label} has sha256 {sha} instead of the published {sha256}; nothing was "
+                f"saved, so copy a known-good file to {dest} by hand or retry."
+            )
+        problem = check(tmp) if check is not None else None
+        if problem:
+            raise invalid(f"What {url} returned for {label} {problem}; copy the real file to {dest} by hand.")
+        os.replace(tmp, dest)
+        side = _sidecar(dest)
+        side_tmp = side.with_name(side.name + ".part")
+        side_tmp.write_text(f"{sha}  {dest.name}\n")
+        os.replace(side_tmp, side)
+        return dest, sha
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+def _torch_zip_problem(path: Path) -> str | None:
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    return None if magic == b"PK\x03\x04" else "is not a PyTorch checkpoint (no zip header)"
+
+
 def download_model(name: str, *, progress: bool = True) -> Path:
     """Download the weights of ``name`` into ``<cache>/models/`` and return the file's path.
 
@@ -362,69 +451,12 @@ def download_model(name: str, *, progress: bool = True) -> Path:
     spec = _spec(name)
     dest = model_path(spec.name)
     assert spec.url is not None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        received = 0
-        try:
-            from mattersim import __version__
-
-            request = Request(spec.url, headers={"User-Agent": f"mattersim/{__version__}"})
-            with urlopen(request, timeout=60) as response, os.fdopen(fd, "wb") as out:
-                fd = -1
-                length = response.headers.get("Content-Length")
-                expected = int(length) if length and length.isdigit() else None
-                with _progress_bar(spec.filename or spec.name, expected or spec.size, progress) as advance:
-                    while True:
-                        block = response.read(1 << 20)
-                        if not block:
-                            break
-                        out.write(block)
-                        digest.update(block)
-                        received += len(block)
-                        advance(len(block))
-        except (URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise ModelNotAvailableError(
-                f"Could not download model '{spec.name}' from {spec.url} ({reason}); download that "
-                f"URL on a machine with internet access and copy the file to {dest}, or use a model "
-                f"available offline now: {_available_text()}."
-            ) from exc
-        sha = digest.hexdigest()
-        if expected is not None and received != expected:
-            raise CheckpointError(
-                f"Download of '{spec.name}' from {spec.url} stopped after {received} of {expected} "
-                "bytes; run the command again to retry."
-            )
-        if spec.size is not None and received != spec.size:
-            raise CheckpointError(
-                f"Downloaded '{spec.name}' has {received} bytes instead of the published {spec.size}; "
-                f"the file at {spec.url} has changed, so copy a known-good file to {dest} by hand."
-            )
-        if spec.sha256 is not None and sha != spec.sha256.lower():
-            raise CheckpointError(
-                f"Downloaded '{spec.name}' has sha256 {sha} instead of the published {spec.sha256}; "
-                f"nothing was saved, so copy a known-good file to {dest} by hand or retry."
-            )
-        with open(tmp, "rb") as handle:
-            magic = handle.read(4)
-        if magic != b"PK\x03\x04":
-            raise CheckpointError(
-                f"What {spec.url} returned for '{spec.name}' is not a PyTorch checkpoint (no zip "
-                f"header); copy the real file to {dest} by hand."
-            )
-        os.replace(tmp, dest)
-        side = _sidecar(dest)
-        side_tmp = side.with_name(side.name + ".part")
-        side_tmp.write_text(f"{sha}  {dest.name}\n")
-        os.replace(side_tmp, side)
-        return dest
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
+    path, _ = download_file(
+        spec.url, dest, label=f"model '{spec.name}'", size=spec.size, sha256=spec.sha256,
+        check=_torch_zip_problem, progress=progress,
+        offline_hint=f", or use a model available offline now: {_available_text()}",
+    )
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ See docs/phonon-nac.md.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from mattersim.errors import InputError
+from mattersim.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -341,16 +340,7 @@ def write_born(path, born: BornCharges, primitive, symprec: float = 1e-5) -> Pat
     """Write ``born`` as a phonopy BORN file at ``path`` atomically (temporary file + ``os.replace``)."""
     path = Path(path)
     text = born_file_text(born, primitive, symprec=symprec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 

@@ -6,6 +6,10 @@ One entry point, :func:`run_phonon`::
     result = run_phonon(atoms, calc, output_dir="phonon-Si")
     result.summary["frequencies"]["omega_max_THz"]
 
+:func:`phonon_properties` is the post-processing of step 6 alone (ω_max, imaginary modes, mean group
+velocity, thermal properties at 300 K) for any ``Phonopy`` object with force constants; the benchmarks
+use it for both their DFT references and the predictions.
+
 Steps (each one logged to ``phonon.log``):
 
 1. optional relaxation of positions and cell (:func:`mattersim.relax.relax`, ``mode="full"``, at
@@ -61,6 +65,7 @@ from ase import Atoms
 
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
+from mattersim.io import RunLog, atomic_write_json, progress_bar, to_builtin
 
 __all__ = [
     "GAMMA_ACOUSTIC_TOL_THZ",
@@ -69,6 +74,7 @@ __all__ = [
     "auto_supercell",
     "band_path",
     "find_imaginary_modes",
+    "phonon_properties",
     "run_phonon",
 ]
 
@@ -127,7 +133,7 @@ class PhononResult:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _save_phonopy_yaml(self.phonopy, directory / "phonopy.yaml")
-        _write_json(directory / "summary.json", self.summary)
+        atomic_write_json(directory / "summary.json", self.summary)
         self.output_dir = directory
         return directory
 
@@ -159,18 +165,6 @@ class PhononResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _to_builtin(value: Any) -> Any:
-    from mattersim.io import _to_builtin as core_to_builtin
-
-    return core_to_builtin(value)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from mattersim.io import _atomic_write_text
-
-    _atomic_write_text(path, json.dumps(_to_builtin(data), indent=2, ensure_ascii=False) + "\n")
-
-
 def _save_phonopy_yaml(ph, path: Path) -> None:
     """phonopy.yaml with structure, supercell/primitive matrices, displacements+forces, force constants, NAC."""
     path = Path(path)
@@ -184,34 +178,6 @@ def _save_phonopy_yaml(ph, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-class _RunLog:
-    """Writes timestamped lines to ``phonon.log`` (when there is an output folder) and to ``logger``."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._fh = open(path, "a", encoding="utf-8") if path is not None else None
-        if self._fh is not None:
-            self._fh.write("\n")
-
-    def _write(self, level: str, message: str) -> None:
-        if self._fh is not None:
-            self._fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level:7s} {message}\n")
-            self._fh.flush()
-
-    def info(self, message: str) -> None:
-        self._write("INFO", message)
-        logger.info(message)
-
-    def warning(self, message: str) -> None:
-        self._write("WARNING", message)
-        logger.warning(message)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 def _as_matrix(value, name: str, *, integer: bool) -> np.ndarray:
@@ -435,7 +401,7 @@ def _run_key(atoms: Atoms, settings: dict, info: dict) -> str:
     if model.get("sha256") is None:  # ASE calculators: their class and parameters
         model["source"] = info.get("source")
     doc = {"format": _FORCES_FORMAT, "structure": _structure_record(atoms), "settings": settings, "model": model}
-    return hashlib.sha256(json.dumps(_to_builtin(doc), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(to_builtin(doc), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _displacement_table(dataset: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -452,7 +418,7 @@ class _ForceStore:
         self.key = key
         self.data: dict[str, np.ndarray] = {}
 
-    def load(self, log: _RunLog) -> bool:
+    def load(self, log: RunLog) -> bool:
         """Read the file when it belongs to this run; True if it did."""
         if self.path is None or not self.path.exists():
             return False
@@ -487,41 +453,6 @@ class _ForceStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-
-
-def _progress(enabled: bool, total: int, description: str):
-    """A rich progress bar on stderr (a no-op object when disabled)."""
-
-    class _Null:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def advance(self, n: int) -> None:
-            pass
-
-    if not enabled or total == 0:
-        return _Null()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    class _Bar:
-        def __enter__(self):
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-            self.progress.__enter__()
-            self.task = self.progress.add_task(description, total=total)
-            return self
-
-        def __exit__(self, *exc):
-            return self.progress.__exit__(*exc)
-
-        def advance(self, n: int) -> None:
-            self.progress.advance(self.task, n)
-
-    return _Bar()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -662,7 +593,7 @@ def run_phonon(
         if out.exists() and not out.is_dir():
             raise InputError(f"Output directory '{out}' exists and is not a directory; choose another output_dir.")
         out.mkdir(parents=True, exist_ok=True)
-    log = _RunLog(out / "phonon.log" if out is not None else None)
+    log = RunLog(out / "phonon.log" if out is not None else None, logger)
     t_start = time.perf_counter()
     timings = {"relaxation": 0.0, "force_evaluation": 0.0, "post_processing": 0.0}
     info = model_info(calculator)
@@ -713,7 +644,7 @@ def run_phonon(
                             "phonons of a structure that is not at equilibrium can show spurious imaginary modes.")
             store.data.update({
                 "relaxed_numbers": unit.numbers, "relaxed_cell": np.array(unit.cell[:]),
-                "relaxed_positions": unit.positions, "relax_summary": np.array(json.dumps(_to_builtin(relax_summary))),
+                "relaxed_positions": unit.positions, "relax_summary": np.array(json.dumps(to_builtin(relax_summary))),
             })
             store.save()
         else:
@@ -784,7 +715,7 @@ def run_phonon(
                  f"from forces.npz, {len(todo)} to evaluate in chunks of {chunk}"
                  f"{' (batched model calls)' if batched else ''}")
         t0 = time.perf_counter()
-        with _progress(progress, len(todo), "supercell forces") as bar:
+        with progress_bar(progress, len(todo), "supercell forces") as bar:
             for start in range(0, len(todo), chunk):
                 idx = todo[start:start + chunk]
                 results = evaluate_batch(calculator, [supercells[i] for i in idx], ("energy", "forces"))
@@ -864,7 +795,7 @@ def run_phonon(
             written = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
             summary["files"] = sorted(written | {"phonopy.yaml", "summary.json"})
             _save_phonopy_yaml(ph, out / "phonopy.yaml")
-            _write_json(out / "summary.json", summary)
+            atomic_write_json(out / "summary.json", summary)
             log.info(f"done in {timings['total']:.1f} s (relaxation {timings['relaxation']:.1f} s, forces "
                      f"{timings['force_evaluation']:.1f} s, post-processing {timings['post_processing']:.1f} s)")
         return result
@@ -872,9 +803,31 @@ def run_phonon(
         log.close()
 
 
-def _post_process(ph, out: Path | None, log: _RunLog, *, mesh_setting, tmax, tstep, nac_summary, primitive_atoms,
-                  born_charges=None) -> dict:
-    """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots."""
+def phonon_properties(ph, mesh_setting=(20, 20, 20)) -> dict:
+    """Frequencies, imaginary modes, group velocities and thermal properties at 300 K of a ``Phonopy`` object.
+
+    The pure computation behind ``summary.json`` (no files, no plots, no logging), shared by
+    :func:`run_phonon` and the benchmarks so that every phonon number goes through identical
+    post-processing. ``ph`` has force constants (and ``nac_params`` when NAC is wanted); ``mesh_setting``
+    is 3 integers (a Γ-centred mesh) or one number, phonopy's length-based mesh density in Å.
+
+    Steps: frequencies at Γ (q = 0 without a direction: TO modes with NAC); the band structure along the
+    seekpath path (:func:`band_path`, 51 points on the longest segment); the symmetry-reduced Γ-centred
+    mesh with group velocities; harmonic thermal properties at 300 K with
+    ``exclude_gamma_acoustic=True``; :func:`find_imaginary_modes` on mesh and band path.
+
+    Returns the ``summary.json`` sections ``{"frequencies": {"omega_max_THz" (max over mesh and band
+    path), "gamma_THz", "lowest_THz", "lowest_at"}, "imaginary_modes", "mesh", "group_velocity":
+    {"mean_m_per_s", "acoustic_mean_m_per_s", "note"}, "thermal_300K": {"free_energy_kJ_per_mol",
+    "entropy_J_per_K_per_mol", "heat_capacity_J_per_K_per_mol", ...}, "band_path"}`` (units in
+    :data:`UNITS`; thermal properties per mole of primitive cells). Afterwards ``ph.mesh`` is that mesh,
+    ``ph.band_structure`` the band path and ``ph.thermal_properties`` holds 300 K only.
+    """
+    return _phonon_properties(ph, _mesh_setting(mesh_setting))[0]
+
+
+def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
+    """:func:`phonon_properties` and the band path it used (for the plots)."""
     # Γ and band structure
     ph.run_qpoints([[0.0, 0.0, 0.0]])
     gamma = np.asarray(ph.qpoints.frequencies[0], dtype=float)
@@ -888,26 +841,7 @@ def _post_process(ph, out: Path | None, log: _RunLog, *, mesh_setting, tmax, tst
     for (a, b), q in zip(path["segments"], bs.qpoints):
         seg_names += [f"{a}-{b}"] * len(q)
 
-    # projected DOS: needs the full mesh with eigenvectors
-    pdos_note = None
-    if out is not None:
-        n_prim = len(ph.primitive)
-        if isinstance(mesh_setting, list):
-            n_q = int(np.prod(mesh_setting))
-        else:
-            from phonopy.structure.grid_points import length2mesh
-
-            n_q = int(np.prod(length2mesh(mesh_setting, ph.primitive.cell)))
-        memory = n_q * (3 * n_prim) ** 2 * 16
-        if memory < 2e9:
-            ph.run_mesh(mesh_setting, is_mesh_symmetry=False, with_eigenvectors=True, is_gamma_center=True)
-            ph.run_projected_dos()
-            ph.write_projected_dos(filename=out / "projected_dos.dat")
-        else:
-            pdos_note = f"skipped: eigenvectors on the full mesh would need {memory / 1e9:.1f} GB; use a smaller mesh"
-            log.warning(f"projected DOS {pdos_note}")
-
-    # symmetry-reduced mesh with group velocities: DOS, thermal properties
+    # symmetry-reduced mesh with group velocities
     ph.run_mesh(mesh_setting, with_group_velocities=True, is_gamma_center=True)
     mesh = ph.mesh
     mesh_q = np.asarray(mesh.qpoints, dtype=float)
@@ -922,13 +856,11 @@ def _post_process(ph, out: Path | None, log: _RunLog, *, mesh_setting, tmax, tst
     sa, wa = speed[:, acoustic], w[:, acoustic]
     oka = np.isfinite(sa)
     gv_acoustic = float((sa * wa)[oka].sum() / wa[oka].sum())
-    ph.run_total_dos()
 
     # the Γ-centred mesh contains the three acoustic modes at Γ (ν ≈ 0, whose ln ν term is an artefact)
     ph.run_thermal_properties(temperatures=[300.0], exclude_gamma_acoustic=True)
     tp300 = ph.thermal_properties
     tp300_values = {k: float(np.ravel(getattr(tp300, k))[0]) for k in ("free_energy", "entropy", "heat_capacity")}
-    ph.run_thermal_properties(t_min=0, t_max=tmax, t_step=tstep, exclude_gamma_acoustic=True)
 
     # frequencies and imaginary modes
     omega_max = float(max(mesh_f.max(), band_f.max()))
@@ -936,27 +868,12 @@ def _post_process(ph, out: Path | None, log: _RunLog, *, mesh_setting, tmax, tst
     band_modes = find_imaginary_modes(band_q, band_f, where="band", segments=seg_names)
     imaginary = _imaginary_report(mesh_modes, band_modes)
     lowest = _lowest_mode(mesh_q, mesh_f, band_q, band_f, seg_names)
-    if imaginary["count"]:
-        log.warning(f"{imaginary['count']} imaginary modes (below {IMAGINARY_THRESHOLD_THZ} THz) at "
-                    f"{imaginary['q_points_mesh']} mesh q-points and {imaginary['q_points_band']} band-path q-points; "
-                    f"most negative {_describe_mode(imaginary['most_negative_at'])}: the structure is dynamically "
-                    "unstable for this model, or not relaxed, or the supercell is too small")
-    else:
-        log.info(f"no imaginary modes below {IMAGINARY_THRESHOLD_THZ} THz on the mesh or the band path")
-    log.info(f"ω_max = {omega_max:.4f} THz; frequencies at Γ: {np.round(gamma, 4).tolist()} THz")
+    primitive_atoms = _ase_atoms(ph.primitive)
 
-    if nac_summary.get("enabled"):
-        from workflows import nac as nac_module
-
-        lo_to = nac_module.gamma_lo_to(ph)
-        nac_summary["gamma_lo_to"] = _to_builtin(lo_to)
-        log.info(f"LO/TO at Γ: {json.dumps(_to_builtin(lo_to))}")
-
-    summary = {
+    properties = {
         "frequencies": {
             "omega_max_THz": omega_max,
             "gamma_THz": gamma.tolist(),
-            "gamma_note": "at q = 0 exactly (without the NAC term, i.e. TO frequencies for polar crystals)" if nac_summary.get("enabled") else "at q = 0",
             "lowest_THz": lowest["frequency_THz"],
             "lowest_at": lowest,
         },
@@ -974,8 +891,69 @@ def _post_process(ph, out: Path | None, log: _RunLog, *, mesh_setting, tmax, tst
         },
         "band_path": {"segments": [f"{a}-{b}" for a, b in path["segments"]], "bravais_lattice": path["bravais_lattice"],
                       "n_qpoints": int(len(band_q))},
-        "nac": nac_summary,
     }
+    return properties, path
+
+
+def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tstep, nac_summary, primitive_atoms,
+                  born_charges=None) -> dict:
+    """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots."""
+    # projected DOS: needs the full mesh with eigenvectors
+    pdos_note = None
+    if out is not None:
+        n_prim = len(ph.primitive)
+        if isinstance(mesh_setting, list):
+            n_q = int(np.prod(mesh_setting))
+        else:
+            try:
+                from phonopy.phonon.grid import length2mesh  # phonopy 4
+            except ImportError:  # pragma: no cover - phonopy 2 and 3
+                from phonopy.structure.grid_points import length2mesh
+
+            n_q = int(np.prod(length2mesh(mesh_setting, ph.primitive.cell)))
+        memory = n_q * (3 * n_prim) ** 2 * 16
+        if memory < 2e9:
+            ph.run_mesh(mesh_setting, is_mesh_symmetry=False, with_eigenvectors=True, is_gamma_center=True)
+            ph.run_projected_dos()
+            ph.write_projected_dos(filename=out / "projected_dos.dat")
+        else:
+            pdos_note = f"skipped: eigenvectors on the full mesh would need {memory / 1e9:.1f} GB; use a smaller mesh"
+            log.warning(f"projected DOS {pdos_note}")
+
+    # Γ, band structure, symmetry-reduced mesh with group velocities, thermal properties at 300 K, imaginary modes
+    properties, path = _phonon_properties(ph, mesh_setting)
+    # DOS and thermal properties over the whole temperature range on the same mesh
+    ph.run_total_dos()
+    ph.run_thermal_properties(t_min=0, t_max=tmax, t_step=tstep, exclude_gamma_acoustic=True)
+
+    omega_max = properties["frequencies"]["omega_max_THz"]
+    gamma = np.asarray(properties["frequencies"]["gamma_THz"], dtype=float)
+    imaginary = properties["imaginary_modes"]
+    if imaginary["count"]:
+        log.warning(f"{imaginary['count']} imaginary modes (below {IMAGINARY_THRESHOLD_THZ} THz) at "
+                    f"{imaginary['q_points_mesh']} mesh q-points and {imaginary['q_points_band']} band-path q-points; "
+                    f"most negative {_describe_mode(imaginary['most_negative_at'])}: the structure is dynamically "
+                    "unstable for this model, or not relaxed, or the supercell is too small")
+    else:
+        log.info(f"no imaginary modes below {IMAGINARY_THRESHOLD_THZ} THz on the mesh or the band path")
+    log.info(f"ω_max = {omega_max:.4f} THz; frequencies at Γ: {np.round(gamma, 4).tolist()} THz")
+
+    if nac_summary.get("enabled"):
+        from workflows import nac as nac_module
+
+        lo_to = nac_module.gamma_lo_to(ph)
+        nac_summary["gamma_lo_to"] = to_builtin(lo_to)
+        log.info(f"LO/TO at Γ: {json.dumps(to_builtin(lo_to))}")
+
+    freqs = properties["frequencies"]
+    frequencies = {
+        "omega_max_THz": freqs["omega_max_THz"],
+        "gamma_THz": freqs["gamma_THz"],
+        "gamma_note": "at q = 0 exactly (without the NAC term, i.e. TO frequencies for polar crystals)" if nac_summary.get("enabled") else "at q = 0",
+        "lowest_THz": freqs["lowest_THz"],
+        "lowest_at": freqs["lowest_at"],
+    }
+    summary = {**properties, "frequencies": frequencies, "nac": nac_summary}
     if pdos_note:
         summary["projected_dos"] = pdos_note
 

@@ -1,0 +1,286 @@
+"""Energy / force / stress benchmark of one model on one reference set: :func:`run_efs`.
+
+Writes ``DIR/<model-slug>/`` (layout in :mod:`benchmarks.common`):
+
+- ``predictions.npz``: every structure's predicted energy (eV), forces (eV/Å, all atoms concatenated in
+  dataset order), stress (3x3, eV/Å^3), a status per structure (0 to do, 1 done, 2 failed), the errors
+  and the accumulated compute time; written atomically every few seconds, so an interrupted run resumes
+  where it stopped (rerun the same command) and a report can be regenerated without recomputing;
+- ``predictions.extxyz``: the successful structures with predicted ``energy``/``forces``/``stress`` and
+  the reference as ``ref_energy``/``ref_forces``/``ref_stress`` (readable with ``ase.io.read``);
+- ``metrics.json`` (all metrics, the failures, model identity, dataset hash, software, wall time),
+  ``parity.npz`` (``energy`` eV/atom, ``force`` eV/Å components, ``stress`` GPa components), ``run.log``.
+
+Structures are evaluated in batched model calls (``calculate_batch``) when the calculator can batch; a
+batch that raises is retried one structure at a time so that one bad structure fails alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from benchmarks.common import metric, metrics_document, model_folder, write_benchmark_json
+from benchmarks.datasets import Dataset
+from benchmarks.metrics import EV_A3_TO_GPA, efs_metrics
+from mattersim.calculator import evaluate_batch, model_info
+from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, write_results
+
+__all__ = ["run_efs", "pressure_groups"]
+
+logger = logging.getLogger("mattersim.bench")
+
+_TODO, _DONE, _FAILED = 0, 1, 2
+#: atoms per evaluation chunk (one batched model call, one progress step)
+CHUNK_ATOMS = 1024
+#: seconds between checkpoints of predictions.npz
+SAVE_EVERY_S = 10.0
+
+
+class _Store:
+    """``predictions.npz`` of one model on one dataset."""
+
+    def __init__(self, path: Path, key: str, data: Dataset):
+        self.path, self.key = path, key
+        n, n_at = len(data), int(data.n_atoms.sum())
+        self.offsets = np.concatenate([[0], np.cumsum(data.n_atoms)])
+        self.energy = np.full(n, np.nan)
+        self.forces = np.full((n_at, 3), np.nan)
+        self.stress = np.full((n, 3, 3), np.nan)
+        self.status = np.zeros(n, dtype=np.int8)
+        self.errors: dict[int, str] = {}
+        self.elapsed = 0.0
+
+    def load(self, log: RunLog) -> bool:
+        if not self.path.exists():
+            return False
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                key = str(f["key"])
+                if key != self.key:
+                    backup = self.path.with_name(self.path.name + ".old")
+                    os.replace(self.path, backup)
+                    log.warning(f"{self.path} belongs to another model or dataset version; moved it to {backup.name} "
+                                "and starting afresh.")
+                    return False
+                if f["status"].shape != self.status.shape or f["forces"].shape != self.forces.shape:
+                    raise ValueError("array shapes do not match the dataset")
+                self.energy, self.forces, self.stress = f["energy"], f["forces"], f["stress"]
+                self.status = f["status"]
+                self.errors = {int(k): v for k, v in json.loads(str(f["errors"])).items()}
+                self.elapsed = float(f["elapsed"])
+        except Exception as exc:  # half-written by another program, foreign file
+            log.warning(f"{self.path} is unreadable ({type(exc).__name__}: {exc}); starting afresh.")
+            return False
+        return True
+
+    def save(self) -> None:
+        with atomic_path(self.path) as tmp:
+            np.savez(tmp, key=np.array(self.key), energy=self.energy, forces=self.forces, stress=self.stress,
+                     status=self.status, errors=np.array(json.dumps({str(k): v for k, v in self.errors.items()})),
+                     elapsed=np.array(self.elapsed))
+
+    def forces_of(self, i: int) -> np.ndarray:
+        return self.forces[self.offsets[i]:self.offsets[i + 1]]
+
+    def put(self, i: int, result: dict) -> None:
+        n = self.offsets[i + 1] - self.offsets[i]
+        energy = float(result["energy"])
+        forces = np.asarray(result["forces"], dtype=float).reshape(n, 3)
+        stress = result.get("stress")
+        stress = np.full((3, 3), np.nan) if stress is None else np.asarray(stress, dtype=float).reshape(-1)
+        if stress.size == 6:
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            stress = voigt_6_to_full_3x3_stress(stress)
+        stress = stress.reshape(3, 3)
+        bad = [name for name, v in (("energy", energy), ("forces", forces), ("stress", stress)) if not np.all(np.isfinite(v))]
+        if bad:
+            self.fail(i, f"non-finite {' and '.join(bad)} in the prediction")
+            return
+        self.energy[i], self.stress[i] = energy, stress
+        self.forces[self.offsets[i]:self.offsets[i + 1]] = forces
+        self.status[i] = _DONE
+        self.errors.pop(i, None)
+
+    def fail(self, i: int, error: str) -> None:
+        self.status[i] = _FAILED
+        self.errors[i] = error
+
+
+def _chunks(todo: Sequence[int], n_atoms: np.ndarray, max_atoms: int) -> list[list[int]]:
+    chunks, current, count = [], [], 0
+    for i in todo:
+        if current and count + n_atoms[i] > max_atoms:
+            chunks.append(current)
+            current, count = [], 0
+        current.append(i)
+        count += int(n_atoms[i])
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _evaluate(calc, data: Dataset, idx: list[int], store: _Store) -> None:
+    """Evaluate the structures ``idx``; a failing batch is retried one structure at a time."""
+    try:
+        results = evaluate_batch(calc, [data.structures[i] for i in idx])
+        if len(results) != len(idx):
+            raise RuntimeError(f"the calculator returned {len(results)} results for {len(idx)} structures")
+    except Exception as exc:
+        if len(idx) == 1:
+            store.fail(idx[0], _error_text(exc))
+            return
+        for i in idx:
+            _evaluate(calc, data, [i], store)
+        return
+    for i, res in zip(idx, results):
+        try:
+            store.put(i, res)
+        except Exception as exc:  # malformed result (missing key, wrong shape)
+            store.fail(i, _error_text(exc))
+
+
+def pressure_groups(data: Dataset, ok: np.ndarray, store: _Store, edges: Sequence[float]) -> dict[str, list[dict]]:
+    """The metrics per reference-pressure bin ``[edges[k], edges[k+1])`` (GPa); open bins below/above when used."""
+    edges = [float(e) for e in edges]
+    bounds = [(-np.inf, edges[0])] + list(zip(edges[:-1], edges[1:])) + [(edges[-1], np.inf)]
+    groups = {}
+    for lo, hi in bounds:
+        members = (data.pressure_GPa >= lo) & (data.pressure_GPa < hi)
+        if not members.any():
+            continue
+        name = (f"P < {lo if np.isfinite(lo) else hi:g} GPa" if not np.isfinite(lo) else
+                f"P ≥ {lo:g} GPa" if not np.isfinite(hi) else f"{lo:g}-{hi:g} GPa")
+        sel = np.flatnonzero(members & ok)
+        groups[name] = _metrics(data, store, sel) + [
+            metric("n_structures", "Structures in the bin", None, int(members.sum()), None),
+            metric("n_failed", "Failed structures in the bin", None, int((members & ~ok).sum()), "lower"),
+        ]
+    return groups
+
+
+def _metrics(data: Dataset, store: _Store, sel: np.ndarray) -> list[dict]:
+    has_stress = bool(len(sel)) and np.all(np.isfinite(store.stress[sel]))
+    return efs_metrics(data.n_atoms[sel], data.energy[sel], store.energy[sel], [data.forces[i] for i in sel],
+                       [store.forces_of(i) for i in sel], data.stress[sel],
+                       store.stress[sel] if has_stress else None)
+
+
+def _write_outputs(out: Path, data: Dataset, store: _Store, info: dict) -> None:
+    ok = np.flatnonzero(store.status == _DONE)
+    parity = {
+        "energy__ref": data.energy[ok] / data.n_atoms[ok], "energy__pred": store.energy[ok] / data.n_atoms[ok],
+        "force__ref": np.concatenate([data.forces[i].ravel() for i in ok]) if len(ok) else np.zeros(0),
+        "force__pred": np.concatenate([store.forces_of(i).ravel() for i in ok]) if len(ok) else np.zeros(0),
+        "stress__ref": data.stress[ok].ravel() * EV_A3_TO_GPA, "stress__pred": store.stress[ok].ravel() * EV_A3_TO_GPA,
+    }
+    with atomic_path(out / "parity.npz") as tmp:
+        np.savez_compressed(tmp, **parity)
+    results = [{"energy": store.energy[i], "forces": store.forces_of(i), "stress": store.stress[i],
+                "ref_energy": data.energy[i], "ref_forces": data.forces[i], "ref_stress": data.stress[i]} for i in ok]
+    write_results(out / "predictions.extxyz", [data.structures[i] for i in ok], results, info,
+                  labels=[data.ids[i] for i in ok])
+
+
+def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchmark: str | None = None,
+            chunk_atoms: int = CHUNK_ATOMS, pressure_bins: Sequence[float] | None = None, progress: bool = True,
+            kind: str = "efs") -> dict:
+    """Evaluate ``calculator`` on every structure of ``data`` and write the results to ``output_dir``.
+
+    Returns the ``metrics.json`` document. ``pressure_bins`` (GPa edges) adds one metrics group per
+    reference-pressure bin. Rerunning with the same output folder, model and dataset resumes; a
+    different model goes to its own subfolder; the same model on another dataset version starts afresh
+    (the old predictions are kept as ``predictions.npz.old``).
+    """
+    benchmark = benchmark or data.name
+    info = model_info(calculator)
+    root, slug, out = model_folder(output_dir, benchmark, info)
+    dataset = data.describe()
+    key = json.dumps({"dataset_sha256": data.sha256, "n": len(data), "model": info.get("name"),
+                      "model_sha256": info.get("sha256"), "version": info.get("version")}, sort_keys=True)
+    store = _Store(out / "predictions.npz", key, data)
+    with RunLog(out / "run.log", logger) as log:
+        resumed = store.load(log)
+        todo = np.flatnonzero(store.status == _TODO).tolist()
+        log.info(f"{benchmark}: {len(data)} structures ({int(data.n_atoms.sum())} atoms) from {data.path} "
+                 f"(sha256 {data.sha256[:12]}), model {info.get('name')} (sha256 {str(info.get('sha256'))[:12]}); "
+                 f"{len(data) - len(todo)} already done{' (resumed)' if resumed else ''}, {len(todo)} to evaluate")
+        for note in data.notes:
+            log.warning(f"dataset: {note}")
+        last_save = time.perf_counter()
+        t0 = time.perf_counter()
+        try:
+            with progress_bar(progress, len(todo), f"{benchmark} · {info.get('name')}") as bar:
+                for idx in _chunks(todo, data.n_atoms, chunk_atoms):
+                    _evaluate(calculator, data, idx, store)
+                    bar.advance(len(idx))
+                    if time.perf_counter() - last_save > SAVE_EVERY_S:
+                        store.elapsed += time.perf_counter() - t0
+                        t0 = last_save = time.perf_counter()
+                        store.save()
+        finally:
+            store.elapsed += time.perf_counter() - t0
+            store.save()
+        ok_mask = store.status == _DONE
+        failures = [{"index": int(i), "id": data.ids[i], "error": store.errors.get(int(i), "unknown")}
+                    for i in np.flatnonzero(store.status == _FAILED)]
+        for f in failures:
+            log.warning(f"failed: structure {f['index']} ({f['id']}): {f['error']}")
+        metrics = _metrics(data, store, np.flatnonzero(ok_mask)) + [
+            metric("n_structures", "Structures", None, len(data), None),
+            metric("n_failed", "Failed structures", None, len(failures), "lower"),
+            metric("time_ms_per_atom", "Compute time per atom", "ms",
+                   1e3 * store.elapsed / max(1, int(data.n_atoms[ok_mask].sum())), None),
+        ]
+        groups = pressure_groups(data, ok_mask, store, pressure_bins) if pressure_bins else None
+        doc = metrics_document(benchmark=benchmark, kind=kind, dataset=dataset, model=info, metrics=metrics,
+                               n_items=len(data), n_done=int(ok_mask.sum()), failures=failures,
+                               wall_time_s=store.elapsed, groups=groups,
+                               extra={"chunk_atoms": int(chunk_atoms),
+                                      "pressure_bins_GPa": list(pressure_bins) if pressure_bins else None,
+                                      "batched": hasattr(calculator, "calculate_batch")})
+        _write_outputs(out, data, store, info)
+        atomic_write_json(out / "metrics.json", doc)
+        write_benchmark_json(root, benchmark=benchmark, kind=kind, dataset=dataset, slug=slug)
+        summary = ", ".join(f"{m['key']} {m['value']:.4g}" for m in metrics[:8] if m["value"] is not None)
+        log.info(f"done: {int(ok_mask.sum())} of {len(data)} structures, {len(failures)} failed, "
+                 f"{store.elapsed:.1f} s compute; {summary}")
+    return doc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.efs SET --model M [--data DIR] -o OUT``."""
+    import argparse
+
+    from benchmarks.datasets import load_set
+    from mattersim.registry import load_calculator
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("set", help="a known set name or an extxyz file")
+    parser.add_argument("--model", action="append", required=True)
+    parser.add_argument("--data", default=None, help="folder holding the set files")
+    parser.add_argument("--max", type=int, default=None, help="only the first N structures")
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args(argv)
+    data = load_set(args.set, args.data)
+    if args.max:
+        data = data.subset(range(min(args.max, len(data))))
+    for name in args.model:
+        doc = run_efs(data, load_calculator(name), args.output)
+        print(json.dumps({m["key"]: m["value"] for m in doc["metrics"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""One entry point for every benchmark: :func:`run_benchmark` (used by ``mattersim bench run``).
+
+Targets:
+
+- a known energy/force/stress set (:data:`benchmarks.datasets.SETS`), e.g. ``mpf-TP``;
+- ``all``: the six known sets, each into ``OUTPUT/<set>/``;
+- ``hex``: HEX from the file given as ``data`` (:mod:`benchmarks.hex`);
+- ``phonondb``: PhononDB entries under the folder ``data`` (:mod:`benchmarks.phonondb`), restricted to
+  ``subset`` (a file of entry ids; by default ``benchmark_subset.txt`` next to the entries folder, when
+  it exists);
+- the path of any extxyz file with energy, forces and stress (a custom set named after the file).
+
+Every model is loaded once and run on every set; results go to ``OUTPUT/<model>/`` (one set) or
+``OUTPUT/<set>/<model>/`` (``all``). Reruns resume.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmarks.datasets import SETS, load_set
+from mattersim.errors import InputError
+
+__all__ = ["TARGETS", "run_benchmark"]
+
+TARGETS = (*SETS, "all", "hex", "phonondb")
+
+
+def _default_subset(root: Path) -> Path | None:
+    for candidate in (root / "benchmark_subset.txt", root.parent / "benchmark_subset.txt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathLike, *,
+                  data: str | os.PathLike | None = None, subset: str | os.PathLike | None = None,
+                  max_items: int | None = None, device: str = "cpu", dtype: str = "float32",
+                  trust_pickle: bool = False, download: bool = True, progress: bool = True) -> list[dict]:
+    """Run ``target`` for each of ``models`` (names, checkpoint paths or calculators); returns the
+    ``metrics.json`` documents, one per (model, set)."""
+    from mattersim.registry import load_calculator
+
+    if not models:
+        raise InputError("Give at least one model (--model NAME or a checkpoint path).")
+    text = str(target).strip()
+    lowered = text.lower()
+    out = Path(output_dir)
+    # check the inputs before loading any model
+    if lowered == "hex":
+        if data is None or not Path(data).is_file():
+            raise InputError("The HEX benchmark needs its reference file: pass --data FILE (extxyz with energy, "
+                             "forces and stress; see docs/benchmarks.md).")
+        jobs = [("hex", None)]
+    elif lowered == "phonondb":
+        if data is None or not Path(data).exists():
+            raise InputError("The PhononDB benchmark needs its entries: pass --data DIR (a folder of PhononDB "
+                             "entries or .tar.lzma archives).")
+        jobs = [("phonondb", None)]
+    elif lowered == "all":
+        sets = [load_set(name, data, download=download, progress=progress) for name in SETS]
+        jobs = [("efs", (s, out / s.name)) for s in sets]
+    else:
+        dataset = load_set(text, data, download=download, progress=progress)
+        jobs = [("efs", (dataset, out))]
+    if max_items:
+        jobs = [(kind, (arg[0].subset(range(min(int(max_items), len(arg[0])))), arg[1])) if kind == "efs"
+                else (kind, arg) for kind, arg in jobs]
+
+    entries = None
+    if lowered == "phonondb":
+        from benchmarks.phonondb import find_entries
+
+        root = Path(data)
+        subset_file = subset if subset is not None else (_default_subset(root) if root.is_dir() else None)
+        entries = find_entries(root, subset=subset_file)
+
+    documents = []
+    for model in models:
+        calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download)
+        for kind, arg in jobs:
+            if kind == "efs":
+                from benchmarks.efs import run_efs
+
+                dataset, folder = arg
+                documents.append(run_efs(dataset, calc, folder, progress=progress))
+            elif kind == "hex":
+                from benchmarks.hex import run_hex
+
+                documents.append(run_hex(data, calc, out, max_items=max_items, progress=progress))
+            else:
+                from benchmarks.phonondb import run_phonondb
+
+                documents.append(run_phonondb(entries, calc, out, progress=progress, max_entries=max_items))
+    return documents
