@@ -16,7 +16,9 @@ from mattersim.potential import Potential
 
 
 class MatterSimCalculator(Calculator):
-    """ASE calculator for MatterSim potentials: energy, free_energy, energies, forces, stress.
+    """ASE calculator for MatterSim potentials: energy, free_energy, energies, forces, stress, and the
+    properties of a multi-task model (``magmoms`` μB, ``charges`` e, ``born_effective_charges`` e as
+    (n, 3, 3) in phonopy's order, ``dielectric_tensor`` (3, 3)).
 
     Works with every ASE optimizer, filter and MD integrator. ``calculate_batch`` evaluates many
     structures in batched model calls without touching any ``Atoms.calc``.
@@ -28,6 +30,9 @@ class MatterSimCalculator(Calculator):
         super().__init__(**kwargs)
         self.potential = potential
         self.model_info = dict(potential.identity)
+        # a multi-task model adds its properties: magmoms, charges, born_effective_charges (n, 3, 3),
+        # dielectric_tensor (3, 3)
+        self.implemented_properties = list(type(self).implemented_properties) + list(potential.tasks)
 
     def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -79,3 +79,72 @@ def build_m3gnet(ckpt: dict, path: str | Path = "<checkpoint>") -> M3Gnet:
         )
     model.load_state_dict(state, strict=True)
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Our own checkpoint format (multi-task models, trained or fine-tuned here)
+# --------------------------------------------------------------------------------------------------
+#: ``format`` value of our checkpoints, and the newest ``format_version`` this code reads and writes
+FORMAT = "mattersim-mt"
+FORMAT_VERSION = 1
+
+
+def is_multitask_checkpoint(ckpt: dict) -> bool:
+    return ckpt.get("format") == FORMAT
+
+
+def save_model(path: str | Path, model, **meta) -> Path:
+    """Write ``model`` (a :class:`mattersim.multitask.MultiTaskModel`) atomically as a versioned checkpoint.
+
+    The file is a ``torch.save`` dict of plain data (loads with ``weights_only=True``): ``format``,
+    ``format_version``, ``config`` (the architecture), ``model`` (state dict: weights, energy references,
+    head normalisation) and any metadata given as keywords (``metrics``, ``data``, ``training`` ...),
+    which must be plain data (dicts, lists, numbers, strings, tensors).
+    """
+    from mattersim.io import atomic_path
+
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": "mattersim-mt",
+        "config": model.config,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **meta,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)
+
+
+def build_multitask(ckpt: dict, path: str | Path = "<checkpoint>"):
+    """The :class:`~mattersim.multitask.MultiTaskModel` of one of our checkpoints, weights loaded strictly."""
+    from mattersim.multitask import MultiTaskModel
+
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version!r} is newer than this mattersim reads "
+            f"(<= {FORMAT_VERSION}); upgrade mattersim."
+        )
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or "backbone" not in config:
+        raise CheckpointError(f"{path}: the checkpoint has no model 'config' with a 'backbone'; it is damaged.")
+    try:
+        model = MultiTaskModel.from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: config {config} does not describe a valid model ({exc}).") from None
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the weights do not match the config's architecture ({str(exc)[:300]}).") from None
+    return model
+
+
+def load_model(path: str | Path, trust_pickle: bool = False):
+    """``(model, ckpt)`` for one of our checkpoints or an official v1 one (as an energy-only model)."""
+    from mattersim.multitask import MultiTaskModel
+
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
+    if is_multitask_checkpoint(ckpt):
+        return build_multitask(ckpt, path), ckpt
+    return MultiTaskModel(build_m3gnet(ckpt, path)), ckpt

@@ -17,7 +17,7 @@ atom then sees a periodic image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,23 @@ class GraphBatch:
     @property
     def num_edges(self) -> int:
         return int(self.edge_index.shape[1])
+
+
+class Encoded(NamedTuple):
+    """What a backbone hands to the heads: atom features and the geometry of the graph's edges."""
+
+    atom: torch.Tensor  # (N, d) invariant features
+    equi: torch.Tensor | None  # (N, 3, d) equivariant features, or None (M3GNet backbone)
+    edge_vec: torch.Tensor  # (E, 3) r_j + image - r_i, centre i = edge_index[0]
+    edge_len: torch.Tensor  # (E,)
+
+
+def edge_geometry(graph: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge vectors from centre to neighbour image (E, 3) and their lengths (E,), differentiable."""
+    centre, neighbour = graph.edge_index[0], graph.edge_index[1]
+    offsets = torch.bmm(graph.edge_shift.unsqueeze(1), cell.index_select(0, graph.edge_batch)).squeeze(1)
+    vec = positions.index_select(0, neighbour) + offsets - positions.index_select(0, centre)
+    return vec, torch.linalg.norm(vec, dim=1)
 
 
 def _box_non_periodic(positions: np.ndarray, margin: float) -> np.ndarray:

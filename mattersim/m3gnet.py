@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mattersim.graph import GraphBatch
+from mattersim.graph import Encoded, GraphBatch
 
 #: model_args of the official v1 architecture (1M checkpoint); the 5M one differs in ``units``/blocks.
 DEFAULT_MODEL_ARGS = {
@@ -382,8 +382,19 @@ class M3Gnet(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
         nn.init.uniform_(self.atom_embedding.mlp[0].linear.weight, -0.05, 0.05)
 
+    kind = "m3gnet"
+
     def atomic_energies(self, graph: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Per-atom energies for the given (possibly strained, autograd-tracked) positions and cells."""
+        return self.readout(self.encode(graph, positions, cell), graph)
+
+    def readout(self, enc, graph: GraphBatch) -> torch.Tensor:
+        """Per-atom energies from the encoded atom features (the official final gated MLP and scaling)."""
+        return self.normalizer(self.final(enc.atom).view(-1), graph.numbers)
+
+    def encode(self, graph: GraphBatch, positions: torch.Tensor, cell: torch.Tensor):
+        """Atom features after the message-passing blocks, with the edge geometry, for energy and heads
+        (a :class:`mattersim.transformer.Encoded` without equivariant features)."""
         centre, neighbour = graph.edge_index[0], graph.edge_index[1]
         offsets = torch.bmm(graph.edge_shift.unsqueeze(1), cell.index_select(0, graph.edge_batch)).squeeze(1)
         edge_vec = positions.index_select(0, centre) - (positions.index_select(0, neighbour) + offsets)
@@ -412,8 +423,7 @@ class M3Gnet(nn.Module):
         edge_attrs = [self.edge_encoder(c.rbf) for c in chunks]
         for block in self.graph_conv:
             atom_attr, edge_attrs = block(atom_attr, edge_attrs, chunks)
-        energies = self.final(atom_attr).view(-1)
-        return self.normalizer(energies, graph.numbers)
+        return Encoded(atom_attr, None, -edge_vec, edge_len)
 
     def get_model_args(self) -> dict:
         return dict(self.model_args)

@@ -20,6 +20,7 @@ from ase.data import chemical_symbols
 
 from mattersim.errors import InputError
 from mattersim.graph import GraphBatch, StructureGraph, build_structure_graph, collate
+from mattersim.heads import ATOM_TASKS
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
 
@@ -42,6 +43,56 @@ def check_elements(atoms: Atoms, max_z: int, label: str = "structure") -> None:
             f"{label}: element {names} is outside the model's range (H to {chemical_symbols[max_z]}, Z <= {max_z}); "
             "remove it or use a model that covers it."
         )
+
+
+def evaluate(
+    model: torch.nn.Module,
+    graph: GraphBatch,
+    *,
+    forces: bool = True,
+    stress: bool = True,
+    tasks: Sequence[str] | None = None,
+    create_graph: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Energies (B,), per-atom ``energies`` (N,), ``forces`` (N, 3) eV/Å, ``stress`` (B, 3, 3) eV/Å^3 and,
+    for a multi-task model, its property predictions (``tasks``, default all), for a batched graph.
+
+    Forces are ``-dE/dr`` and stress ``(1/V) dE/d(strain)`` at zero strain. ``create_graph=True`` keeps
+    the graph of the derivatives so that a loss on forces and stress can be differentiated (training).
+    """
+    positions, cell = graph.positions, graph.cell
+    with torch.enable_grad():
+        inputs = []
+        if forces:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        strain = None
+        if stress:
+            strain = torch.zeros_like(cell, requires_grad=True)
+            inputs.append(strain)
+            deform = torch.eye(3, dtype=cell.dtype, device=cell.device) + strain
+            cell_s = torch.bmm(cell, deform)
+            pos_s = torch.bmm(positions.unsqueeze(1), deform[graph.batch]).squeeze(1)
+        else:
+            cell_s, pos_s = cell, positions
+        if getattr(model, "tasks", ()):
+            out = dict(model(graph, pos_s, cell_s, tasks=tasks))
+        else:
+            out = {"energies": model.atomic_energies(graph, pos_s, cell_s)}
+        atomic = out["energies"]
+        energy = torch.zeros(graph.num_structures, dtype=atomic.dtype, device=atomic.device)
+        out["energy"] = energy.index_add(0, graph.batch, atomic)
+        if inputs and (out["energy"].requires_grad or create_graph):
+            grads = torch.autograd.grad(out["energy"].sum(), inputs, allow_unused=True, create_graph=create_graph)
+        else:
+            grads = [None] * len(inputs)
+        if forces:
+            out["forces"] = -grads[0] if grads[0] is not None else torch.zeros_like(positions)
+        if stress:
+            g = grads[-1] if grads[-1] is not None else torch.zeros_like(strain)
+            volume = torch.abs(torch.linalg.det(cell))
+            out["stress"] = g / volume[:, None, None]
+    return out
 
 
 class Potential(torch.nn.Module):
@@ -83,21 +134,25 @@ class Potential(torch.nn.Module):
         version: str | None = None,
         **kwargs,
     ) -> "Potential":
-        """Load an official-format MatterSim v1 checkpoint (``mattersim-v1.0.0-1M.pth`` or a fine-tuned one)."""
-        from mattersim.checkpoint import build_m3gnet, read_checkpoint
+        """Load an official-format MatterSim v1 checkpoint (``mattersim-v1.0.0-1M.pth`` or a fine-tuned
+        one) or one of our multi-task checkpoints (:func:`mattersim.checkpoint.save_model`)."""
+        from mattersim.checkpoint import build_m3gnet, build_multitask, is_multitask_checkpoint, read_checkpoint
         from mattersim.registry import file_sha256
 
         path = Path(path)
         ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
-        model = build_m3gnet(ckpt, path)
+        multitask = is_multitask_checkpoint(ckpt)
+        model = build_multitask(ckpt, path) if multitask else build_m3gnet(ckpt, path)
         identity = {
             "name": name or path.stem,
             "version": version,
-            "kind": "mattersim-v1",
+            "kind": "mattersim-mt" if multitask else "mattersim-v1",
             "source": str(path.resolve()),
             "sha256": file_sha256(path),
             "model_args": model.get_model_args(),
         }
+        if multitask:
+            identity["tasks"] = list(model.tasks)
         return cls(model, device=device, dtype=dtype, identity=identity, **kwargs)
 
     @property
@@ -113,40 +168,15 @@ class Potential(torch.nn.Module):
         return self.model.max_z
 
     # ------------------------------------------------------------------ evaluation
-    def forward(self, graph: GraphBatch, forces: bool = True, stress: bool = True) -> dict[str, torch.Tensor]:
-        """Energies (B,), per-atom energies (N,), forces (N, 3) and stress (B, 3, 3) of a batched graph."""
-        positions, cell = graph.positions, graph.cell
-        with torch.enable_grad():
-            inputs = []
-            if forces:
-                positions = positions.detach().requires_grad_(True)
-                inputs.append(positions)
-            strain = None
-            if stress:
-                strain = torch.zeros_like(cell, requires_grad=True)
-                inputs.append(strain)
-                deform = torch.eye(3, dtype=cell.dtype, device=cell.device) + strain
-                cell_s = torch.bmm(cell, deform)
-                pos_s = torch.bmm(positions.unsqueeze(1), deform[graph.batch]).squeeze(1)
-            else:
-                cell_s, pos_s = cell, positions
-            atomic = self.model.atomic_energies(graph, pos_s, cell_s)
-            energy = torch.zeros(graph.num_structures, dtype=atomic.dtype, device=atomic.device)
-            energy = energy.index_add(0, graph.batch, atomic)
-            out = {"energy": energy.detach(), "energies": atomic.detach()}
-            if inputs:
-                grads = torch.autograd.grad(energy.sum(), inputs, allow_unused=True)
-                k = 0
-                if forces:
-                    g = grads[0]
-                    out["forces"] = -g if g is not None else torch.zeros_like(positions)
-                    k = 1
-                if stress:
-                    g = grads[k] if grads[k] is not None else torch.zeros_like(strain)
-                    volume = torch.abs(torch.linalg.det(cell))
-                    out["stress"] = g / volume[:, None, None]
-        return out
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The property heads of the model (empty for an energy-only model)."""
+        return tuple(getattr(self.model, "tasks", ()))
 
+    def forward(self, graph: GraphBatch, forces: bool = True, stress: bool = True) -> dict[str, torch.Tensor]:
+        """Energies (B,), per-atom energies (N,), forces (N, 3), stress (B, 3, 3) and the model's property
+        predictions of a batched graph, detached."""
+        return {k: v.detach() for k, v in evaluate(self.model, graph, forces=forces, stress=stress).items()}
     def graphs(self, structures: Sequence[Atoms], labels: Sequence[str] | None = None) -> list[StructureGraph]:
         out = []
         for k, atoms in enumerate(structures):
@@ -178,8 +208,9 @@ class Potential(torch.nn.Module):
         stress: bool = True,
         labels: Sequence[str] | None = None,
     ) -> list[dict]:
-        """Results per structure: ``energy`` (eV), ``energies`` (n,), ``forces`` (n, 3) eV/Å and
-        ``stress`` (3, 3) eV/Å^3, as float64 numpy arrays."""
+        """Results per structure: ``energy`` (eV), ``energies`` (n,), ``forces`` (n, 3) eV/Å,
+        ``stress`` (3, 3) eV/Å^3 and, for a multi-task model, ``magmoms`` (n,), ``charges`` (n,),
+        ``born_effective_charges`` (n, 3, 3) and ``dielectric_tensor`` (3, 3), as float64 numpy arrays."""
         if isinstance(structures, Atoms):
             structures = [structures]
         graphs = self.graphs(structures, labels)
@@ -191,11 +222,15 @@ class Potential(torch.nn.Module):
             energy = out["energy"].double().cpu().numpy()
             per_atom = torch.split(out["energies"].double().cpu(), atom_splits)
             f_split = torch.split(out["forces"].double().cpu(), atom_splits) if forces else None
+            task_split = {t: torch.split(out[t], atom_splits) for t in self.tasks if t in out and t in ATOM_TASKS}
             for pos, k in enumerate(idx):
                 res = {"energy": float(energy[pos]), "energies": per_atom[pos].numpy()}
                 if forces:
                     res["forces"] = f_split[pos].numpy()
                 if stress:
                     res["stress"] = out["stress"][pos].double().cpu().numpy()
+                for task in self.tasks:
+                    if task in out:
+                        res[task] = (task_split[task][pos] if task in task_split else out[task][pos]).double().cpu().numpy()
                 results[k] = res
         return results
