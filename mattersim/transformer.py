@@ -78,8 +78,13 @@ def neighbour_softmax(scores: torch.Tensor, weight: torch.Tensor, centre: torch.
     return m * w / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def equi_norm(e: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Rotation-equivariant layer norm of (N, 3, d) features: divide by the RMS vector norm over channels."""
+def equi_norm(e: torch.Tensor, weight: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Rotation-equivariant layer norm of (N, 3, d) features: divide by ``sqrt(mean_c |e_c|^2 + eps)``.
+
+    ``eps = 1`` keeps the map smooth with a bounded gradient where ``e`` vanishes, as it does at every
+    centre of inversion: a small ``eps`` would turn a 0.001 Å displacement from such a site into features
+    of order one (forces of thousands of eV/Å; the crossing test in tests/test_multitask.py).
+    """
     rms = torch.sqrt(torch.mean(torch.sum(e * e, dim=1), dim=-1, keepdim=True) + eps)  # (N, 1)
     return e / rms.unsqueeze(1) * weight
 
@@ -162,13 +167,14 @@ class InvariantCrossAttention(_Attention):
         self.norm_weight = nn.Parameter(torch.ones(width))
         self.q = nn.Linear(width, width)
         self.pair = nn.Linear(width, 4 * width, bias=False)
-        self.kv_norm = nn.LayerNorm(2 * width)
         self.out = nn.Linear(width, width)
 
     def forward(self, x, e, ctx):
         q = self.q(self.norm(x))
         a1, b1, a2, b2 = self.pair(equi_norm(e, self.norm_weight)).chunk(4, dim=-1)
-        k, v = self.kv_norm(torch.cat([torch.sum(a1 * b1, dim=1), torch.sum(a2 * b2, dim=1)], dim=-1)).chunk(2, dim=-1)
+        # no layer norm on these invariants: they vanish together at centres of inversion, where a norm
+        # would amplify second-order changes (force constants) by 1/sqrt(eps)
+        k, v = torch.sum(a1 * b1, dim=1), torch.sum(a2 * b2, dim=1)
         attn = self.weights(self.heads_view(q), self.heads_view(k), ctx, (-1,))
         values = self.heads_view(v).index_select(0, ctx.neighbour)
         return x + self.out(self.aggregate(attn, values, ctx)), e
@@ -256,7 +262,7 @@ class TransformerBackbone(nn.Module):
         self.threebody_cutoff = 0.0  # no three-body triplets: the graph builder then makes none
         self.embedding = nn.Embedding(max_z + 1, width)
         self.rbf = GaussianBasis(cutoff, num_gaussians)
-        self.centrality = nn.Linear(num_gaussians, width)
+        self.centrality = nn.Linear(num_gaussians, width, bias=False)  # a bias per edge would jump at r_c
         self.equi_init = nn.Linear(num_gaussians, width, bias=False)
         self.blocks = nn.ModuleList(
             [TransformerBlock(width, num_heads, num_gaussians, ffn_factor) for _ in range(num_blocks)]
