@@ -839,7 +839,7 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     entries_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "mesh_length_A": mesh_length, "mesh": mesh_numbers, "fmax_eV_per_A": float(fmax),
-        "relax_steps": int(relax_steps), "relax_mode": "full", "displacement_A": DISPLACEMENT,
+        "relax_steps": int(relax_steps), "relax_mode": "full-symmetric", "displacement_A": DISPLACEMENT,
         "nac_method": NAC_METHOD, "symprec": SYMPREC, "temperature_K": 300.0,
     }
     model_id = _model_identity(info)

@@ -2,8 +2,9 @@
 
 Commands: ``models`` (what is installed/cached), ``predict`` (energies, forces, stresses of structure
 files), ``relax`` (batched relaxations with a summary), ``phonon`` (harmonic phonons with phonopy,
-:mod:`workflows.phonon`) and ``bench run`` / ``bench report`` (:mod:`benchmarks`). Heavy modules (torch, the model registry, ASE
-optimizers) are imported inside the commands, so ``mattersim --help`` stays fast.
+:mod:`workflows.phonon`), ``train`` / ``finetune`` (:mod:`mattersim.training`) and ``bench run`` /
+``bench report`` (:mod:`benchmarks`). Heavy modules (torch, the model registry, ASE optimizers) are
+imported inside the commands, so ``mattersim --help`` stays fast.
 
 Every :class:`~mattersim.errors.MatterSimError` (a bad file, an unknown model, ...) is printed as one red
 ``Error: ...`` line on stderr and the command exits with code 2; a relaxation that did not converge exits
@@ -621,6 +622,65 @@ def phonon_command(
     table.add_row("output", escape(str(outdir)))
     console = _stdout_console()
     _print_table(console, table)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train / finetune
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _run_training(config: Path, output: Optional[Path], progress: bool, finetune: bool) -> None:
+    """Shared body of ``train`` and ``finetune``: check the mode, train, print the best validation MAEs."""
+    import dataclasses
+
+    from rich.markup import escape
+
+    from mattersim.training import UNITS, load_config, train
+
+    cfg = load_config(config)
+    if finetune and not cfg.init_from:
+        raise InputError(f"{config}: field 'init_from' is missing; 'mattersim finetune' starts from a checkpoint: set init_from "
+                         "to a checkpoint path or a model name (or train from scratch with 'mattersim train').")
+    if not finetune and cfg.init_from:
+        raise InputError(f"{config}: field 'init_from' is set; 'mattersim train' trains from scratch: remove init_from, "
+                         f"or run 'mattersim finetune {config}'.")
+    if output is not None:
+        cfg = dataclasses.replace(cfg, output=str(output))
+    result = train(cfg, progress=progress)
+    best = result.best_metrics or {}
+    table = _table(f"{'Validation' if best.get('on', 'valid') == 'valid' else 'Training'} MAEs")
+    for name, justify in (("quantity", "left"), ("MAE", "right"), ("unit", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for term, unit in UNITS.items():
+        if f"{term}_mae" in best:
+            table.add_row(term, f"{best[f'{term}_mae']:.4g}", escape(unit))
+    if "loss" in best:
+        table.add_row("loss", f"{best['loss']:.4g}", "")
+    console = _stdout_console()
+    _print_table(console, table)
+    note = ", stopped early" if result.stopped_early else ""
+    console.print(f"Best epoch {result.best_epoch} of {result.epochs_done}{note}: {result.best_checkpoint}; "
+                  f"log, history and last.pth in {result.output} ({result.wall_time_s:.1f} s)", markup=False)
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Argument(..., help="Training config (YAML or JSON) with 'model' and 'train'; see docs/training.md."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides the config's 'output'; a rerun resumes there)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a multi-task model from scratch; writes best.pth, last.pth, history.json and train.log."""
+    _run_training(config, output, progress, finetune=False)
+
+
+@app.command("finetune")
+def finetune_command(
+    config: Path = typer.Argument(..., help="Training config (YAML or JSON) with 'init_from' and 'train'; see docs/training.md."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides the config's 'output'; a rerun resumes there)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Fine-tune a checkpoint or registry model (optionally adding heads); writes best.pth, last.pth, history.json and train.log."""
+    _run_training(config, output, progress, finetune=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

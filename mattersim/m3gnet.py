@@ -314,8 +314,15 @@ class MainBlock(nn.Module):
 
     def _gated_on_bond(self, mlp: GatedMLP, table, edge_attr, bond_pairs) -> torch.Tensor:
         """``mlp(concat(v_i, v_j, e_ij))``: one fused gather-and-sum (embedding_bag) of the per-atom rows,
-        accumulated into the GEMM of the edge block."""
-        gathered = F.embedding_bag(bond_pairs, table, mode="sum")
+        accumulated into the GEMM of the edge block.
+
+        ``embedding_bag`` has no second derivative, which training on forces and stress needs (the loss
+        differentiates the forces again); in training mode or with trainable weights the equivalent pair
+        of ``index_select`` gathers is used instead."""
+        if torch.is_grad_enabled() and (self.training or mlp.g[0].linear.weight.requires_grad):
+            gathered = table.index_select(0, bond_pairs[:, 0]) + table.index_select(0, bond_pairs[:, 1])
+        else:
+            gathered = F.embedding_bag(bond_pairs, table, mode="sum")
         pre = torch.addmm(gathered, edge_attr, mlp.bond_weights(self.units)[1])
         return mlp.forward_first_layer_done(pre)
 

@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -252,6 +253,8 @@ def relax(
     trajectory: str | os.PathLike | None = None,
     logfile: str | os.PathLike | None = None,
     label: str | None = None,
+    symmetry: bool = False,
+    symprec: float = 1e-5,
 ) -> RelaxResult:
     """Relax one structure with an ASE optimizer; the input ``atoms`` is left untouched.
 
@@ -272,6 +275,11 @@ def relax(
         ``"FIRE"``, ``"BFGS"`` or ``"LBFGS"``.
     trajectory, logfile:
         Passed to the ASE optimizer (``logfile="-"`` logs to stdout).
+    symmetry, symprec:
+        Keep the space group (found by spglib with tolerance ``symprec`` Å) during the relaxation, with
+        ASE's ``FixSymmetry`` constraint on positions and cell: what a phonon calculation on the
+        crystal's own primitive cell needs (a tiny symmetry-breaking drift of a free relaxation would
+        make that primitive cell inexact).
     """
     mode = _normalise_mode(mode)
     opt_cls = _optimizer_class(optimizer)
@@ -281,12 +289,23 @@ def relax(
 
     work = atoms.copy()
     work.calc = calculator
+    if symmetry:
+        from ase.constraints import FixSymmetry
+
+        work.set_constraint(FixSymmetry(work, symprec=symprec))
     initial_volume = float(work.get_volume()) if _wants_stress(work) else None
     optimizable = _make_optimizable(work, mode, pressure)
-    with opt_cls(optimizable, logfile=logfile, trajectory=None if trajectory is None else str(trajectory)) as opt:
+    with opt_cls(optimizable, logfile=logfile, trajectory=None if trajectory is None else str(trajectory)) as opt, \
+            warnings.catch_warnings():
+        # FrechetCellFilter's matrix logarithm warns at ~1e-13 accuracy on every step; harmless
+        warnings.filterwarnings("ignore", message="logm result may be inaccurate", category=RuntimeWarning)
+        # calculators that convert to pymatgen (CHGNet) say they drop FixSymmetry: it acts in ASE, not there
+        warnings.filterwarnings("ignore", message="Only FixAtoms and FixCartesian is supported by Pymatgen")
         initial_energy = float(work.get_potential_energy())
         converged = bool(opt.run(fmax=fmax, steps=int(steps)))
         nsteps = int(opt.nsteps)
+    if symmetry:
+        work.set_constraint()
     return _final_result(
         work,
         optimizable,

@@ -35,7 +35,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mattersim.graph import Encoded, GraphBatch, edge_geometry
 from mattersim.m3gnet import AtomScaling, polynomial_cutoff

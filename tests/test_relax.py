@@ -321,3 +321,32 @@ def test_batch_relaxer_with_mattersim_calculator(small_potential, monkeypatch):
         assert b.energy == pytest.approx(s.energy, abs=1e-8)
         assert np.allclose(b.atoms.positions, s.atoms.positions, atol=1e-7)
         assert np.allclose(b.atoms.cell[:], s.atoms.cell[:], atol=1e-7)
+
+
+class _SymmetryBreakingEMT(EMT):
+    """EMT plus a small constant force on one atom: a free relaxation drifts off the space group."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        forces = self.results["forces"].copy()
+        forces[0] += [0.03, 0.01, 0.0]
+        forces -= forces.mean(axis=0)
+        self.results["forces"] = forces
+
+
+def test_symmetry_option_keeps_the_space_group():
+    import spglib
+
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+    atoms.numbers[0] = 79  # L1_2 Cu3Au, Pm-3m (221)
+
+    def spacegroup(a):
+        return spglib.get_symmetry_dataset((a.cell[:], a.get_scaled_positions(), a.numbers), symprec=1e-5).number
+
+    assert spacegroup(atoms) == 221
+    kept = relax(atoms, _SymmetryBreakingEMT(), fmax=0.01, steps=200, symmetry=True)
+    free = relax(atoms, _SymmetryBreakingEMT(), fmax=0.01, steps=200)
+    assert spacegroup(kept.atoms) == 221
+    assert spacegroup(free.atoms) != 221  # the check has teeth: without the constraint symmetry is lost
+    assert not kept.atoms.constraints  # the constraint is not left on the returned structure
+    assert abs(kept.volume - atoms.get_volume()) > 0.1  # the cell did relax

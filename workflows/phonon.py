@@ -12,8 +12,8 @@ use it for both their DFT references and the predictions.
 
 Steps (each one logged to ``phonon.log``):
 
-1. optional relaxation of positions and cell (:func:`mattersim.relax.relax`, ``mode="full"``, at
-   ``pressure`` GPa, ``fmax`` eV/Å);
+1. optional relaxation of positions and cell keeping the space group (:func:`mattersim.relax.relax`,
+   ``mode="full"``, ``symmetry=True``, at ``pressure`` GPa, ``fmax`` eV/Å);
 2. phonopy setup: the primitive cell is phonopy's ``primitive_matrix="auto"`` (or the given 3x3 axes, as
    in phonopy's ``PRIMITIVE_AXES``); the supercell is the given one or, when ``supercell`` is None, the
    smallest *diagonal* supercell ``n1 x n2 x n3`` of the unit cell whose three perpendicular widths
@@ -543,8 +543,9 @@ def run_phonon(
     calculator:
         Any ASE calculator; MatterSim calculators (with ``calculate_batch``) are evaluated in batches.
     relax, fmax, pressure, relax_steps:
-        Relax positions and cell first (``mattersim.relax.relax``, mode ``full``) to ``fmax`` eV/Å at
-        ``pressure`` GPa, at most ``relax_steps`` steps. ``relax=False`` uses the structure as given.
+        Relax positions and cell first (``mattersim.relax.relax``, mode ``full``, keeping the space group
+        found with ``symprec``) to ``fmax`` eV/Å at ``pressure`` GPa, at most ``relax_steps`` steps.
+        ``relax=False`` uses the structure as given.
     primitive:
         ``"auto"`` (phonopy finds the primitive cell), a centring letter (``"F"``, ...), a 3x3 matrix
         or 9 numbers (phonopy's PRIMITIVE_AXES, relative to the unit cell), or None (the unit cell).
@@ -602,7 +603,7 @@ def run_phonon(
         input_atoms.calc = None
         settings = {
             "relax": bool(relax), "fmax_eV_per_A": float(fmax), "pressure_GPa": float(pressure),
-            "relax_steps": int(relax_steps), "relax_mode": "full",
+            "relax_steps": int(relax_steps), "relax_mode": "full", "relax_symmetry": True,
             "primitive": primitive_setting if isinstance(primitive_setting, (str, type(None))) else primitive_setting.tolist(),
             "supercell": None if supercell_setting is None else supercell_setting.tolist(),
             "min_length_A": float(min_length), "displacement_A": float(displacement), "symprec": float(symprec),
@@ -630,7 +631,8 @@ def run_phonon(
 
             t0 = time.perf_counter()
             log.info(f"relaxation: positions and cell, P = {pressure} GPa, fmax = {fmax} eV/Å, at most {relax_steps} steps")
-            res = relax_structure(input_atoms, calculator, pressure=pressure, fmax=fmax, steps=relax_steps, mode="full")
+            res = relax_structure(input_atoms, calculator, pressure=pressure, fmax=fmax, steps=relax_steps,
+                                  mode="full", symmetry=True, symprec=symprec)
             timings["relaxation"] = time.perf_counter() - t0
             unit = res.atoms.copy()
             unit.calc = None
