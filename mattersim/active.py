@@ -82,25 +82,31 @@ def _ensemble(models: Sequence[Any], dtype: str) -> EnsembleCalculator:
 
 
 def _explore_md(seeds: Sequence[Atoms], calc, cfg: ActiveLearningConfig, rng: np.random.Generator) -> list[Atoms]:
+    from ase.md import velocitydistribution
     from ase.md.langevin import Langevin
     from ase.md.nptberendsen import NPTBerendsen
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+    # ASE >= 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta
+    thermalize = getattr(velocitydistribution, "thermalize_momenta", None) or \
+        velocitydistribution.MaxwellBoltzmannDistribution
     frames: list[Atoms] = []
-    for seed_atoms in seeds:
+    for k, seed_atoms in enumerate(seeds):
+        if len(seed_atoms) < 2:
+            raise InputError(f"active learning: seed structure {k} has {len(seed_atoms)} atom; MD exploration "
+                             "needs at least 2 (its centre of mass is fixed): give a supercell, e.g. atoms * 2.")
         for temperature in cfg.temperatures:
             for pressure in cfg.pressures:
                 atoms = seed_atoms.copy()
                 atoms.calc = calc
                 state = np.random.RandomState(int(rng.integers(2**31)))
-                MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=state)
+                thermalize(atoms, temperature_K=temperature, rng=state)
                 if pressure and atoms.pbc.all():
                     dyn = NPTBerendsen(atoms, timestep=cfg.timestep * units.fs, temperature_K=temperature,
                                        pressure_au=pressure * units.GPa, taut=100 * units.fs,
                                        taup=500 * units.fs, compressibility_au=1e-2 / units.GPa)
                 else:
                     dyn = Langevin(atoms, timestep=cfg.timestep * units.fs, temperature_K=temperature,
-                                   friction=0.02, rng=state)
+                                   friction=0.02, rng=state, fixcm=False)  # drift is harmless here
                 for _ in range(cfg.md_steps // cfg.sample_every):
                     dyn.run(cfg.sample_every)
                     frame = atoms.copy()

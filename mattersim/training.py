@@ -48,7 +48,8 @@ Config fields (defaults in brackets; relative paths are relative to the config f
 ``freeze_backbone`` [false]  train only the heads (the energy readout belongs to the backbone).
 ``energy_references``        ``fit``: per-element reference energies by linear regression of the energy
                              on the composition (``model.normalizer.shift``; the per-atom energy scale
-                             ``normalizer.scale`` is the std of the residual energy per atom). When
+                             ``normalizer.scale`` is the RMS force component in eV/Å x 1 Å when forces
+                             are labelled, else the std of the residual energy per atom). When
                              fine-tuning, ``fit`` regresses the residual of the loaded model and adds it
                              to its references (the scale is kept). ``keep``: leave them.
                              [fit from scratch, keep when fine-tuning]
@@ -611,6 +612,12 @@ def normalise(model, samples: Sequence[Sample], *, energy_references: str = "fit
                 log.info("energy_references: fit skipped, no training sample has an energy")
         elif from_scratch:
             refs, scale = fit_energy_references(with_e)
+            forces = [np.asarray(s.labels["forces"], dtype=float) for s in samples if "forces" in s.labels]
+            if forces:
+                # the RMS force (eV/Å x 1 Å) sets the per-atom energy scale, as in M3GNet and MACE: the
+                # energy spread of a near-equilibrium set would make it tiny and energies hard to learn
+                rms = float(np.sqrt(np.mean(np.concatenate([f.ravel() for f in forces]) ** 2)))
+                scale = rms if rms > 1e-6 else scale
             with torch.no_grad():
                 for z, e in refs.items():
                     norm.shift[z] = e
@@ -942,6 +949,7 @@ def _fit(model, train_samples, valid_samples, cfg: TrainConfig, out: Path | None
                          "check the data's labels, the loss weights and the model's tasks.")
     meta["samples_sha256"] = _fingerprint(train_samples) + "+" + _fingerprint(valid_samples)
     trainable = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)  # a model that served inference (Potential freezes it) trains again
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     torch.manual_seed(cfg.seed)
