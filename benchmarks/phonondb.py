@@ -82,7 +82,6 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -91,6 +90,7 @@ from ase import Atoms
 
 from benchmarks.common import metric, metrics_document, model_folder, utc_now, write_benchmark_json
 from mattersim.calculator import model_info
+from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_write_json, progress_bar
 from workflows.phonon import phonon_properties
@@ -274,61 +274,6 @@ def _decode(raw: bytes, label: str) -> str:
             raise InputError(f"'{label}' is not a text file; restore the original PhononDB file.") from None
 
 
-def _parse_settings(text: str, label: str, n_unit: int) -> tuple[np.ndarray, Any]:
-    """``DIM`` and ``PRIMITIVE_AXIS`` of a phonopy settings file (other tags are ignored)."""
-    tags: dict[str, tuple[int, str]] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].split("!", 1)[0]
-        if "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        tags[key.strip().upper()] = (lineno, value.strip())
-    if "DIM" not in tags:
-        raise InputError(f"'{label}' has no DIM line; add the supercell, e.g. \"DIM = 2 2 2\" (3 integers) or "
-                         "\"DIM = 2 0 0 0 2 0 0 0 2\" (9).")
-    lineno, value = tags["DIM"]
-    parts = value.split()
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        raise InputError(f"'{label}' line {lineno}: DIM = {value!r} is not a list of integers; write 3 integers "
-                         "(\"DIM = 2 2 2\") or 9 (a 3x3 supercell matrix, row by row).") from None
-    if len(numbers) == 3:
-        smat = np.diag(numbers)
-    elif len(numbers) == 9:
-        smat = np.array(numbers).reshape(3, 3)
-    else:
-        raise InputError(f"'{label}' line {lineno}: DIM has {len(numbers)} integers; write 3 (\"DIM = 2 2 2\") "
-                         "or 9 (a 3x3 supercell matrix, row by row).")
-    det = round(float(np.linalg.det(smat)))
-    if det <= 0:
-        raise InputError(f"'{label}' line {lineno}: DIM = {value} has determinant {det}; the supercell matrix "
-                         "must have a positive determinant (three independent, right-handed rows).")
-    smat = smat.astype(int)
-
-    key = "PRIMITIVE_AXIS" if "PRIMITIVE_AXIS" in tags else "PRIMITIVE_AXES"
-    if key not in tags:
-        return smat, np.eye(3)  # phonopy's traditional default: the unit cell is the primitive cell
-    lineno, value = tags[key]
-    if value.strip().lower() == "auto":
-        return smat, "auto"
-    parts = value.split()
-    try:
-        numbers_f = [float(Fraction(p)) for p in parts]
-    except (ValueError, ZeroDivisionError):
-        numbers_f = None
-    if numbers_f is None or len(numbers_f) != 9:
-        raise InputError(f"'{label}' line {lineno}: {key} = {value!r} cannot be read; write 9 numbers (fractions "
-                         "like 1/2 allowed, row by row) or 'auto'.")
-    pmat = np.array(numbers_f).reshape(3, 3)
-    det_p = abs(float(np.linalg.det(pmat)))
-    n_prim = n_unit * det_p
-    if det_p < 1e-8 or abs(n_prim - round(n_prim)) > 1e-6 or round(n_prim) < 1:
-        raise InputError(f"'{label}' line {lineno}: {key} = {value} gives a primitive cell of {n_prim:.4g} atoms "
-                         f"from a unit cell of {n_unit}; give the primitive axes that belong to POSCAR-unitcell, or 'auto'.")
-    return smat, pmat
-
-
 def _numbers(line: str, count: int, label: str, lineno: int, what: str, hint: str) -> list[float]:
     tokens = line.split()
     if len(tokens) != count:
@@ -436,7 +381,7 @@ def _entry_from_files(eid: str, path: Path, texts: dict[str, bytes], where: dict
             raise InputError(f"PhononDB entry '{path}' has no {name} ({hint}) in its {inside}{extra}; "
                              "give an entry with POSCAR-unitcell, phonopy.conf and FORCE_SETS.")
     unit = _read_poscar(_decode(texts["POSCAR-unitcell"], where["POSCAR-unitcell"]), where["POSCAR-unitcell"])
-    smat, pmat = _parse_settings(_decode(texts["settings"], where["settings"]), where["settings"], len(unit))
+    smat, pmat = parse_phonopy_conf(_decode(texts["settings"], where["settings"]), where["settings"], len(unit))
     n_sc = int(round(len(unit) * abs(np.linalg.det(smat))))
     dim_label = f"DIM {smat.tolist()} of {where['settings']} ({len(unit)} x {n_sc // len(unit)} atoms)"
     dataset = _parse_force_sets(_decode(texts["FORCE_SETS"], where["FORCE_SETS"]), where["FORCE_SETS"], n_sc, dim_label)

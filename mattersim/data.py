@@ -208,39 +208,61 @@ def read_extxyz(path: str | os.PathLike, stress_unit: str = "eV/A3", keys: dict[
 _SETTINGS_NAMES = ("phonopy.conf", "phonon.conf")
 
 
-def _parse_conf(path: Path) -> tuple[np.ndarray, Any]:
-    """``DIM`` (3x3 int, identity when absent) and ``PRIMITIVE_AXIS``/``PRIMITIVE_AXES`` (3x3 or "auto")."""
+def parse_phonopy_conf(text: str, label: str, n_unit: int) -> tuple[np.ndarray, Any]:
+    """``DIM`` (3x3 int) and ``PRIMITIVE_AXIS``/``PRIMITIVE_AXES`` (3x3, or ``"auto"``; the identity when
+    absent, phonopy's traditional default) of a phonopy settings file ``text`` named ``label`` (for
+    messages), for a unit cell of ``n_unit`` atoms. Other tags are ignored."""
     tags: dict[str, tuple[int, str]] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].split("!", 1)[0]
-        if "=" in line:
-            key, value = line.split("=", 1)
-            tags[key.strip().upper()] = (lineno, value.strip())
-    smat = np.eye(3, dtype=int)
-    if "DIM" in tags:
-        lineno, value = tags["DIM"]
-        try:
-            numbers = [int(x) for x in value.split()]
-        except ValueError:
-            numbers = []
-        if len(numbers) not in (3, 9):
-            raise InputError(f"PhononDB file '{path}' line {lineno}: DIM = {value!r} is not 3 or 9 integers; "
-                             "write e.g. \"DIM = 2 2 2\".")
-        smat = np.diag(numbers) if len(numbers) == 3 else np.array(numbers).reshape(3, 3)
+        if "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        tags[key.strip().upper()] = (lineno, value.strip())
+    if "DIM" not in tags:
+        raise InputError(f"'{label}' has no DIM line; add the supercell, e.g. \"DIM = 2 2 2\" (3 integers) or "
+                         "\"DIM = 2 0 0 0 2 0 0 0 2\" (9).")
+    lineno, value = tags["DIM"]
+    parts = value.split()
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"'{label}' line {lineno}: DIM = {value!r} is not a list of integers; write 3 integers "
+                         "(\"DIM = 2 2 2\") or 9 (a 3x3 supercell matrix, row by row).") from None
+    if len(numbers) == 3:
+        smat = np.diag(numbers)
+    elif len(numbers) == 9:
+        smat = np.array(numbers).reshape(3, 3)
+    else:
+        raise InputError(f"'{label}' line {lineno}: DIM has {len(numbers)} integers; write 3 (\"DIM = 2 2 2\") "
+                         "or 9 (a 3x3 supercell matrix, row by row).")
+    det = round(float(np.linalg.det(smat)))
+    if det <= 0:
+        raise InputError(f"'{label}' line {lineno}: DIM = {value} has determinant {det}; the supercell matrix "
+                         "must have a positive determinant (three independent, right-handed rows).")
+    smat = smat.astype(int)
+
     key = "PRIMITIVE_AXIS" if "PRIMITIVE_AXIS" in tags else "PRIMITIVE_AXES"
     if key not in tags:
-        return smat, None
+        return smat, np.eye(3)  # phonopy's traditional default: the unit cell is the primitive cell
     lineno, value = tags[key]
-    if value.lower() == "auto":
+    if value.strip().lower() == "auto":
         return smat, "auto"
+    parts = value.split()
     try:
-        numbers_f = [float(Fraction(x)) for x in value.split()]
+        numbers_f = [float(Fraction(p)) for p in parts]
     except (ValueError, ZeroDivisionError):
-        numbers_f = []
-    if len(numbers_f) != 9:
-        raise InputError(f"PhononDB file '{path}' line {lineno}: {key} = {value!r} is not 9 numbers or 'auto'; "
-                         "write 9 numbers (fractions like 1/2 allowed) row by row.")
-    return smat, np.array(numbers_f).reshape(3, 3)
+        numbers_f = None
+    if numbers_f is None or len(numbers_f) != 9:
+        raise InputError(f"'{label}' line {lineno}: {key} = {value!r} cannot be read; write 9 numbers (fractions "
+                         "like 1/2 allowed, row by row) or 'auto'.")
+    pmat = np.array(numbers_f).reshape(3, 3)
+    det_p = abs(float(np.linalg.det(pmat)))
+    n_prim = n_unit * det_p
+    if det_p < 1e-8 or abs(n_prim - round(n_prim)) > 1e-6 or round(n_prim) < 1:
+        raise InputError(f"'{label}' line {lineno}: {key} = {value} gives a primitive cell of {n_prim:.4g} atoms "
+                         f"from a unit cell of {n_unit}; give the primitive axes that belong to POSCAR-unitcell, or 'auto'.")
+    return smat, pmat
 
 
 def _read_ids(ids: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -272,7 +294,8 @@ def read_phonondb_entry(folder: str | os.PathLike, symprec: float = 1e-5) -> tup
         unit = ase.io.read(poscar, format="vasp")
     except Exception as exc:
         raise InputError(f"PhononDB file '{poscar}' is not a readable POSCAR ({type(exc).__name__}: {exc}); restore it.") from None
-    smat, pmat = _parse_conf(conf) if conf is not None else (np.eye(3, dtype=int), None)
+    smat, pmat = (parse_phonopy_conf(conf.read_text(), str(conf), len(unit)) if conf is not None
+                  else (np.eye(3, dtype=int), np.eye(3)))
     cell = PhonopyAtoms(symbols=unit.get_chemical_symbols(), cell=unit.cell[:], scaled_positions=unit.get_scaled_positions())
     try:
         phonon = Phonopy(cell, supercell_matrix=smat, primitive_matrix=pmat, symprec=symprec)
