@@ -62,8 +62,14 @@ def evaluate_batch(calc: Calculator, structures: Sequence[Atoms], properties=("e
     """Energy, forces and stress (3x3, eV/Å^3) of many structures.
 
     One batched model call per batch when ``calc`` can batch (``calculate_batch``), otherwise one ASE
-    calculation per structure. The structures' own calculators are left untouched.
+    calculation per structure. The structures' own calculators are left untouched. A property-only model
+    (``calc.property_only``, e.g. :class:`mattersim.composite.DielectricModel`) raises :class:`InputError`.
     """
+    if getattr(calc, "property_only", False):
+        from mattersim.composite import no_energy_message
+        from mattersim.errors import InputError
+
+        raise InputError(no_energy_message(str(model_info(calc).get("name")), ", ".join(properties)))
     if hasattr(calc, "calculate_batch"):
         return calc.calculate_batch(structures)
     results = []

@@ -131,6 +131,22 @@ def _evaluate(calc, atoms_list, with_stress: list[bool]) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
+def _predicts_dielectric(calc) -> bool:
+    """True for a property-only model (``mattersim-dielectric``) and for a composite with one."""
+    return bool(getattr(calc, "property_only", False)) or callable(getattr(calc, "property_batch", None))
+
+
+def _property_results(calc, atoms_list) -> list[dict]:
+    """Z*, eps_inf and their ``*_std`` of every structure (the members' own predictions are left out)."""
+    batch = calc.calculate_batch if getattr(calc, "property_only", False) else calc.property_batch
+    out = []
+    for r in batch(atoms_list):
+        r = dict(r)
+        r.pop("members", None)
+        out.append(r)
+    return out
+
+
 def _display_labels(labels: list[str]) -> list[str]:
     """Shorter labels for tables and file names: the file name (plus @frame) when that stays unique."""
     short = []
@@ -216,13 +232,14 @@ def models_command() -> None:
     table.add_column("weights", overflow="fold")
     if wide:
         table.add_column("description", overflow="fold")
+    default_parts = set(default.split("+")) if default is not None else set()
     for m in models:
         available = bool(m.get("available"))
         row = [
             str(m.get("name", "")),
             str(m.get("kind", "")),
             "[green]yes[/green]" if available else "[dim]no[/dim]",
-            "*" if default is not None and m.get("name") == default else "",
+            "*" if m.get("name") in default_parts else "",
             _weights_location(m.get("path")),
         ]
         if wide:
@@ -249,7 +266,11 @@ def predict_command(
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
 ) -> None:
-    """Energy, energy/atom, largest force and pressure of every structure in FILES."""
+    """Energy, energy/atom, largest force and pressure of every structure in FILES.
+
+    With a property model (--model mattersim-dielectric, or POTENTIAL+mattersim-dielectric) also the Born
+    effective charges Z* (per atom, 3x3, row-major in extxyz) and eps_inf (3x3) with their ensemble std.
+    """
     import numpy as np
     from ase.units import GPa
 
@@ -261,11 +282,24 @@ def predict_command(
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(structures, _max_z(calc))
     atoms_list = [a for _, a in structures]
-    with_stress = [bool(np.asarray(a.pbc).all()) for a in atoms_list]
-    results = _evaluate(calc, atoms_list, with_stress)
+    property_only = bool(getattr(calc, "property_only", False))
+    if property_only:
+        results = [{} for _ in atoms_list]
+    else:
+        with_stress = [bool(np.asarray(a.pbc).all()) for a in atoms_list]
+        results = _evaluate(calc, atoms_list, with_stress)
+    if _predicts_dielectric(calc):
+        for r, extra in zip(results, _property_results(calc, atoms_list)):
+            r.update(extra)
     info = _model_info(calc)
 
     shown = _display_labels([label for label, _ in structures])
+    if property_only:
+        _print_property_table(structures, results, shown, info)
+        if output is not None:
+            write_results(output, atoms_list, results, info, labels=[label for label, _ in structures])
+            _stdout_console().print(f"Wrote {len(results)} results to {output}", markup=False)
+        return
     table = _table(f"MatterSim predictions ({info.get('name', 'model')})")
     table.add_column("structure", overflow="fold", max_width=30)
     table.add_column("formula", no_wrap=True)
@@ -296,6 +330,31 @@ def predict_command(
     if output is not None:
         write_results(output, atoms_list, results, info, labels=[label for label, _ in structures])
         console.print(f"Wrote {len(results)} results to {output}", markup=False)
+
+
+def _print_property_table(structures, results, shown, info) -> None:
+    """Z* and eps_inf of every structure (property-only model)."""
+    import numpy as np
+
+    table = _table(f"MatterSim predictions ({info.get('name', 'model')})")
+    table.add_column("structure", overflow="fold", max_width=30)
+    table.add_column("formula", no_wrap=True)
+    table.add_column("atoms", justify="right", no_wrap=True)
+    table.add_column("ε∞ (tr/3)", justify="right", no_wrap=True)
+    table.add_column("σ(ε∞) max", justify="right", no_wrap=True)
+    table.add_column("max|Z*| (e)", justify="right", no_wrap=True)
+    table.add_column("σ(Z*) max", justify="right", no_wrap=True)
+    for (label, atoms), r, label_shown in zip(structures, results, shown):
+        eps = np.asarray(r["dielectric_tensor"], dtype=float).reshape(3, 3)
+        born = np.asarray(r["born_effective_charges"], dtype=float)
+        eps_std = r.get("dielectric_tensor_std")
+        born_std = r.get("born_effective_charges_std")
+        table.add_row(
+            label_shown, atoms.get_chemical_formula(mode="hill"), str(len(atoms)), f"{np.trace(eps) / 3:.4f}",
+            _fmt(None if eps_std is None else float(np.max(eps_std)), ".4f"), f"{np.abs(born).max():.4f}",
+            _fmt(None if born_std is None else float(np.max(born_std)), ".4f"),
+        )
+    _print_table(_stdout_console(), table)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -611,10 +670,18 @@ def phonon_command(
     if lo_to:
         for entry in lo_to.get("directions", []):
             d = "".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x in entry["direction"])
-            lo = ", ".join(f"{x:.3f}" for x in entry.get("lo_frequencies", [])) or "-"
+            lo_std = entry.get("lo_frequencies_std")
+            if lo_std is not None and len(lo_std) == len(entry.get("lo_frequencies", [])):
+                lo = ", ".join(f"{x:.3f} ± {e:.3f}" for x, e in zip(entry["lo_frequencies"], lo_std)) or "-"
+            else:
+                lo = ", ".join(f"{x:.3f}" for x in entry.get("lo_frequencies", [])) or "-"
             others = sorted(entry.get("to_frequencies", []), key=abs)[3:]  # drop the 3 acoustic modes
             to = ", ".join(f"{x:.3f}" for x in sorted(set(round(v, 3) for v in others))) or "-"
             table.add_row(escape(f"Γ [{d}] LO / TO"), f"{lo} / {to} THz")
+    unc = (s.get("nac") or {}).get("uncertainty")
+    if unc and (unc.get("born_std_max") is not None or unc.get("epsilon_std_max") is not None):
+        members = f" ({unc['n_members']} members)" if unc.get("n_members") else ""
+        table.add_row("σ(Z*) / σ(ε∞) max", f"{_fmt(unc.get('born_std_max'), '.3f')} e / {_fmt(unc.get('epsilon_std_max'), '.3f')}{members}")
     table.add_row("F (300 K)", f"{th['free_energy_kJ_per_mol']:.4f} kJ/mol")
     table.add_row("S (300 K)", f"{th['entropy_J_per_K_per_mol']:.4f} J/K/mol")
     table.add_row("Cv (300 K)", f"{th['heat_capacity_J_per_K_per_mol']:.4f} J/K/mol")
@@ -629,7 +696,7 @@ def phonon_command(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _run_training(config: Path, output: Optional[Path], progress: bool, finetune: bool) -> None:
+def _run_training(config: Path, output: Optional[Path], progress: bool, finetune: bool, seed: Optional[int] = None) -> None:
     """Shared body of ``train`` and ``finetune``: check the mode, train, print the best validation MAEs."""
     import dataclasses
 
@@ -646,6 +713,8 @@ def _run_training(config: Path, output: Optional[Path], progress: bool, finetune
                          f"or run 'mattersim finetune {config}'.")
     if output is not None:
         cfg = dataclasses.replace(cfg, output=str(output))
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=int(seed))
     result = train(cfg, progress=progress)
     best = result.best_metrics or {}
     table = _table(f"{'Validation' if best.get('on', 'valid') == 'valid' else 'Training'} MAEs")
@@ -668,9 +737,10 @@ def train_command(
     config: Path = typer.Argument(..., help="Training config (YAML or JSON) with 'model' and 'train'; see docs/training.md."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides the config's 'output'; a rerun resumes there)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the config's seed (ensemble members)."),
 ) -> None:
     """Train a multi-task model from scratch; writes best.pth, last.pth, history.json and train.log."""
-    _run_training(config, output, progress, finetune=False)
+    _run_training(config, output, progress, finetune=False, seed=seed)
 
 
 @app.command("finetune")
@@ -678,9 +748,10 @@ def finetune_command(
     config: Path = typer.Argument(..., help="Training config (YAML or JSON) with 'init_from' and 'train'; see docs/training.md."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides the config's 'output'; a rerun resumes there)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the config's seed (ensemble members)."),
 ) -> None:
     """Fine-tune a checkpoint or registry model (optionally adding heads); writes best.pth, last.pth, history.json and train.log."""
-    _run_training(config, output, progress, finetune=True)
+    _run_training(config, output, progress, finetune=True, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ _PER_STRUCTURE_KEYS = {
     "magmom",
     "polarization",
     "dielectric_tensor",
+    "dielectric_tensor_std",
     "pressure",
 }
 # Result keys that are always per atom.
@@ -66,6 +67,7 @@ _PER_ATOM_KEYS = {
     "magmoms",
     "charges",
     "born_effective_charges",
+    "born_effective_charges_std",
 }
 # Keys that ASE's extxyz reader turns into calculator results (and would therefore vanish from
 # ``atoms.info``/``atoms.arrays`` on reading back). We write them under their own name, so reading back
@@ -394,7 +396,9 @@ def write_results(
       comment line and ``forces`` as per-atom columns, so ``ase.io.read(path, ":")`` gives them back via
       ``atoms.get_potential_energy()``, ``atoms.get_forces()``, ``atoms.get_stress(voigt=False)``. Arrays
       with more than 2 dimensions per atom (e.g. ``born_effective_charges`` (n, 3, 3)) are stored
-      flattened as (n, 9). The model is recorded as ``model_name``/``model_sha256``/... in each frame's info.
+      flattened as (n, 9), and per-structure 3x3 tensors (``dielectric_tensor``) as 9 numbers, both
+      row-major (ASE's reader puts the names it knows, such as ``born_effective_charges`` and
+      ``dielectric_tensor``, into ``atoms.calc.results``; the others stay in ``info`` / ``arrays``). The model is recorded as ``model_name``/``model_sha256``/... in each frame's info.
     * ``.json``: ``{"model": {...}, "units": {...}, "structures": [{label, formula, n_atoms, energy,
       energy_per_atom, forces, stress, ..., cell, pbc, numbers, positions}]}``.
 
@@ -445,6 +449,8 @@ def _write_extxyz(path: Path, atoms_list, results, model_info, labels) -> None:
                 v = _to_builtin(value) if not isinstance(value, (str, int, float, bool)) else value
                 if isinstance(v, list):
                     v = np.asarray(v)
+                    if v.shape == (3, 3) and v.dtype.kind in "biuf":
+                        v = v.reshape(9)  # 3x3 tensors (dielectric_tensor ...): 9 numbers, row-major
                 frame.info[key] = v
         for key, arr in per_atom.items():
             if key in _RESERVED_ARRAY_NAMES:

@@ -5,14 +5,21 @@ Names it knows (case-insensitive; see :data:`KNOWN_MODELS` and ``docs/models.md`
 - ``mattersim-v1.0.0-1M``, ``mattersim-v1.0.0-5M``: the official MatterSim v1 weights, downloaded once
   into ``<cache>/models/`` (see :func:`cache_dir`) and loaded with :meth:`Potential.from_checkpoint`;
 - ``chgnet``: CHGNet 0.3.0, shipped inside the ``chgnet`` package;
-- ``sevennet-0``: SevenNet-0 (11Jul2024), shipped inside the ``sevenn`` package.
+- ``sevennet-0``: SevenNet-0 (11Jul2024), shipped inside the ``sevenn`` package;
+- ``mattersim-dielectric``: Born effective charges and eps_inf only (an ensemble of multi-task models,
+  :func:`mattersim.composite.load_dielectric`; its ``member_*.pth`` files live in
+  ``mattersim/pretrained/mattersim-dielectric/`` or ``$MATTERSIM_DIELECTRIC_DIR``).
 
-Anything else may be a path to an existing checkpoint file (loaded with :meth:`Potential.from_checkpoint`)
-or, from Python, an ASE calculator object (returned as it is).
+Anything else may be a path to an existing checkpoint file (loaded with :meth:`Potential.from_checkpoint`),
+``"A+B"``: potential ``A`` (a name or checkpoint path) for energies, forces and stress plus property model
+``B`` (``mattersim-dielectric`` or a multi-task checkpoint with dielectric heads) for Z* and eps_inf
+(:class:`mattersim.composite.CompositeCalculator`), or, from Python, an ASE calculator object (returned as
+it is).
 
 Every calculator returned by :func:`load_calculator` carries ``calc.model_info``, a dict with at least
 ``name``, ``version``, ``source`` (weights file or package), ``sha256`` (of the weights file, or None)
-and ``kind`` (``"mattersim-v1"``, ``"chgnet"``, ``"sevennet"``, ``"checkpoint"`` or ``"ase"``).
+and ``kind`` (``"mattersim-v1"``, ``"chgnet"``, ``"sevennet"``, ``"checkpoint"``, ``"dielectric"``,
+``"composite"`` or ``"ase"``).
 
 Nothing here downloads anything unless a MatterSim model is asked for by name, is not cached, and
 ``download=True``; :func:`default_model` only ever picks a model that is already on this machine.
@@ -39,6 +46,7 @@ from mattersim.adapters import batched_chgnet_calculator
 from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError
 
 __all__ = [
+    "DIELECTRIC_MODEL",
     "KNOWN_MODELS",
     "ModelSpec",
     "cache_dir",
@@ -69,7 +77,7 @@ class ModelSpec:
     """What the registry knows about one named model."""
 
     name: str
-    kind: str  # "mattersim-v1" | "chgnet" | "sevennet"
+    kind: str  # "mattersim-v1" | "chgnet" | "sevennet" | "dielectric"
     description: str
     version: str
     license: str
@@ -124,10 +132,22 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             package="chgnet",
             aliases=("chgnet-0.3.0",),
         ),
+        ModelSpec(
+            name="mattersim-dielectric",
+            kind="dielectric",
+            description="Born effective charges Z* and eps_inf only (ensemble of multi-task models trained on "
+                        "PhononDB); combine it with a potential: <potential>+mattersim-dielectric",
+            version="see card.json",
+            license="model MIT; training data PhononDB by A. Togo, CC BY 4.0",
+        ),
     )
 }
 
-#: Order in which :func:`default_model` picks the first model available offline.
+#: Name of the property-only dielectric model.
+DIELECTRIC_MODEL = "mattersim-dielectric"
+
+#: Order in which :func:`default_model` picks the first potential available offline (it adds
+#: ``+mattersim-dielectric`` when that model is installed).
 DEFAULT_ORDER = ("mattersim-v1.0.0-5M", "mattersim-v1.0.0-1M", "sevennet-0", "chgnet")
 
 _CHGNET_WEIGHTS = ("pretrained", "0.3.0", "chgnet_0.3.0_e29f68s314m37.pth.tar")
@@ -184,6 +204,13 @@ def _spec(name: str) -> ModelSpec:
 def model_path(name: str) -> Path:
     """Where the weights of a downloadable model go: ``<cache>/models/<official file name>``."""
     spec = _spec(name)
+    if spec.kind == "dielectric":
+        from mattersim.composite import ENV_DIELECTRIC_DIR, dielectric_dir
+
+        raise ModelNotAvailableError(
+            f"Model '{spec.name}' is not downloaded: its member_<k>.pth files live in {dielectric_dir()} "
+            f"(or in ${ENV_DIELECTRIC_DIR}); see docs/phonon-nac.md for how to train them."
+        )
     if spec.filename is None:
         raise ModelNotAvailableError(
             f"Model '{spec.name}' ships inside the {spec.package} package and has no file in the "
@@ -238,6 +265,10 @@ def _weights_file(spec: ModelSpec) -> Path | None:
             if candidate.is_file():
                 return candidate
         return None
+    if spec.kind == "dielectric":
+        from mattersim.composite import dielectric_dir, member_files
+
+        return dielectric_dir() if member_files() else None
     return None  # pragma: no cover - every kind is handled above
 
 
@@ -257,31 +288,42 @@ def _available_text() -> str:
 
 def list_models() -> list[dict[str, Any]]:
     """One dict per known model: ``name``, ``kind``, ``description``, ``version``, ``license``,
-    ``available`` (loadable offline now), ``path`` (weights file on this machine, or None) and
-    ``source`` (download URL or package name)."""
+    ``available`` (loadable offline now), ``path`` (weights file on this machine, or None; the members'
+    folder for ``mattersim-dielectric``) and ``source`` (download URL, package name or folder)."""
     rows = []
     for spec in KNOWN_MODELS.values():
         path = _weights_file(spec)
+        version, source = spec.version, spec.url or spec.package
+        if spec.kind == "dielectric":
+            from mattersim.composite import card_version, dielectric_dir
+
+            version = card_version() if path is not None else None
+            source = str(dielectric_dir())
         rows.append(
             {
                 "name": spec.name,
                 "kind": spec.kind,
                 "description": spec.description,
-                "version": spec.version,
+                "version": version,
                 "license": spec.license,
                 "available": path is not None,
                 "path": str(path) if path is not None else None,
-                "source": spec.url or spec.package,
+                "source": source,
             }
         )
     return rows
 
 
 def default_model() -> str:
-    """The best model available offline here: 5M, then 1M MatterSim (if cached), sevennet-0, chgnet."""
+    """The best model available offline here.
+
+    The potential is the first available of 5M, then 1M MatterSim (if cached), sevennet-0, chgnet; when the
+    dielectric model ``mattersim-dielectric`` is installed it is added for Z* and eps_inf, e.g.
+    ``"sevennet-0+mattersim-dielectric"`` (a :class:`~mattersim.composite.CompositeCalculator`).
+    """
     for name in DEFAULT_ORDER:
         if is_available(name):
-            return name
+            return f"{name}+{DIELECTRIC_MODEL}" if is_available(DIELECTRIC_MODEL) else name
     raise ModelNotAvailableError(
         "No model is available offline on this machine: put mattersim-v1.0.0-1M.pth in "
         f"{models_dir()}, or install one with pip install 'mattersim[chgnet]'."
@@ -631,8 +673,11 @@ def load_calculator(
     """An ASE calculator for ``model``, with ``calc.model_info`` set.
 
     ``model`` may be None (:func:`default_model`), a registry name (:data:`KNOWN_MODELS`), the path of
-    an existing checkpoint file (str or Path; loaded with ``Potential.from_checkpoint``), a
-    ``Potential`` object, or an ASE calculator (returned as it is). ``download=False`` forbids
+    an existing checkpoint file (str or Path; loaded with ``Potential.from_checkpoint``), ``"A+B"`` (a
+    :class:`~mattersim.composite.CompositeCalculator`: potential ``A``, a name or checkpoint path, plus
+    property model ``B``, ``mattersim-dielectric`` or a multi-task checkpoint with dielectric heads), a
+    ``Potential`` object, or an ASE calculator (returned as it is). ``"mattersim-dielectric"`` alone gives
+    the property-only :class:`~mattersim.composite.DielectricModel`. ``download=False`` forbids
     fetching MatterSim weights that are not cached. ``dtype`` applies to MatterSim checkpoints;
     chgnet and sevennet-0 run in float32. ``trust_pickle`` is passed on to ``Potential.from_checkpoint``.
     """
@@ -674,6 +719,8 @@ def load_calculator(
     path = Path(text).expanduser()
     if text and path.is_file():
         return _load_checkpoint_file(path, device=device, dtype=dtype, trust_pickle=trust_pickle)
+    if "+" in text:
+        return _load_composite(text, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download)
     if text.lower() not in _aliases() and _looks_like_path(text):
         raise CheckpointError(
             f"Checkpoint file '{text}' does not exist; pass an existing checkpoint or one of the "
@@ -687,4 +734,68 @@ def load_calculator(
         return _load_chgnet(spec, device=device, dtype=dtype)
     if spec.kind == "sevennet":
         return _load_sevennet(spec, device=device, dtype=dtype)
+    if spec.kind == "dielectric":
+        from mattersim.composite import load_dielectric
+
+        return load_dielectric(device=device, dtype=dtype, trust_pickle=trust_pickle)
     raise AssertionError(f"unhandled model kind {spec.kind}")  # pragma: no cover
+
+
+_COMPOSITE_HINT = ("write POTENTIAL+PROPERTY_MODEL, e.g. sevennet-0+mattersim-dielectric or "
+                   "chgnet+path/to/multitask.pth")
+
+
+def _load_property_model(text: str, *, device: str, dtype: str, trust_pickle: bool) -> Any:
+    """The Z*/eps_inf part of ``A+B``: ``mattersim-dielectric`` or a multi-task checkpoint with those heads."""
+    from mattersim.composite import DielectricModel, load_dielectric
+
+    path = Path(text).expanduser()
+    if path.is_file():
+        from mattersim.potential import Potential
+
+        potential = Potential.from_checkpoint(path, device=device, dtype=dtype, trust_pickle=trust_pickle)
+        identity = dict(potential.identity)
+        info = {
+            "name": identity.get("name") or path.stem,
+            "kind": "dielectric",
+            "version": identity.get("version"),
+            "sha256": identity.get("sha256") or file_sha256(path),
+            "source": str(path.resolve()),
+            "members": [{"file": path.name, "sha256": identity.get("sha256") or file_sha256(path)}],
+            "n_members": 1,
+            "device": device,
+            "dtype": dtype,
+        }
+        return DielectricModel([potential], info=info)
+    if text.lower() not in _aliases() and _looks_like_path(text):
+        raise CheckpointError(
+            f"Checkpoint file '{text}' does not exist; the part after '+' must be {DIELECTRIC_MODEL} or an "
+            "existing checkpoint of a multi-task model with born_effective_charges and dielectric_tensor heads."
+        )
+    spec = _spec(text)
+    if spec.kind != "dielectric":
+        raise InputError(
+            f"'{spec.name}' is a potential, not a property model: the part after '+' must be {DIELECTRIC_MODEL} "
+            "or a checkpoint of a multi-task model with born_effective_charges and dielectric_tensor heads; "
+            f"{_COMPOSITE_HINT}."
+        )
+    return load_dielectric(device=device, dtype=dtype, trust_pickle=trust_pickle)
+
+
+def _load_composite(text: str, *, device: str, dtype: str, trust_pickle: bool, download: bool) -> Any:
+    """``"A+B"``: potential A (name or checkpoint path) with property model B (Z*, eps_inf)."""
+    from mattersim.composite import CompositeCalculator
+
+    left, _, right = text.rpartition("+")
+    left, right = left.strip(), right.strip()
+    if not left or not right or "+" in left:
+        raise InputError(f"Model '{text}' is not of the form POTENTIAL+PROPERTY_MODEL (one '+'); {_COMPOSITE_HINT}.")
+    if _aliases().get(left.lower()) == DIELECTRIC_MODEL:
+        raise InputError(
+            f"'{left}' predicts no energies and cannot be the potential in '{text}'; put a potential first: "
+            f"{_COMPOSITE_HINT}."
+        )
+    # the (small) property model first, so that a mistake there shows before a potential is downloaded
+    properties = _load_property_model(right, device=device, dtype=dtype, trust_pickle=trust_pickle)
+    potential = load_calculator(left, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download)
+    return CompositeCalculator(potential, properties)

@@ -233,7 +233,11 @@ class _Check:
     def path(self, value: Any, name: str, base: Path, kind: str, what: str) -> str:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             self.fail(name, f"must be a path, not {self._show(value)}", f"give the {what}")
-        p = Path(value).expanduser()
+        text = os.path.expandvars(str(value))  # $VAR / ${VAR}: data roots that differ between machines
+        if "$" in text:
+            self.fail(name, f"is '{value}', which names an environment variable that is not set",
+                      f"set it (e.g. export {text.split('$', 1)[1].strip('{}').split('/')[0]}=/path) or write the path")
+        p = Path(text).expanduser()
         p = p if p.is_absolute() else base / p
         if not (p.is_file() if kind == "file" else p.is_dir()):
             problem = "does not exist" if not p.exists() else f"is not a {'file' if kind == 'file' else 'folder'}"
@@ -271,8 +275,16 @@ def _parse_sources(value: Any, name: str, base: Path, c: _Check) -> list[dict]:
         if isinstance(item, (str, os.PathLike)):
             item = {"path": str(item)}
         c.mapping(item, sub, "{path: data.extxyz} or {phonondb: entries/, ids: ids.txt}")
+        labels = item.get("labels")
+        if labels is not None:
+            if isinstance(labels, str):
+                labels = [labels]
+            if not isinstance(labels, list):
+                c.fail(f"{sub}.labels", f"must be a list of labels, not {c._show(labels)}", "write e.g. labels: [energy, forces]")
+            for j, label in enumerate(labels):
+                c.choice(label, f"{sub}.labels[{j}]", LABELS)
         if "phonondb" in item:
-            c.keys(item, ["phonondb", "ids"], f"{sub}.")
+            c.keys(item, ["phonondb", "ids", "labels"], f"{sub}.")
             src = {"phonondb": c.path(item["phonondb"], f"{sub}.phonondb", base, "dir", "folder holding the PhononDB entries")}
             ids = item.get("ids")
             if isinstance(ids, (str, os.PathLike)):
@@ -281,7 +293,7 @@ def _parse_sources(value: Any, name: str, base: Path, c: _Check) -> list[dict]:
                 c.fail(f"{sub}.ids", f"must be a file or a list of entry ids, not {c._show(ids)}", "write e.g. ids: [mp-8062-20180417]")
             src["ids"] = ids
         elif "path" in item:
-            c.keys(item, ["path", "stress_unit", "keys"], f"{sub}.")
+            c.keys(item, ["path", "stress_unit", "keys", "labels"], f"{sub}.")
             src = {"path": c.path(item["path"], f"{sub}.path", base, "file", "path of an extxyz file (or any file ASE reads)"),
                    "stress_unit": c.choice(item.get("stress_unit", "eV/A3"), f"{sub}.stress_unit", STRESS_UNITS)}
             keys = c.mapping(item.get("keys") or {}, f"{sub}.keys", "keys: {energy: REF_energy}")
@@ -292,6 +304,8 @@ def _parse_sources(value: Any, name: str, base: Path, c: _Check) -> list[dict]:
             src["keys"] = dict(keys)
         else:
             c.fail(sub, f"has neither 'path' nor 'phonondb' (it has {sorted(item)})", "write {path: data.extxyz} or {phonondb: entries/}")
+        if labels is not None:
+            src["labels"] = list(labels)
         out.append(src)
     return out
 
@@ -503,8 +517,14 @@ def build_model(config: TrainConfig):
 
 def _read_source(src: dict, progress: bool = False) -> SampleList:
     if "phonondb" in src:
-        return read_phonondb(src["phonondb"], src.get("ids"), progress=progress)
-    return read_extxyz(src["path"], stress_unit=src.get("stress_unit", "eV/A3"), keys=src.get("keys") or None)
+        samples = read_phonondb(src["phonondb"], src.get("ids"), progress=progress)
+    else:
+        samples = read_extxyz(src["path"], stress_unit=src.get("stress_unit", "eV/A3"), keys=src.get("keys") or None)
+    if src.get("labels") is not None:  # use only these labels of this source
+        keep = set(src["labels"])
+        for sample in samples:
+            sample.labels = {k: v for k, v in sample.labels.items() if k in keep}
+    return samples
 
 
 def _label_counts(samples: Sequence[Sample]) -> dict[str, int]:

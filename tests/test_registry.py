@@ -26,11 +26,13 @@ FIVE_M = "mattersim-v1.0.0-5M"
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets an empty cache and an empty home (no official-package cache either)."""
+    """Every test gets an empty cache and an empty home (no official-package cache either), and no
+    dielectric model (whether or not its member files are installed in the package)."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv(registry.ENV_HOME, str(tmp_path / "cache"))
+    monkeypatch.setenv("MATTERSIM_DIELECTRIC_DIR", str(tmp_path / "no-dielectric-model"))
     return tmp_path / "cache"
 
 
@@ -227,6 +229,18 @@ def test_default_model_uses_cached_files(isolated_cache):
     assert registry.default_model() == ONE_M
     (models / "mattersim-v1.0.0-5M.pth").write_bytes(b"PK\x03\x04")
     assert registry.default_model() == FIVE_M
+
+
+def test_default_model_adds_the_dielectric_model_when_installed(isolated_cache, tmp_path, monkeypatch):
+    models = isolated_cache / "models"
+    models.mkdir(parents=True)
+    (models / "mattersim-v1.0.0-1M.pth").write_bytes(b"PK\x03\x04")
+    members = tmp_path / "members"
+    members.mkdir()
+    (members / "member_0.pth").write_bytes(b"PK\x03\x04")  # only its presence counts here
+    monkeypatch.setenv("MATTERSIM_DIELECTRIC_DIR", str(members))
+    assert registry.is_available("mattersim-dielectric")
+    assert registry.default_model() == f"{ONE_M}+mattersim-dielectric"
 
 
 def test_official_package_cache_is_found(tmp_path):

@@ -369,6 +369,27 @@ def test_config_file_errors(tmp_path):
     assert cfg.loss["forces"] == 10.0 and cfg.ema == 0.99 and cfg.output == str(tmp_path / "training")
 
 
+def test_source_label_filter_and_environment_paths(tmp_path, monkeypatch):
+    from mattersim.training import load_data
+
+    write_frames(tmp_path / "t.extxyz", emt_frames(3))
+    monkeypatch.setenv("MY_DATA", str(tmp_path))
+    (tmp_path / "c.yaml").write_text(
+        "model: {backbone: {kind: transformer, preset: tiny}}\n"
+        "train: [{path: '${MY_DATA}/t.extxyz', labels: [energy]}]\nvalid_fraction: 0\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train[0]["path"] == str(tmp_path / "t.extxyz") and cfg.train[0]["labels"] == ["energy"]
+    train, _, _ = load_data(cfg)
+    assert all(set(s.labels) == {"energy"} for s in train)  # forces, stress, magmoms... dropped
+    monkeypatch.delenv("MY_DATA")
+    with pytest.raises(InputError, match="environment variable"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("model: {backbone: {kind: transformer, preset: tiny}}\n"
+                                     "train: [{path: t.extxyz, labels: [energies]}]\n")
+    with pytest.raises(InputError, match=r"train\[0\]\.labels\[0\]"):
+        load_config(tmp_path / "d.yaml")
+
+
 def test_cli_train_end_to_end(tmp_path):
     from mattersim.potential import Potential
 

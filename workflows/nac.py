@@ -67,7 +67,9 @@ class BornCharges:
     source : str
         Where the numbers came from: ``"BORN file <path>"``, ``"model <name>"`` or ``"arrays"``.
     uncertainty : dict or None
-        Optional uncertainty estimates a predictor supplies (for example ``{"born": (n,3,3) std}``).
+        Optional uncertainty estimates a predictor supplies: ``{"born": (n, 3, 3) std, "epsilon": (3, 3)
+        std}`` and, for an ensemble, ``"members": [(born_k, epsilon_k), ...]`` (each member's own
+        prediction), from which :func:`lo_to_spread` gives the uncertainty of the LO frequencies.
     factor : float or None
         The unit-conversion factor given on the first line of a BORN file, if any; None means phonopy's
         default for eV / Angstrom (:func:`default_nac_factor`).
@@ -555,6 +557,121 @@ def gamma_lo_to(
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Uncertainty (ensembles of Z*/eps_inf predictions)
+# --------------------------------------------------------------------------------------------------
+def member_charges(born: BornCharges) -> list[BornCharges]:
+    """The members' own (Z*, eps_inf) of ``born.uncertainty["members"]`` as :class:`BornCharges` (or [])."""
+    members = (born.uncertainty or {}).get("members") or []
+    out = []
+    for k, member in enumerate(members):
+        if isinstance(member, dict):
+            z, eps = member.get("born"), member.get("epsilon")
+        else:
+            z, eps = member
+        out.append(BornCharges(np.asarray(z, dtype=float), np.asarray(eps, dtype=float),
+                               source=f"{born.source} member {k}", factor=born.factor))
+    return out
+
+
+def symmetrize_members(born: BornCharges, primitive, symprec: float = 1e-5) -> list[BornCharges]:
+    """Each member of ``born.uncertainty["members"]`` symmetrised like the mean (:func:`symmetrize`),
+    without warnings (they are logged at INFO level)."""
+    return [symmetrize(m, primitive, symprec, warn_threshold=np.inf)[0] for m in member_charges(born)]
+
+
+def _max_per_atom(arr: np.ndarray) -> list[float]:
+    arr = np.abs(np.asarray(arr, dtype=float))
+    return arr.reshape(len(arr), -1).max(axis=1).tolist()
+
+
+def uncertainty_report(born: BornCharges, symmetrized_members: Sequence[BornCharges] | None = None) -> dict | None:
+    """The Z* / eps_inf uncertainty for ``summary.json``, or None when ``born`` carries none.
+
+    From the predictor's standard deviations (as predicted, before symmetrisation): ``born_std`` (n, 3, 3,
+    e), ``born_std_max_per_atom`` (largest component per primitive-cell atom), ``born_std_max``,
+    ``epsilon_std`` (3, 3), ``epsilon_std_max``. With ``symmetrized_members`` (the members after the same
+    symmetrisation as the mean, :func:`symmetrize_members`) also ``n_members``,
+    ``born_std_symmetrized_max_per_atom`` and ``epsilon_std_symmetrized``: the spread of what enters NAC.
+    """
+    unc = born.uncertainty
+    if not unc:
+        return None
+    report: dict[str, Any] = {}
+    if unc.get("born") is not None:
+        b = np.asarray(unc["born"], dtype=float).reshape(-1, 3, 3)
+        report.update({"born_std": b.tolist(), "born_std_max_per_atom": _max_per_atom(b),
+                       "born_std_max": float(np.abs(b).max())})
+    if unc.get("epsilon") is not None:
+        e = np.asarray(unc["epsilon"], dtype=float).reshape(3, 3)
+        report.update({"epsilon_std": e.tolist(), "epsilon_std_max": float(np.abs(e).max())})
+    members = list(symmetrized_members or [])
+    report["n_members"] = len(members) if members else None
+    if members:
+        zs = np.stack([m.born for m in members])
+        es = np.stack([m.epsilon for m in members])
+        report["born_std_symmetrized_max_per_atom"] = _max_per_atom(zs.std(axis=0))
+        report["epsilon_std_symmetrized"] = es.std(axis=0).tolist()
+    report["note"] = ("standard deviations over the ensemble members (population, 1/N): Z* in e, eps_inf "
+                      "dimensionless; '_symmetrized' after the crystal-symmetry and charge-neutrality "
+                      "symmetrisation applied to the mean")
+    return report
+
+
+def _same_force_constants(phonon):
+    """A new ``Phonopy`` with the cells, symmetry tolerance and force constants of ``phonon`` (no NAC):
+    setting NAC parameters on it leaves ``phonon``'s computed results alone (phonopy discards them)."""
+    from phonopy import Phonopy
+
+    clone = Phonopy(phonon.unitcell, supercell_matrix=phonon.supercell_matrix,
+                    primitive_matrix=phonon.primitive_matrix, symprec=phonon.symmetry.tolerance, log_level=0)
+    clone.force_constants = phonon.force_constants
+    return clone
+
+
+def lo_to_spread(phonon, members: Sequence[BornCharges], reference: dict, *, method: str | None = None,
+                 cartesian: bool = True) -> dict:
+    """Spread over ensemble members of the frequencies at Gamma of :func:`gamma_lo_to` (THz).
+
+    ``members``: each member's (Z*, eps_inf), already symmetrised like the mean (:func:`symmetrize_members`);
+    ``reference``: :func:`gamma_lo_to` of ``phonon`` with the mean parameters. For every member its NAC
+    parameters are set on a copy of ``phonon`` (same cells, symmetry tolerance and force constants, same
+    ``method`` and unit factor; ``phonon`` itself and its computed band structure, mesh, ... are left
+    untouched) and the sorted frequencies along each of the reference's directions are computed. Modes are
+    matched by their rank (sorted frequencies), and the LO / TO modes are those the mean identified.
+
+    Returns ``{"n_members", "directions": [{"direction", "frequencies_std", "lo_frequencies_std",
+    "to_frequencies_std", "member_lo_frequencies"}]}`` with population standard deviations (1/N).
+    """
+    members = list(members)
+    if len(members) < 2:
+        raise InputError(f"the LO-TO spread needs at least two ensemble members, got {len(members)}.")
+    if method is None:
+        method = reference.get("method") or "gonze"
+    directions = [d["direction"] for d in reference["directions"]]
+    factor = (phonon.nac_params or {}).get("factor")
+    clone = _same_force_constants(phonon)
+    freqs = []
+    for member in members:
+        clone.nac_params = member.to_phonopy_nac_params(factor=factor, method=method)
+        res = gamma_lo_to(clone, directions, cartesian=cartesian)
+        freqs.append([d["frequencies"] for d in res["directions"]])
+    freqs = np.asarray(freqs, dtype=float)  # (members, directions, modes)
+    std = freqs.std(axis=0)
+    out: dict[str, Any] = {"n_members": len(members), "method": method, "directions": []}
+    for j, ref in enumerate(reference["directions"]):
+        lo = [int(i) for i in ref["lo_indices"]]
+        to = [i for i in range(std.shape[1]) if i not in lo]
+        out["directions"].append({
+            "direction": list(ref["direction"]),
+            "frequencies_std": std[j].tolist(),
+            "lo_frequencies_std": std[j, lo].tolist(),
+            "to_frequencies_std": std[j, to].tolist(),
+            "member_lo_frequencies": freqs[:, j, lo].tolist(),
+        })
+    return out
+
+
 def lo_to_analytic(z: float, epsilon_inf: float, volume: float, masses: Sequence[float]) -> float:
     """nu_LO^2 - nu_TO^2 in THz^2 for a cubic diatomic crystal (rocksalt, CsCl, zincblende).
 
@@ -583,7 +700,11 @@ __all__ = [
     "symmetrize",
     "resolve_born",
     "gamma_lo_to",
+    "lo_to_spread",
     "lo_to_analytic",
+    "member_charges",
+    "symmetrize_members",
+    "uncertainty_report",
     "default_nac_factor",
     "NO_SOURCE_MESSAGE",
 ]

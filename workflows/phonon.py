@@ -30,7 +30,10 @@ Steps (each one logged to ``phonon.log``):
    (``symmetrize_force_constants()``, level 1), which enforces the acoustic sum rule;
 5. optional non-analytical term correction (``nac=True``): Born charges and dielectric tensor from
    ``born_file``, ``predictor`` or the calculator (:func:`workflows.nac.resolve_born`), symmetrised
-   with the crystal's site symmetry, Gonze-Lee (default) or Wang method;
+   with the crystal's site symmetry, Gonze-Lee (default) or Wang method; when the source carries an
+   uncertainty (an ensemble such as ``mattersim-dielectric``), ``summary.json`` reports the Z* and
+   eps_inf standard deviations and, with the members' own predictions, the standard deviation of the LO
+   and TO frequencies at Γ over the members (:func:`workflows.nac.lo_to_spread`);
 6. band structure along the seekpath path, DOS and projected DOS on a Γ-centred mesh, thermal
    properties, group velocities, imaginary-mode detection, plots and ``summary.json``.
 
@@ -397,6 +400,8 @@ def _describe_mode(mode: dict) -> str:
 
 
 def _run_key(atoms: Atoms, settings: dict, info: dict) -> str:
+    if info.get("kind") == "composite" and isinstance(info.get("potential"), dict):
+        info = info["potential"]  # the forces come from the potential alone
     model = {k: info.get(k) for k in ("name", "version", "kind", "sha256", "dtype", "model_args")}
     if model.get("sha256") is None:  # ASE calculators: their class and parameters
         model["source"] = info.get("source")
@@ -577,6 +582,10 @@ def run_phonon(
     from phonopy import Phonopy
 
     _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_method, symprec)
+    if getattr(calculator, "property_only", False):
+        from mattersim.composite import no_energy_message
+
+        raise InputError(no_energy_message(str(model_info(calculator).get("name")), "forces"))
     if born_file is not None or predictor is not None:
         nac = True
     mesh_setting = _mesh_setting(mesh)
@@ -679,6 +688,7 @@ def run_phonon(
         # NAC parameters first: a missing source of Born charges should fail before the expensive part
         nac_summary: dict[str, Any] = {"enabled": bool(nac)}
         born_charges = None
+        members_sym: list = []
         if nac:
             from workflows import nac as nac_module
 
@@ -691,6 +701,12 @@ def run_phonon(
             nac_summary.update({"method": nac_method, "source": born_sym.source, "symmetrization": sym_report,
                                 "born": np.asarray(born_sym.born).tolist(), "epsilon": np.asarray(born_sym.epsilon).tolist()})
             log.info(f"NAC: {nac_method} method, Born charges and dielectric tensor from {born_sym.source}")
+            if born.uncertainty:
+                members_sym = nac_module.symmetrize_members(born, primitive_atoms, symprec)
+                nac_summary["uncertainty"] = nac_module.uncertainty_report(born, members_sym)
+                unc = nac_summary["uncertainty"]
+                log.info(f"NAC uncertainty: max std of Z* {unc.get('born_std_max')} e, of eps_inf "
+                         f"{unc.get('epsilon_std_max')} ({len(members_sym) or 'no'} ensemble members)")
 
         # 3. forces -----------------------------------------------------------------------------------
         supercells = [_ase_atoms(ph.supercell)] + [_ase_atoms(s) for s in ph.supercells_with_displacements]
@@ -750,7 +766,7 @@ def run_phonon(
 
         # 5./6. post-processing -----------------------------------------------------------------------
         summary = _post_process(ph, out, log, mesh_setting=mesh_setting, tmax=tmax, tstep=tstep, nac_summary=nac_summary,
-                                primitive_atoms=primitive_atoms, born_charges=born_charges)
+                                primitive_atoms=primitive_atoms, born_charges=born_charges, member_charges=members_sym)
         timings["post_processing"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
 
@@ -898,7 +914,7 @@ def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
 
 
 def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tstep, nac_summary, primitive_atoms,
-                  born_charges=None) -> dict:
+                  born_charges=None, member_charges=None) -> dict:
     """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots."""
     # projected DOS: needs the full mesh with eigenvectors
     pdos_note = None
@@ -944,6 +960,15 @@ def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tste
         from workflows import nac as nac_module
 
         lo_to = nac_module.gamma_lo_to(ph)
+        if member_charges and len(member_charges) >= 2:
+            # the same LO/TO evaluation with every ensemble member's (symmetrised) Z* and eps_inf
+            spread = nac_module.lo_to_spread(ph, member_charges, lo_to)
+            for entry, s in zip(lo_to["directions"], spread["directions"]):
+                entry["lo_frequencies_std"] = s["lo_frequencies_std"]
+                entry["to_frequencies_std"] = s["to_frequencies_std"]
+            nac_summary.setdefault("uncertainty", {})["gamma_lo_to"] = to_builtin(spread)
+            log.info("LO/TO uncertainty at Γ (std over members, THz): " + "; ".join(
+                f"{s['direction']}: LO ±{np.round(s['lo_frequencies_std'], 4).tolist()}" for s in spread["directions"]))
         nac_summary["gamma_lo_to"] = to_builtin(lo_to)
         log.info(f"LO/TO at Γ: {json.dumps(to_builtin(lo_to))}")
 

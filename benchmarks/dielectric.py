@@ -1,0 +1,225 @@
+"""Accuracy of a Z* / eps_inf model on PhononDB BORN data, and LO-TO at Gamma for validation materials.
+
+:func:`evaluate_dielectric` predicts every entry of an id list (e.g. the shipped model's untouched test
+split) and reports, per tensor element, the MAE, RMSE and median absolute error of Z* (e) and eps_inf,
+for three groups: materials with mean eps_inf <= 20 (the accuracy goal), all non-metallic materials,
+and the metallic / narrow-gap ones (listed separately in the split), plus how often the DFT value lies
+within two ensemble standard deviations. It writes ``metrics.json``, ``predictions.npz`` and parity plots
+(``parity_born.png``, ``parity_epsilon.png``).
+
+:func:`validation_table` compares, for named PhononDB entries, the predicted and DFT Z* (symmetry-
+independent atoms) and eps_inf, and the LO and TO frequencies at Gamma that phonopy gives with the
+entry's DFT force constants (its ``FORCE_SETS``) and either the DFT ``BORN`` or the predicted values, so
+that the difference is the dielectric model's alone.
+
+Usage: ``python -m benchmarks.dielectric MODEL ENTRIES_DIR IDS_FILE [METALLIC_IDS_FILE] -o OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mattersim.io import atomic_path, atomic_write_json
+
+#: PhononDB entries of the model card's validation table: (label, id)
+VALIDATION = (
+    ("3C-SiC", "mp-8062-20180417"),
+    ("MgO", "mp-1265-20180417"),
+    ("NaCl", "mp-22862-20180417"),
+    ("GaN (wurtzite)", "mp-804-20180417"),
+    ("BaTiO3 (cubic)", "mp-2998-20180417"),
+)
+
+
+def _predict(model, structures: Sequence) -> list[dict]:
+    """Mean Z*, eps_inf and (ensembles) their member std for each structure."""
+    from mattersim.calculator import evaluate_batch
+
+    out = []
+    for res in evaluate_batch(model, list(structures)):
+        out.append({k: np.asarray(res[k]) for k in ("born_effective_charges", "dielectric_tensor",
+                                                     "born_effective_charges_std", "dielectric_tensor_std")
+                    if k in res})
+    return out
+
+
+def _stats(errors: np.ndarray) -> dict:
+    e = np.abs(np.asarray(errors, dtype=float).ravel())
+    if e.size == 0:
+        return {"n": 0, "mae": None, "rmse": None, "median": None}
+    return {"n": int(e.size), "mae": float(e.mean()), "rmse": float(np.sqrt(np.mean(e**2))), "median": float(np.median(e))}
+
+
+def _within(errors: np.ndarray, std: np.ndarray | None) -> float | None:
+    if std is None or std.size == 0:
+        return None
+    return float(np.mean(np.abs(errors) <= 2 * std))
+
+
+def _parity(path: Path, ref: np.ndarray, pred: np.ndarray, label: str, log: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=130)
+    ax.scatter(ref, pred, s=4, alpha=0.4, edgecolors="none")
+    lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"DFT {label}")
+    ax.set_ylabel(f"predicted {label}")
+    mae = float(np.mean(np.abs(pred - ref)))
+    ax.set_title(f"{label}: MAE {mae:.3g} ({ref.size} elements)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def evaluate_dielectric(model, entries_root: str | Path, ids: str | Path | Sequence[str], output: str | Path, *,
+                        metallic_ids: str | Path | Sequence[str] | None = None) -> dict:
+    """Test-set metrics of ``model`` (a calculator predicting Z* and eps_inf); see the module docstring."""
+    from mattersim.calculator import model_info
+    from mattersim.data import read_phonondb
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    groups_samples = {"main": read_phonondb(entries_root, ids)}
+    if metallic_ids is not None:
+        groups_samples["metallic"] = read_phonondb(entries_root, metallic_ids)
+    arrays: dict[str, Any] = {}
+    per_material = {}
+    for name, samples in groups_samples.items():
+        preds = _predict(model, [s.atoms for s in samples])
+        eps_ref = np.stack([s.labels["dielectric_tensor"] for s in samples])
+        eps_pred = np.stack([p["dielectric_tensor"] for p in preds])
+        per_material[name] = {
+            "ids": [s.source for s in samples],
+            "eps_ref": eps_ref, "eps_pred": eps_pred,
+            "eps_std": np.stack([p.get("dielectric_tensor_std", np.full((3, 3), np.nan)) for p in preds]),
+            "born_ref": [s.labels["born_effective_charges"] for s in samples],
+            "born_pred": [p["born_effective_charges"] for p in preds],
+            "born_std": [p.get("born_effective_charges_std", np.full_like(p["born_effective_charges"], np.nan))
+                         for p in preds],
+        }
+    metrics: dict[str, Any] = {}
+    main = per_material["main"]
+    mean_eps = np.trace(main["eps_ref"], axis1=1, axis2=2) / 3
+    selections = {"mean_eps_le_20": mean_eps <= 20.0, "all_non_metallic": np.ones_like(mean_eps, dtype=bool)}
+    for label, mask in selections.items():
+        idx = np.flatnonzero(mask)
+        born_err = np.concatenate([(main["born_pred"][i] - main["born_ref"][i]).ravel() for i in idx])
+        born_std = np.concatenate([main["born_std"][i].ravel() for i in idx])
+        eps_err = (main["eps_pred"][idx] - main["eps_ref"][idx]).ravel()
+        eps_std = main["eps_std"][idx].ravel()
+        metrics[label] = {
+            "materials": int(idx.size),
+            "born_effective_charges": {**_stats(born_err), "within_2_std": _within(born_err, born_std)},
+            "dielectric_tensor": {**_stats(eps_err), "within_2_std": _within(eps_err, eps_std)},
+        }
+    if "metallic" in per_material:
+        met = per_material["metallic"]
+        eps_err = (met["eps_pred"] - met["eps_ref"]).ravel()
+        rel = (np.trace(met["eps_pred"], axis1=1, axis2=2) / np.trace(met["eps_ref"], axis1=1, axis2=2))
+        metrics["metallic"] = {
+            "materials": len(met["ids"]),
+            "dielectric_tensor": _stats(eps_err),
+            "mean_eps_ratio_pred_over_dft": [float(x) for x in rel],
+            "born_effective_charges": _stats(np.concatenate([(p - r).ravel() for p, r in
+                                                              zip(met["born_pred"], met["born_ref"])])),
+        }
+    metrics["model"] = model_info(model)
+    metrics["wall_time_s"] = time.perf_counter() - start
+    born_ref = np.concatenate([b.ravel() for b in main["born_ref"]])
+    born_pred = np.concatenate([b.ravel() for b in main["born_pred"]])
+    _parity(out / "parity_born.png", born_ref, born_pred, "Z* element (e)")
+    _parity(out / "parity_epsilon.png", main["eps_ref"].reshape(len(mean_eps), -1)[:, [0, 4, 8]].ravel(),
+            main["eps_pred"].reshape(len(mean_eps), -1)[:, [0, 4, 8]].ravel(), "eps_inf diagonal", log=True)
+    arrays.update(born_ref=born_ref, born_pred=born_pred, eps_ref=main["eps_ref"], eps_pred=main["eps_pred"],
+                  eps_std=main["eps_std"], ids=np.array(main["ids"]))
+    with atomic_path(out / "predictions.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def validation_table(model, entries_root: str | Path, entries: Sequence[tuple[str, str]] = VALIDATION) -> list[dict]:
+    """Per material: predicted vs DFT Z* (independent atoms) and eps_inf; LO/TO at Gamma from the DFT
+    force constants with the DFT or the predicted Z*/eps_inf (entries with ``FORCE_SETS``)."""
+    from benchmarks.phonondb import load_entry, reference_phonopy
+    from mattersim.data import read_phonondb_entry
+    from workflows import nac as nac_module
+
+    rows = []
+    for label, eid in entries:
+        folder = Path(entries_root) / eid
+        sample, _ = read_phonondb_entry(folder)
+        pred = _predict(model, [sample.atoms])[0]
+        row: dict[str, Any] = {
+            "material": label, "id": eid, "formula": sample.atoms.get_chemical_formula(),
+            "epsilon_dft": float(np.trace(sample.labels["dielectric_tensor"]) / 3),
+            "epsilon_pred": float(np.trace(pred["dielectric_tensor"]) / 3),
+            "epsilon_std": float(np.trace(pred["dielectric_tensor_std"]) / 3) if "dielectric_tensor_std" in pred else None,
+        }
+        # Z* of each species: the isotropic part (trace / 3) of its first atom
+        seen = {}
+        for k, sym in enumerate(sample.atoms.get_chemical_symbols()):
+            if sym not in seen:
+                seen[sym] = {
+                    "dft": float(np.trace(sample.labels["born_effective_charges"][k]) / 3),
+                    "pred": float(np.trace(pred["born_effective_charges"][k]) / 3),
+                    "std": (float(np.trace(pred["born_effective_charges_std"][k]) / 3)
+                            if "born_effective_charges_std" in pred else None),
+                }
+        row["born_isotropic"] = seen
+        if (folder / "FORCE_SETS").is_file():
+            entry = load_entry(folder)
+            ph = reference_phonopy(entry, nac=True)
+            dft = nac_module.gamma_lo_to(ph)
+            born = nac_module.resolve_born(predictor=model, primitive_atoms=ph.primitive)
+            born_sym, _ = nac_module.symmetrize(born, ph.primitive)
+            ph.nac_params = born_sym.to_phonopy_nac_params(method=ph.nac_params.get("method", "gonze"))
+            ours = nac_module.gamma_lo_to(ph)
+            d0, p0 = dft["directions"][0], ours["directions"][0]  # along [100]
+            row["lo_THz_dft"] = d0["lo_frequencies"]
+            row["lo_THz_pred"] = p0["lo_frequencies"]
+            row["to_THz"] = d0["to_frequencies"]
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mattersim.registry import load_calculator
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("entries")
+    parser.add_argument("ids")
+    parser.add_argument("metallic_ids", nargs="?")
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args(argv)
+    model = load_calculator(args.model)
+    metrics = evaluate_dielectric(model, args.entries, args.ids, args.output, metallic_ids=args.metallic_ids)
+    rows = validation_table(model, args.entries)
+    atomic_write_json(Path(args.output) / "validation.json", rows)
+    for group in ("mean_eps_le_20", "all_non_metallic"):
+        m = metrics[group]
+        print(f"{group}: {m['materials']} materials; Z* MAE {m['born_effective_charges']['mae']:.4f} e, "
+              f"eps_inf MAE {m['dielectric_tensor']['mae']:.4f}")
+    for row in rows:
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

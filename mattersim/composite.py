@@ -1,0 +1,362 @@
+"""Property-only models and composites: Z* and eps_inf from one model, energies and forces from another.
+
+- :class:`DielectricModel`: an ensemble of multi-task models (:mod:`mattersim.multitask`) with the heads
+  ``born_effective_charges`` and ``dielectric_tensor``, used for those two properties only (the members'
+  energy readouts are ignored). It reports the member mean and, with two or more members, the member spread
+  (``<key>_std``, population standard deviation) and the members' own predictions. As a
+  :class:`workflows.nac.DielectricPredictor` it sets :attr:`DielectricModel.uncertainty` to
+  ``{"born": (n, 3, 3) std, "epsilon": (3, 3) std, "members": [(born_k, eps_k), ...]}``, from which the
+  phonon workflow derives the uncertainty of the LO frequencies. Asking it for an energy, forces or stress
+  raises :class:`~mattersim.errors.InputError`.
+- :func:`load_dielectric`: the shipped model ``mattersim-dielectric`` (``member_*.pth`` in
+  :data:`mattersim.dielectric.MODEL_DIR`, or in ``$MATTERSIM_DIELECTRIC_DIR``).
+- :class:`CompositeCalculator`: a potential (any ASE calculator) for energy, forces and stress plus a
+  property model for Z* and eps_inf; the registry builds one from ``"A+B"``, e.g.
+  ``load_calculator("sevennet-0+mattersim-dielectric")``.
+
+Conventions of the properties are those of :mod:`workflows.nac` (phonopy's): ``born[k, i, j]``, first index
+field / polarisation direction, second index displacement direction, in e; eps_inf (3, 3) dimensionless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError
+
+__all__ = [
+    "DIELECTRIC_PROPERTIES",
+    "ENV_DIELECTRIC_DIR",
+    "LICENSE_NOTE",
+    "CompositeCalculator",
+    "DielectricModel",
+    "dielectric_dir",
+    "load_dielectric",
+    "member_files",
+]
+
+#: The two properties a dielectric model predicts.
+DIELECTRIC_PROPERTIES = ("born_effective_charges", "dielectric_tensor")
+#: Their member spreads (results of :class:`DielectricModel`, with two or more members).
+STD_PROPERTIES = tuple(f"{p}_std" for p in DIELECTRIC_PROPERTIES)
+#: Environment variable that points :func:`load_dielectric` at another folder of ``member_*.pth``.
+ENV_DIELECTRIC_DIR = "MATTERSIM_DIELECTRIC_DIR"
+#: Licence of the shipped dielectric model and of its training data.
+LICENSE_NOTE = "model MIT; training data PhononDB by A. Togo, CC BY 4.0"
+
+_MEMBER_RE = re.compile(r"^member_(\d+)\.pth$")
+
+
+def no_energy_message(name: str, what: str) -> str:
+    """The error for asking a property-only model for energies, forces or stress."""
+    return (f"{name} predicts Z* and eps_inf only; combine it with a potential, e.g. --model sevennet-0+{name} "
+            f"(asked for {what}).")
+
+
+def _potential_of(member: Any):
+    """A :class:`~mattersim.potential.Potential` from a Potential or a MatterSimCalculator."""
+    from mattersim.potential import Potential
+
+    if isinstance(member, Potential):
+        return member
+    potential = getattr(member, "potential", None)
+    if isinstance(potential, Potential):
+        return potential
+    raise InputError(f"A dielectric model member must be a mattersim Potential (or MatterSimCalculator), not a "
+                     f"{type(member).__name__}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# the property-only ensemble
+# --------------------------------------------------------------------------------------------------
+
+
+class DielectricModel(Calculator):
+    """Born effective charges and eps_inf from an ensemble of multi-task models (see the module doc).
+
+    ``members``: one or more :class:`~mattersim.potential.Potential` objects (or MatterSimCalculators)
+    whose models have the heads ``born_effective_charges`` and ``dielectric_tensor``; uncertainties need at
+    least two. ``info``: the ``model_info`` dict (default: built from the members' identities).
+
+    ``calculate_batch(structures)`` gives, per structure, the means ``born_effective_charges`` (n, 3, 3)
+    and ``dielectric_tensor`` (3, 3), their ``*_std`` (two or more members) and ``members``, the list of
+    ``(born, eps)`` of every member. As an ASE calculator it implements the two properties (the ``*_std``
+    are in ``calc.results`` too); energy, forces and stress raise :class:`InputError`.
+    """
+
+    implemented_properties = list(DIELECTRIC_PROPERTIES)
+    #: no energy, forces or stress: :func:`mattersim.calculator.evaluate_batch` refuses it
+    property_only = True
+
+    def __init__(self, members: Sequence[Any], *, info: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        members = [_potential_of(m) for m in members]
+        if not members:
+            raise InputError("A dielectric model needs at least one member (a multi-task model with "
+                             "born_effective_charges and dielectric_tensor heads).")
+        for k, member in enumerate(members):
+            missing = [t for t in DIELECTRIC_PROPERTIES if t not in member.tasks]
+            if missing:
+                source = member.identity.get("source") or member.identity.get("name") or f"member {k}"
+                raise CheckpointError(
+                    f"{source}: the model has no {' and no '.join(missing)} head (its tasks: "
+                    f"{list(member.tasks) or 'none'}); a dielectric model needs multi-task models with "
+                    "born_effective_charges and dielectric_tensor heads."
+                )
+        self.members = members
+        if info is None:
+            ids = [dict(m.identity) for m in members]
+            hashes = [i.get("sha256") for i in ids]
+            info = {
+                "name": "dielectric(" + ",".join(str(i.get("name")) for i in ids) + ")",
+                "kind": "dielectric",
+                "version": None,
+                "sha256": hashlib.sha256("".join(hashes).encode()).hexdigest() if all(hashes) else None,
+                "source": None,
+                "members": [{"name": i.get("name"), "source": i.get("source"), "sha256": i.get("sha256")} for i in ids],
+            }
+        self.model_info = dict(info)
+        self.uncertainty: dict | None = None
+
+    def _label(self) -> str:
+        return str((getattr(self, "model_info", None) or {}).get("name") or "the dielectric model")
+
+    def calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+        """Per structure: mean Z* and eps_inf, their member ``*_std`` (>= 2 members) and ``members``."""
+        from mattersim.ensemble import combine
+
+        structures = list(structures)
+        per_member = [m.predict(structures, forces=False, stress=False) for m in self.members]
+        out = []
+        for k in range(len(structures)):
+            rows = [{p: np.asarray(res[k][p], dtype=float) for p in DIELECTRIC_PROPERTIES} for res in per_member]
+            combined = combine(rows)
+            result = {p: combined[p] for p in DIELECTRIC_PROPERTIES}
+            if len(rows) >= 2:
+                result.update({p: combined[p] for p in STD_PROPERTIES})
+            result["members"] = [(r["born_effective_charges"], r["dielectric_tensor"]) for r in rows]
+            out.append(result)
+        return out
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        if name in STD_PROPERTIES:
+            self.get_property(DIELECTRIC_PROPERTIES[0], atoms, allow_calculation)
+            value = self.results.get(name)
+            return None if value is None else np.array(value)
+        if name not in self.implemented_properties:
+            raise InputError(no_energy_message(self._label(), name))
+        return super().get_property(name, atoms, allow_calculation)
+
+    def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes):
+        wanted = list(properties or DIELECTRIC_PROPERTIES)
+        bad = [p for p in wanted if p not in self.implemented_properties and p not in STD_PROPERTIES]
+        if bad:
+            raise InputError(no_energy_message(self._label(), ", ".join(bad)))
+        super().calculate(atoms, wanted, system_changes)
+        result = self.calculate_batch([self.atoms])[0]
+        result.pop("members")
+        self.results = result
+
+    def predict_dielectric(self, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
+        """Mean Z* (n, 3, 3) and eps_inf (3, 3); sets :attr:`uncertainty` (None with one member)."""
+        res = self.calculate_batch([atoms])[0]
+        if len(self.members) >= 2:
+            self.uncertainty = {
+                "born": res["born_effective_charges_std"],
+                "epsilon": res["dielectric_tensor_std"],
+                "members": res["members"],
+            }
+        else:
+            self.uncertainty = None
+        return res["born_effective_charges"], res["dielectric_tensor"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped model
+# --------------------------------------------------------------------------------------------------
+
+
+def dielectric_dir(directory: str | os.PathLike | None = None) -> Path:
+    """Where the ``mattersim-dielectric`` members are: ``directory``, else ``$MATTERSIM_DIELECTRIC_DIR``,
+    else :data:`mattersim.dielectric.MODEL_DIR` (inside the package)."""
+    if directory is not None:
+        return Path(directory).expanduser()
+    env = os.environ.get(ENV_DIELECTRIC_DIR, "").strip()
+    if env:
+        return Path(env).expanduser()
+    from mattersim.dielectric import MODEL_DIR
+
+    return Path(MODEL_DIR)
+
+
+def member_files(directory: str | os.PathLike | None = None) -> list[Path]:
+    """The ``member_<k>.pth`` files of the dielectric model, ordered by k (empty when there are none)."""
+    folder = dielectric_dir(directory)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _MEMBER_RE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def _card(folder: Path) -> dict:
+    path = folder / "card.json"
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def card_version(directory: str | os.PathLike | None = None) -> str | None:
+    """``version`` of the dielectric model's ``card.json``, or None."""
+    version = _card(dielectric_dir(directory)).get("version")
+    return None if version is None else str(version)
+
+
+def load_dielectric(
+    directory: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_pickle: bool = False,
+) -> DielectricModel:
+    """The dielectric model ``mattersim-dielectric``: every ``member_<k>.pth`` of ``directory``.
+
+    ``directory`` defaults to ``$MATTERSIM_DIELECTRIC_DIR`` if set (models you trained yourself), else to
+    :data:`mattersim.dielectric.MODEL_DIR`. Each member is loaded with ``Potential.from_checkpoint`` and
+    must have the heads ``born_effective_charges`` and ``dielectric_tensor``. ``model_info`` records the
+    name, ``kind="dielectric"``, the version of ``card.json`` (if there is one), a sha256 over the members'
+    sha256s (in order), the member files with their sha256s, the folder and the licence. Without member files
+    raises :class:`ModelNotAvailableError` naming the folder and how to fill it.
+    """
+    from mattersim.dielectric import MODEL_NAME
+    from mattersim.potential import Potential
+    from mattersim.registry import file_sha256
+
+    folder = dielectric_dir(directory)
+    files = member_files(folder)
+    if not files:
+        state = "does not exist" if not folder.is_dir() else "holds no member_<k>.pth files"
+        raise ModelNotAvailableError(
+            f"The dielectric model '{MODEL_NAME}' is not installed: the folder {folder} {state}. Train the "
+            f"members (mattersim train mattersim/pretrained/{MODEL_NAME}/train.yaml --seed K -o runs/dielectric/member_K, "
+            f"see docs/phonon-nac.md) and copy each best.pth to {folder}/member_K.pth, or set "
+            f"{ENV_DIELECTRIC_DIR} to a folder that holds member_0.pth, member_1.pth, ..."
+        )
+    members = [Potential.from_checkpoint(p, device=device, dtype=dtype, trust_pickle=trust_pickle,
+                                         name=f"{MODEL_NAME}/{p.stem}") for p in files]
+    hashes = [file_sha256(p) for p in files]
+    info = {
+        "name": MODEL_NAME,
+        "kind": "dielectric",
+        "version": card_version(folder),
+        "sha256": hashlib.sha256("".join(hashes).encode()).hexdigest(),
+        "source": str(folder.resolve()),
+        "members": [{"file": p.name, "sha256": h} for p, h in zip(files, hashes)],
+        "n_members": len(files),
+        "license": LICENSE_NOTE,
+        "device": device,
+        "dtype": dtype,
+    }
+    return DielectricModel(members, info=info)
+
+
+# --------------------------------------------------------------------------------------------------
+# potential + property model
+# --------------------------------------------------------------------------------------------------
+
+
+class CompositeCalculator(Calculator):
+    """Energy, free energy, forces and stress from ``potential_calc``; Z* and eps_inf from ``property_model``.
+
+    ``potential_calc`` is any ASE calculator (with ``calculate_batch``, the composite has it too and it
+    evaluates the potential only: what phonon displacements and relaxations need). ``property_model`` is a
+    :class:`DielectricModel` or any object with ``predict_dielectric(atoms)``; ``predict_dielectric`` is
+    forwarded to it, with its ``uncertainty``. ``model_info`` records both parts under ``potential`` and
+    ``properties``.
+    """
+
+    def __init__(self, potential_calc, property_model, **kwargs):
+        super().__init__(**kwargs)
+        from mattersim.calculator import model_info
+
+        if getattr(potential_calc, "property_only", False):
+            raise InputError(
+                f"'{model_info(potential_calc).get('name')}' predicts no energies and cannot be the potential of a "
+                "composite; write POTENTIAL+PROPERTY_MODEL, e.g. sevennet-0+mattersim-dielectric."
+            )
+        if not callable(getattr(property_model, "predict_dielectric", None)):
+            raise InputError(f"The property model ({type(property_model).__name__}) has no predict_dielectric(atoms); "
+                             "use mattersim-dielectric or a multi-task checkpoint with dielectric heads.")
+        self.potential_calc = potential_calc
+        self.property_model = property_model
+        pot_props = [p for p in (getattr(potential_calc, "implemented_properties", None) or
+                                 ("energy", "free_energy", "forces", "stress")) if p not in DIELECTRIC_PROPERTIES]
+        self.implemented_properties = [*pot_props, *DIELECTRIC_PROPERTIES]
+        info_a, info_b = model_info(potential_calc), model_info(property_model)
+        self.model_info = {
+            "name": f"{info_a.get('name')}+{info_b.get('name')}",
+            "kind": "composite",
+            "version": None,
+            "sha256": None,
+            "source": None,
+            "potential": info_a,
+            "properties": info_b,
+        }
+        self.uncertainty: dict | None = None
+        if callable(getattr(potential_calc, "calculate_batch", None)):
+            self.calculate_batch = self._calculate_batch
+
+    def _calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+        """The potential's results (energy, forces, 3x3 stress, ...) per structure, batched."""
+        from mattersim.calculator import evaluate_batch
+
+        return evaluate_batch(self.potential_calc, list(structures))
+
+    def property_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+        """The property model's results per structure: Z*, eps_inf (and ``*_std``, ``members``)."""
+        model = self.property_model
+        if callable(getattr(model, "calculate_batch", None)) and getattr(model, "property_only", False):
+            return model.calculate_batch(list(structures))
+        out = []
+        for atoms in structures:
+            born, eps = model.predict_dielectric(atoms)
+            out.append({"born_effective_charges": np.asarray(born, dtype=float),
+                        "dielectric_tensor": np.asarray(eps, dtype=float)})
+        return out
+
+    def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        wanted = list(properties or ("energy",))
+        for prop in [p for p in wanted if p not in DIELECTRIC_PROPERTIES]:
+            if prop in self.results:
+                continue
+            value = self.potential_calc.get_property(prop, self.atoms)
+            self.results.update({k: v for k, v in self.potential_calc.results.items()
+                                 if k not in DIELECTRIC_PROPERTIES and k not in STD_PROPERTIES})
+            self.results[prop] = value
+        if any(p in DIELECTRIC_PROPERTIES for p in wanted):
+            res = dict(self.property_batch([self.atoms])[0])
+            res.pop("members", None)
+            self.results.update(res)
+
+    def predict_dielectric(self, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
+        """Z* and eps_inf from the property model; its ``uncertainty`` is forwarded."""
+        out = self.property_model.predict_dielectric(atoms)
+        self.uncertainty = getattr(self.property_model, "uncertainty", None)
+        return out
