@@ -12,7 +12,9 @@ independent atoms) and eps_inf, and the LO and TO frequencies at Gamma that phon
 entry's DFT force constants (its ``FORCE_SETS``) and either the DFT ``BORN`` or the predicted values, so
 that the difference is the dielectric model's alone.
 
-Usage: ``python -m benchmarks.dielectric MODEL ENTRIES_DIR IDS_FILE [METALLIC_IDS_FILE] -o OUT``.
+Usage: ``python -m benchmarks.dielectric evaluate MODEL ENTRIES_DIR IDS_FILE [METALLIC_IDS_FILE] -o OUT``;
+``python -m benchmarks.dielectric package RUN... --entries DIR --version V`` ships trained members
+(:func:`package`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,16 @@ VALIDATION = (
 
 def _predict(model, structures: Sequence) -> list[dict]:
     """Mean Z*, eps_inf and (ensembles) their member std for each structure."""
-    from mattersim.calculator import evaluate_batch
-
+    structures = list(structures)
+    if hasattr(model, "property_batch"):  # a potential+dielectric composite
+        results = model.property_batch(structures)
+    elif hasattr(model, "calculate_batch"):  # the dielectric model, an ensemble, a multi-task calculator
+        results = model.calculate_batch(structures)
+    else:  # any DielectricPredictor
+        results = [dict(zip(("born_effective_charges", "dielectric_tensor"), model.predict_dielectric(a)))
+                   for a in structures]
     out = []
-    for res in evaluate_batch(model, list(structures)):
+    for res in results:
         out.append({k: np.asarray(res[k]) for k in ("born_effective_charges", "dielectric_tensor",
                                                      "born_effective_charges_std", "dielectric_tensor_std")
                     if k in res})
@@ -56,7 +64,8 @@ def _stats(errors: np.ndarray) -> dict:
 
 
 def _within(errors: np.ndarray, std: np.ndarray | None) -> float | None:
-    if std is None or std.size == 0:
+    """Fraction of errors within two ensemble standard deviations (None without an ensemble)."""
+    if std is None or std.size == 0 or np.isnan(std).all():
         return None
     return float(np.mean(np.abs(errors) <= 2 * std))
 
@@ -121,10 +130,17 @@ def evaluate_dielectric(model, entries_root: str | Path, ids: str | Path | Seque
         born_std = np.concatenate([main["born_std"][i].ravel() for i in idx])
         eps_err = (main["eps_pred"][idx] - main["eps_ref"][idx]).ravel()
         eps_std = main["eps_std"][idx].ravel()
+        # diagonal elements only: in symmetric crystals most off-diagonal elements are zero in both the DFT
+        # and the prediction, which pulls the all-element median to ~0
+        born_diag = np.concatenate([np.diagonal(main["born_pred"][i] - main["born_ref"][i], axis1=1, axis2=2).ravel()
+                                    for i in idx])
+        eps_diag = np.diagonal(main["eps_pred"][idx] - main["eps_ref"][idx], axis1=1, axis2=2).ravel()
         metrics[label] = {
             "materials": int(idx.size),
-            "born_effective_charges": {**_stats(born_err), "within_2_std": _within(born_err, born_std)},
-            "dielectric_tensor": {**_stats(eps_err), "within_2_std": _within(eps_err, eps_std)},
+            "born_effective_charges": {**_stats(born_err), "within_2_std": _within(born_err, born_std),
+                                       "diagonal": _stats(born_diag)},
+            "dielectric_tensor": {**_stats(eps_err), "within_2_std": _within(eps_err, eps_std),
+                                  "diagonal": _stats(eps_diag)},
         }
     if "metallic" in per_material:
         met = per_material["metallic"]
@@ -198,20 +214,75 @@ def validation_table(model, entries_root: str | Path, entries: Sequence[tuple[st
     return rows
 
 
+#: structures whose predictions card.json records for the regression test (tests/test_dielectric_model.py)
+REGRESSION = ("mp-8062-20180417", "mp-1265-20180417", "mp-804-20180417")
+
+
+def package(runs: Sequence[str | Path], entries_root: str | Path, *, version: str, figures: str | Path) -> dict:
+    """Ship trained members: copy each run's ``best.pth`` to ``mattersim/pretrained/mattersim-dielectric/
+    member_<k>.pth``, evaluate the ensemble on the untouched test split, and write ``card.json`` (version,
+    members, training runs, split sizes, test metrics, validation table, regression values)."""
+    import json
+    import shutil
+
+    from mattersim.composite import load_dielectric
+    from mattersim.data import read_phonondb_entry
+    from mattersim.dielectric import MODEL_DIR
+    from mattersim.registry import file_sha256
+
+    members = []
+    for k, run in enumerate(runs):
+        run = Path(run)
+        shutil.copyfile(run / "best.pth", MODEL_DIR / f"member_{k}.pth")
+        history = json.loads((run / "history.json").read_text())
+        members.append({"file": f"member_{k}.pth", "sha256": file_sha256(MODEL_DIR / f"member_{k}.pth"),
+                        "history": history})
+    model = load_dielectric(MODEL_DIR)
+    figures = Path(figures)
+    metrics = evaluate_dielectric(model, entries_root, MODEL_DIR / "test.txt", figures,
+                                  metallic_ids=MODEL_DIR / "test_metallic.txt")
+    rows = validation_table(model, entries_root)
+    regression = {}
+    for eid in REGRESSION:
+        sample, _ = read_phonondb_entry(Path(entries_root) / eid)
+        res = model.calculate_batch([sample.atoms])[0]
+        regression[eid] = {"numbers": sample.atoms.numbers, "cell": sample.atoms.cell[:],
+                           "scaled_positions": sample.atoms.get_scaled_positions(),
+                           **{k: res[k] for k in ("born_effective_charges", "dielectric_tensor",
+                                                  "dielectric_tensor_std")}}
+    split = {name: len((MODEL_DIR / f"{name}.txt").read_text().split())
+             for name in ("train", "train_metallic", "valid", "valid_metallic", "test", "test_metallic")}
+    card = {"name": "mattersim-dielectric", "version": version, "members": members, "split": split,
+            "test_metrics": metrics, "validation": rows, "regression": regression}
+    atomic_write_json(MODEL_DIR / "card.json", card)
+    return card
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mattersim.registry import load_calculator
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model")
-    parser.add_argument("entries")
-    parser.add_argument("ids")
-    parser.add_argument("metallic_ids", nargs="?")
-    parser.add_argument("-o", "--output", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="metrics of a model on an id list, and the validation table")
+    ev.add_argument("model")
+    ev.add_argument("entries")
+    ev.add_argument("ids")
+    ev.add_argument("metallic_ids", nargs="?")
+    ev.add_argument("-o", "--output", required=True)
+    pk = sub.add_parser("package", help="ship trained members with their card.json")
+    pk.add_argument("runs", nargs="+", help="training output folders (best.pth, history.json)")
+    pk.add_argument("--entries", required=True)
+    pk.add_argument("--version", required=True)
+    pk.add_argument("--figures", default="docs/figures/dielectric")
     args = parser.parse_args(argv)
-    model = load_calculator(args.model)
-    metrics = evaluate_dielectric(model, args.entries, args.ids, args.output, metallic_ids=args.metallic_ids)
-    rows = validation_table(model, args.entries)
-    atomic_write_json(Path(args.output) / "validation.json", rows)
+    if args.command == "package":
+        card = package(args.runs, args.entries, version=args.version, figures=args.figures)
+        metrics, rows = card["test_metrics"], card["validation"]
+    else:
+        model = load_calculator(args.model)
+        metrics = evaluate_dielectric(model, args.entries, args.ids, args.output, metallic_ids=args.metallic_ids)
+        rows = validation_table(model, args.entries)
+        atomic_write_json(Path(args.output) / "validation.json", rows)
     for group in ("mean_eps_le_20", "all_non_metallic"):
         m = metrics[group]
         print(f"{group}: {m['materials']} materials; Z* MAE {m['born_effective_charges']['mae']:.4f} e, "

@@ -1,0 +1,93 @@
+"""The shipped dielectric model (mattersim-dielectric): offline loading, symmetry of its predictions, a
+regression guard on recorded values, and the composite potential+dielectric driving the phonon workflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from scipy.spatial.transform import Rotation
+
+from mattersim.composite import DielectricModel
+from mattersim.dielectric import MODEL_DIR
+from mattersim.registry import load_calculator
+
+CARD = MODEL_DIR / "card.json"
+pytestmark = pytest.mark.skipif(not CARD.is_file(), reason="the shipped dielectric model is not in this checkout")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.delenv("MATTERSIM_DIELECTRIC_DIR", raising=False)  # the shipped files, not a test folder
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> DielectricModel:
+    return load_calculator("mattersim-dielectric")
+
+
+def sic():
+    return bulk("SiC", "zincblende", a=4.38)
+
+
+def test_ships_offline_as_a_small_ensemble(model):
+    card = json.loads(CARD.read_text())
+    files = sorted(MODEL_DIR.glob("member_*.pth"))
+    assert len(files) >= 3 and len(model.members) == len(files)
+    assert sum(f.stat().st_size for f in files) < 20e6  # all members together under 20 MB
+    assert model.model_info["name"] == "mattersim-dielectric" and model.model_info["version"] == card["version"]
+    assert "CC BY 4.0" in model.model_info["license"]
+
+
+def test_predictions_obey_symmetry(model):
+    atoms = bulk("GaN", "wurtzite", a=3.19, c=5.19)
+    rot = Rotation.random(random_state=4).as_matrix()
+    turned = atoms.copy()
+    turned.set_cell(atoms.cell[:] @ rot.T)
+    turned.positions = atoms.positions @ rot.T
+    a, b = model.calculate_batch([atoms, turned])
+    born_a, born_b = a["born_effective_charges"], b["born_effective_charges"]
+    np.testing.assert_allclose(born_b, np.einsum("ij,njk,lk->nil", rot, born_a, rot), atol=2e-5)
+    np.testing.assert_allclose(b["dielectric_tensor"], rot @ a["dielectric_tensor"] @ rot.T, atol=2e-5)
+    np.testing.assert_allclose(born_a.sum(axis=0), 0, atol=1e-5)  # charge neutrality
+    eps = a["dielectric_tensor"]
+    np.testing.assert_allclose(eps, eps.T, atol=1e-6)
+    assert np.linalg.eigvalsh(eps).min() > 1.0
+    # physically sensible for a polar semiconductor: cation positive, anion negative, eps_inf a few
+    assert np.trace(born_a[0]) / 3 > 1.5 and np.trace(born_a[2]) / 3 < -1.5
+    assert 3.0 < np.trace(eps) / 3 < 10.0
+
+
+def test_regression_guard_on_recorded_values(model):
+    """The shipped weights reproduce the values recorded in card.json when they were packaged."""
+    card = json.loads(CARD.read_text())
+    from ase import Atoms
+
+    for name, rec in card["regression"].items():
+        atoms = Atoms(numbers=rec["numbers"], cell=rec["cell"], scaled_positions=rec["scaled_positions"], pbc=True)
+        res = model.calculate_batch([atoms])[0]
+        np.testing.assert_allclose(res["born_effective_charges"], rec["born_effective_charges"], atol=2e-4, err_msg=name)
+        np.testing.assert_allclose(res["dielectric_tensor"], rec["dielectric_tensor"], atol=2e-4, err_msg=name)
+        np.testing.assert_allclose(res["dielectric_tensor_std"], rec["dielectric_tensor_std"], atol=2e-4, err_msg=name)
+
+
+def test_composite_drives_the_phonon_workflow(tmp_path):
+    from workflows.phonon import run_phonon
+
+    calc = load_calculator("sevennet-0+mattersim-dielectric")
+    result = run_phonon(sic(), calc, supercell=(2, 2, 2), primitive="auto", nac=True, relax=False,
+                        mesh=(6, 6, 6), output_dir=tmp_path, progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    nac = summary["nac"]
+    assert "mattersim-dielectric" in json.dumps(summary["model"])
+    lo = nac["gamma_lo_to"]["directions"][0]
+    assert lo["lo_frequencies"][0] > max(lo["to_frequencies"]) + 0.5  # a clear LO-TO splitting in SiC
+    assert nac["uncertainty"]["n_members"] >= 3 and lo["lo_frequencies_std"][0] >= 0
+    assert result is not None
