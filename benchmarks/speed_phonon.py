@@ -65,11 +65,11 @@ CASES = {
 }
 
 
-def run(checkpoint: Path, relax_steps: int, repeats: int = 2) -> dict:
-    pot = Potential.from_checkpoint(checkpoint, dtype="float32")
+def run(checkpoint: Path, relax_steps: int, repeats: int = 2, device: str = "cpu") -> dict:
+    pot = Potential.from_checkpoint(checkpoint, dtype="float32", device=device)
     batched = MatterSimCalculator(pot)
     single = OneAtATime(MatterSimCalculator(pot))
-    report = {"checkpoint": str(checkpoint), "cases": {}}
+    report = {"checkpoint": str(checkpoint), "device": device, "cases": {}}
     for name, (build, supercell) in CASES.items():
         atoms = build()
         t0 = time.perf_counter()
@@ -99,9 +99,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--relax-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
-    report = run(args.checkpoint, args.relax_steps, args.repeats)
+    report = run(args.checkpoint, args.relax_steps, args.repeats, args.device)
     write_report(report, args.output)
 
 
