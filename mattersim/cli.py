@@ -643,6 +643,7 @@ def phonon_command(
         tstep=tstep, nac=nac or born is not None, born_file=None if born is None else str(born),
         nac_method=nac_method.value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
     )
+    import numpy as np
     from rich.markup import escape
 
     s = result.summary
@@ -666,7 +667,23 @@ def phonon_command(
         table.add_row("imaginary modes", f"[red]{imag['count']}[/red], " + escape(f"most negative {imag['most_negative_THz']:.4f} THz at q = ({q}) ({where})"))
     else:
         table.add_row("imaginary modes", f"[green]none[/green] (below {imag['threshold_THz']} THz)")
-    lo_to = (s.get("nac") or {}).get("gamma_lo_to")
+    nac_s = s.get("nac") or {}
+    if nac_s.get("born") is not None and nac_s.get("symbols"):
+        # Z* (isotropic part, tr/3) of each species' first atom and eps_inf (tr/3), with the ensemble spread
+        born = np.asarray(nac_s["born"], dtype=float)
+        born_std = (nac_s.get("uncertainty") or {}).get("born_std")
+        eps_std = (nac_s.get("uncertainty") or {}).get("epsilon_std")
+        parts, seen = [], set()
+        for k, sym in enumerate(nac_s["symbols"]):
+            if sym not in seen:
+                seen.add(sym)
+                err = f" ± {np.trace(np.asarray(born_std[k])) / 3:.3f}" if born_std is not None else ""
+                parts.append(f"{sym} {np.trace(born[k]) / 3:+.3f}{err}")
+        table.add_row("Z* (tr/3)", escape(", ".join(parts) + " e"))
+        eps = np.trace(np.asarray(nac_s["epsilon"], dtype=float)) / 3
+        err = f" ± {np.trace(np.asarray(eps_std)) / 3:.3f}" if eps_std is not None else ""
+        table.add_row("ε∞ (tr/3)", f"{eps:.3f}{err}")
+    lo_to = nac_s.get("gamma_lo_to")
     if lo_to:
         for entry in lo_to.get("directions", []):
             d = "".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x in entry["direction"])

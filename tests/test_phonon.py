@@ -445,6 +445,10 @@ def test_cli_phonon_nac_with_born_file(small_checkpoint, tmp_path):
     assert nac["enabled"] and nac["method"] == "gonze" and "BORN" in nac["source"]
     assert len(nac["gamma_lo_to"]["directions"]) == 3
     assert "LO / TO" in result.stdout
+    # the table shows Z* per species and eps_inf: phonopy's NaCl BORN has Z*(Na) = 1.08703, Z*(Cl) = -1.08672
+    # (1.086875 each after the neutrality correction) and eps_inf = 2.43534
+    assert sorted(set(nac["symbols"])) == ["Cl", "Na"]
+    assert "Na +1.087" in result.stdout and "Cl -1.087" in result.stdout and "2.435" in result.stdout
     # the NAC parameters travel with phonopy.yaml
     loaded = phonopy.load(out / "phonopy.yaml")
     assert loaded.nac_params is not None

@@ -699,6 +699,7 @@ def run_phonon(
             params = dict(born_sym.to_phonopy_nac_params(method=nac_method))
             ph.nac_params = params
             nac_summary.update({"method": nac_method, "source": born_sym.source, "symmetrization": sym_report,
+                                "symbols": list(primitive_atoms.get_chemical_symbols()),
                                 "born": np.asarray(born_sym.born).tolist(), "epsilon": np.asarray(born_sym.epsilon).tolist()})
             log.info(f"NAC: {nac_method} method, Born charges and dielectric tensor from {born_sym.source}")
             if born.uncertainty:
