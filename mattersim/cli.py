@@ -300,14 +300,7 @@ def predict_command(
             write_results(output, atoms_list, results, info, labels=[label for label, _ in structures])
             _stdout_console().print(f"Wrote {len(results)} results to {output}", markup=False)
         return
-    table = _table(f"MatterSim predictions ({info.get('name', 'model')})")
-    table.add_column("structure", overflow="fold", max_width=30)
-    table.add_column("formula", no_wrap=True)
-    table.add_column("atoms", justify="right", no_wrap=True)
-    table.add_column("E (eV)", justify="right", no_wrap=True)
-    table.add_column("E/atom", justify="right", no_wrap=True)
-    table.add_column("max|F| (eV/Å)", justify="right", no_wrap=True)
-    table.add_column("P (GPa)", justify="right", no_wrap=True)
+    table = _predictions_table(info, ["E (eV)", "E/atom", "max|F| (eV/Å)", "P (GPa)"])
     for (label, atoms), r, label_shown in zip(structures, results, shown):
         n = len(atoms)
         energy = float(r["energy"])
@@ -332,18 +325,22 @@ def predict_command(
         console.print(f"Wrote {len(results)} results to {output}", markup=False)
 
 
-def _print_property_table(structures, results, shown, info) -> None:
-    """Z* and eps_inf of every structure (property-only model)."""
-    import numpy as np
-
+def _predictions_table(info, value_columns: list[str]):
+    """The table of ``mattersim predict``: structure, formula, atoms, then right-aligned value columns."""
     table = _table(f"MatterSim predictions ({info.get('name', 'model')})")
     table.add_column("structure", overflow="fold", max_width=30)
     table.add_column("formula", no_wrap=True)
     table.add_column("atoms", justify="right", no_wrap=True)
-    table.add_column("ε∞ (tr/3)", justify="right", no_wrap=True)
-    table.add_column("σ(ε∞) max", justify="right", no_wrap=True)
-    table.add_column("max|Z*| (e)", justify="right", no_wrap=True)
-    table.add_column("σ(Z*) max", justify="right", no_wrap=True)
+    for name in value_columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    return table
+
+
+def _print_property_table(structures, results, shown, info) -> None:
+    """Z* and eps_inf of every structure (property-only model)."""
+    import numpy as np
+
+    table = _predictions_table(info, ["ε∞ (tr/3)", "σ(ε∞) max", "max|Z*| (e)", "σ(Z*) max"])
     for (label, atoms), r, label_shown in zip(structures, results, shown):
         eps = np.asarray(r["dielectric_tensor"], dtype=float).reshape(3, 3)
         born = np.asarray(r["born_effective_charges"], dtype=float)

@@ -46,3 +46,15 @@ def assert_user_error(result, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: small graphs run fastest so, and a busy 2-core machine is not
+    oversubscribed. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,12 +19,7 @@ from mattersim.training import fit, normalise
 TINY = {"kind": "transformer", "width": 16, "num_blocks": 1, "num_heads": 2, "num_gaussians": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small graphs: one thread avoids oversubscription on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cu_frames(n: int, rattle: float, strain: float, seed: int):

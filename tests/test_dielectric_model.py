@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from ase.build import bulk
 from scipy.spatial.transform import Rotation
 
@@ -16,16 +15,13 @@ from mattersim.dielectric import MODEL_DIR
 from mattersim.registry import load_calculator
 
 CARD = MODEL_DIR / "card.json"
-pytestmark = pytest.mark.skipif(not CARD.is_file(), reason="the shipped dielectric model is not in this checkout")
+pytestmark = [pytest.mark.skipif(not CARD.is_file(), reason="the shipped dielectric model is not in this checkout"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def shipped_files(monkeypatch):
     monkeypatch.delenv("MATTERSIM_DIELECTRIC_DIR", raising=False)  # the shipped files, not a test folder
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ HEADS = {"width": 16, "num_heads": 2, "channels": 3, "num_gaussians": 8}
 LATTICE = {"Cu": 3.61, "Ni": 3.52, "Al": 4.05}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small graphs run fastest (and without oversubscription on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def emt_frames(n: int, seed: int = 0) -> list[Atoms]:
