@@ -255,7 +255,7 @@ def load_dielectric(
         raise ModelNotAvailableError(
             f"The dielectric model '{MODEL_NAME}' is not installed: the folder {folder} {state}. Train the "
             f"members (mattersim train mattersim/pretrained/{MODEL_NAME}/train.yaml --seed K -o runs/dielectric/member_K, "
-            f"see docs/phonon-nac.md) and copy each best.pth to {folder}/member_K.pth, or set "
+            f"see docs/dielectric-model.md) and copy each best.pth to {folder}/member_K.pth, or set "
             f"{ENV_DIELECTRIC_DIR} to a folder that holds member_0.pth, member_1.pth, ..."
         )
     members = [Potential.from_checkpoint(p, device=device, dtype=dtype, trust_pickle=trust_pickle,

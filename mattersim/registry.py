@@ -209,7 +209,7 @@ def model_path(name: str) -> Path:
 
         raise ModelNotAvailableError(
             f"Model '{spec.name}' is not downloaded: its member_<k>.pth files live in {dielectric_dir()} "
-            f"(or in ${ENV_DIELECTRIC_DIR}); see docs/phonon-nac.md for how to train them."
+            f"(or in ${ENV_DIELECTRIC_DIR}); see docs/dielectric-model.md for how to train them."
         )
     if spec.filename is None:
         raise ModelNotAvailableError(
