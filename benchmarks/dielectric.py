@@ -63,11 +63,31 @@ def _stats(errors: np.ndarray) -> dict:
     return {"n": int(e.size), "mae": float(e.mean()), "rmse": float(np.sqrt(np.mean(e**2))), "median": float(np.median(e))}
 
 
-def _within(errors: np.ndarray, std: np.ndarray | None) -> float | None:
-    """Fraction of errors within two ensemble standard deviations (None without an ensemble)."""
+def _within(errors: np.ndarray, std: np.ndarray | None, ref: np.ndarray) -> float | None:
+    """Fraction of the non-zero DFT elements whose error is within two ensemble standard deviations (None
+    without an ensemble). Elements zero by symmetry (|DFT| < 1e-3) are left out: there both the error
+    and the spread are round-off."""
     if std is None or std.size == 0 or np.isnan(std).all():
         return None
-    return float(np.mean(np.abs(errors) <= 2 * std))
+    keep = np.abs(ref) >= 1e-3
+    return float(np.mean(np.abs(errors[keep]) <= 2 * std[keep]))
+
+
+def calibrate_spread(model, entries_root: str | Path, ids) -> dict[str, float]:
+    """Per property, the factor k that puts 95 % of the non-zero DFT elements of ``ids`` within 2 k sigma
+    of the ensemble mean (k = 0.95 quantile of |error| / sigma, over 2)."""
+    from mattersim.data import read_phonondb
+
+    samples = read_phonondb(entries_root, ids)
+    preds = _predict(model, [s.atoms for s in samples])
+    scale = {}
+    for prop in ("born_effective_charges", "dielectric_tensor"):
+        ref = np.concatenate([np.ravel(s.labels[prop]) for s in samples])
+        pred = np.concatenate([np.ravel(p[prop]) for p in preds])
+        std = np.concatenate([np.ravel(p[f"{prop}_std"]) for p in preds])
+        keep = (np.abs(ref) >= 1e-3) & (std > 0)
+        scale[prop] = float(np.quantile(np.abs(pred - ref)[keep] / std[keep], 0.95) / 2)
+    return scale
 
 
 def _parity(path: Path, ref: np.ndarray, pred: np.ndarray, label: str, log: bool = False) -> None:
@@ -128,6 +148,7 @@ def evaluate_dielectric(model, entries_root: str | Path, ids: str | Path | Seque
         idx = np.flatnonzero(mask)
         born_err = np.concatenate([(main["born_pred"][i] - main["born_ref"][i]).ravel() for i in idx])
         born_std = np.concatenate([main["born_std"][i].ravel() for i in idx])
+        born_ref = np.concatenate([main["born_ref"][i].ravel() for i in idx])
         eps_err = (main["eps_pred"][idx] - main["eps_ref"][idx]).ravel()
         eps_std = main["eps_std"][idx].ravel()
         # diagonal elements only: in symmetric crystals most off-diagonal elements are zero in both the DFT
@@ -137,9 +158,10 @@ def evaluate_dielectric(model, entries_root: str | Path, ids: str | Path | Seque
         eps_diag = np.diagonal(main["eps_pred"][idx] - main["eps_ref"][idx], axis1=1, axis2=2).ravel()
         metrics[label] = {
             "materials": int(idx.size),
-            "born_effective_charges": {**_stats(born_err), "within_2_std": _within(born_err, born_std),
+            "born_effective_charges": {**_stats(born_err), "within_2_std": _within(born_err, born_std, born_ref),
                                        "diagonal": _stats(born_diag)},
-            "dielectric_tensor": {**_stats(eps_err), "within_2_std": _within(eps_err, eps_std),
+            "dielectric_tensor": {**_stats(eps_err),
+                                  "within_2_std": _within(eps_err, eps_std, main["eps_ref"][idx].ravel()),
                                   "diagonal": _stats(eps_diag)},
         }
     if "metallic" in per_material:
@@ -220,8 +242,9 @@ REGRESSION = ("mp-8062-20180417", "mp-1265-20180417", "mp-804-20180417")
 
 def package(runs: Sequence[str | Path], entries_root: str | Path, *, version: str, figures: str | Path) -> dict:
     """Ship trained members: copy each run's ``best.pth`` to ``mattersim/pretrained/mattersim-dielectric/
-    member_<k>.pth``, evaluate the ensemble on the untouched test split, and write ``card.json`` (version,
-    members, training runs, split sizes, test metrics, validation table, regression values)."""
+    member_<k>.pth``, calibrate the ensemble spread on the validation split (:func:`calibrate_spread`),
+    evaluate on the untouched test split, and write ``card.json`` (version, members, training runs, split
+    sizes, spread calibration, test metrics, validation table, regression values)."""
     import json
     import shutil
 
@@ -237,7 +260,13 @@ def package(runs: Sequence[str | Path], entries_root: str | Path, *, version: st
         history = json.loads((run / "history.json").read_text())
         members.append({"file": f"member_{k}.pth", "sha256": file_sha256(MODEL_DIR / f"member_{k}.pth"),
                         "history": history})
-    model = load_dielectric(MODEL_DIR)
+    split = {name: len((MODEL_DIR / f"{name}.txt").read_text().split())
+             for name in ("train", "train_metallic", "valid", "valid_metallic", "test", "test_metallic")}
+    card = {"name": "mattersim-dielectric", "version": version, "members": members, "split": split}
+    atomic_write_json(MODEL_DIR / "card.json", card)  # uncalibrated first
+    card["spread_scale"] = calibrate_spread(load_dielectric(MODEL_DIR), entries_root, MODEL_DIR / "valid.txt")
+    atomic_write_json(MODEL_DIR / "card.json", card)
+    model = load_dielectric(MODEL_DIR)  # calibrated
     figures = Path(figures)
     metrics = evaluate_dielectric(model, entries_root, MODEL_DIR / "test.txt", figures,
                                   metallic_ids=MODEL_DIR / "test_metallic.txt")
@@ -250,10 +279,7 @@ def package(runs: Sequence[str | Path], entries_root: str | Path, *, version: st
                            "scaled_positions": sample.atoms.get_scaled_positions(),
                            **{k: res[k] for k in ("born_effective_charges", "dielectric_tensor",
                                                   "dielectric_tensor_std")}}
-    split = {name: len((MODEL_DIR / f"{name}.txt").read_text().split())
-             for name in ("train", "train_metallic", "valid", "valid_metallic", "test", "test_metallic")}
-    card = {"name": "mattersim-dielectric", "version": version, "members": members, "split": split,
-            "test_metrics": metrics, "validation": rows, "regression": regression}
+    card.update(test_metrics=metrics, validation=rows, regression=regression)
     atomic_write_json(MODEL_DIR / "card.json", card)
     return card
 

@@ -97,8 +97,13 @@ class DielectricModel(Calculator):
     #: no energy, forces or stress: :func:`mattersim.calculator.evaluate_batch` refuses it
     property_only = True
 
-    def __init__(self, members: Sequence[Any], *, info: dict | None = None, **kwargs):
+    def __init__(self, members: Sequence[Any], *, info: dict | None = None,
+                 spread_scale: dict[str, float] | None = None, **kwargs):
+        """``spread_scale``: per property, a factor by which the members' deviations from the mean are
+        stretched (the shipped model's calibration, from ``card.json``); the mean is unchanged and every
+        spread (``*_std``, the members' LO frequencies in the phonon workflow) scales with it."""
         super().__init__(**kwargs)
+        self.spread_scale = {p: float((spread_scale or {}).get(p, 1.0)) for p in DIELECTRIC_PROPERTIES}
         members = [_potential_of(m) for m in members]
         if not members:
             raise InputError("A dielectric model needs at least one member (a multi-task model with "
@@ -139,6 +144,11 @@ class DielectricModel(Calculator):
         out = []
         for k in range(len(structures)):
             rows = [{p: np.asarray(res[k][p], dtype=float) for p in DIELECTRIC_PROPERTIES} for res in per_member]
+            for p, scale in self.spread_scale.items():
+                if scale != 1.0:
+                    mean = np.mean([r[p] for r in rows], axis=0)
+                    for r in rows:
+                        r[p] = mean + scale * (r[p] - mean)
             combined = combine(rows)
             result = {p: combined[p] for p in DIELECTRIC_PROPERTIES}
             if len(rows) >= 2:
@@ -273,7 +283,10 @@ def load_dielectric(
         "device": device,
         "dtype": dtype,
     }
-    return DielectricModel(members, info=info)
+    scale = _card(folder).get("spread_scale")  # calibration of the spread on the validation split
+    if isinstance(scale, dict):
+        info["spread_scale"] = scale
+    return DielectricModel(members, info=info, spread_scale=scale if isinstance(scale, dict) else None)
 
 
 # --------------------------------------------------------------------------------------------------

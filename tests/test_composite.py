@@ -116,6 +116,28 @@ def test_load_by_registry_name_and_means_stds_equal_numpy(installed):
                                results[0]["born_effective_charges_std"], atol=1e-12)
 
 
+def test_spread_calibration_from_the_card(members_dir, tmp_path):
+    """card.json's spread_scale stretches the members around their mean: same mean, k-times the spread."""
+    import shutil
+
+    folder = tmp_path / "calibrated"
+    shutil.copytree(members_dir, folder)
+    (folder / "card.json").write_text(json.dumps({"version": "0.0-test",
+                                                  "spread_scale": {"born_effective_charges": 3.0,
+                                                                   "dielectric_tensor": 0.5}}))
+    raw = load_dielectric(members_dir).calculate_batch([_rocksalt()])[0]
+    model = load_dielectric(folder)
+    assert model.model_info["spread_scale"]["born_effective_charges"] == 3.0
+    cal = model.calculate_batch([_rocksalt()])[0]
+    for prop, k in (("born_effective_charges", 3.0), ("dielectric_tensor", 0.5)):
+        np.testing.assert_allclose(cal[prop], raw[prop], atol=1e-12)
+        np.testing.assert_allclose(cal[f"{prop}_std"], k * raw[f"{prop}_std"], atol=1e-12)
+    # the stretched members keep the constraints (to the float32 rounding of the members)
+    for born, eps in cal["members"]:
+        np.testing.assert_allclose(born.sum(axis=0), 0, atol=1e-6)
+        np.testing.assert_allclose(eps, eps.T, atol=1e-6)
+
+
 def test_model_info_and_registry_listing(installed):
     calc = registry.load_calculator("mattersim-dielectric")
     info = calc.model_info
