@@ -32,7 +32,6 @@ per structure with the DFT reference as
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from ase import Atoms
 from ase.units import GPa
 
 from mattersim.errors import InputError
+from mattersim.registry import file_sha256
 
 __all__ = ["DATA_URL_PREFIX", "ENV_DATA", "SETS", "Dataset", "SetSpec", "load_set", "locate_set", "read_reference_file"]
 
@@ -128,14 +128,6 @@ class Dataset:
             self, structures=[self.structures[i] for i in idx], energy=self.energy[idx],
             forces=[self.forces[i] for i in idx], stress=self.stress[idx], ids=[self.ids[i] for i in idx],
             pressure_GPa=self.pressure_GPa[idx], notes=self.notes + [f"subset of {len(idx)} of {len(self)} frames"])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _spec(name: str) -> SetSpec | None:
@@ -292,7 +284,7 @@ def read_reference_file(path: str | os.PathLike, name: str | None = None, *, exp
         label = _first(atoms.info, _ID_KEYS)
         ids.append(str(label) if label is not None else str(i))
         pressures.append(float(atoms.info["pressure"]) if pressure_info else -np.trace(s) / 3 / GPa)
-    return Dataset(name=name or path.stem, path=path, sha256=_sha256(path), structures=structures,
+    return Dataset(name=name or path.stem, path=path, sha256=file_sha256(path), structures=structures,
                    energy=np.array(energies), forces=forces, stress=np.array(stresses), ids=ids,
                    pressure_GPa=np.array(pressures))
 

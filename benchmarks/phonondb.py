@@ -92,7 +92,7 @@ from benchmarks.common import metric, metrics_document, model_folder, utc_now, w
 from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
-from mattersim.io import RunLog, atomic_write_json, progress_bar
+from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar
 from workflows.phonon import phonon_properties
 
 __all__ = [
@@ -704,15 +704,8 @@ def _metrics(records: list[dict], n_entries: int, n_failed: int) -> tuple[list[d
 
 
 def _write_parity(path: Path, parity: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".parity.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v, dtype=float).ravel() for k, v in parity.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **{k: np.asarray(v, dtype=float).ravel() for k, v in parity.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -397,12 +397,10 @@ def relax_command(
 
     Exit code 1 when any structure did not converge within --steps.
     """
-    import json
-
     import ase.io
     import numpy as np
 
-    from mattersim.io import _atomic_write_text, _to_builtin, read_structures, safe_filename, write_results
+    from mattersim.io import atomic_write_json, read_structures, safe_filename, write_results
     from mattersim.relax import BatchRelaxer
 
     mode_name = mode.value.replace("-", "_")
@@ -492,7 +490,7 @@ def relax_command(
         "n_converged": len(entries) - len(not_converged),
         "structures": entries,
     }
-    _atomic_write_text(outdir / "summary.json", json.dumps(_to_builtin(summary), indent=2) + "\n")
+    atomic_write_json(outdir / "summary.json", summary)
 
     show_enthalpy = pressure != 0.0
     table = _table(f"Relaxation ({mode.value}, P = {pressure:g} GPa, fmax = {fmax:g} eV/Å, {info.get('name', 'model')})")

@@ -118,18 +118,19 @@ class DielectricModel(Calculator):
                     "born_effective_charges and dielectric_tensor heads."
                 )
         self.members = members
-        if info is None:
-            ids = [dict(m.identity) for m in members]
-            hashes = [i.get("sha256") for i in ids]
-            info = {
-                "name": "dielectric(" + ",".join(str(i.get("name")) for i in ids) + ")",
-                "kind": "dielectric",
-                "version": None,
-                "sha256": hashlib.sha256("".join(hashes).encode()).hexdigest() if all(hashes) else None,
-                "source": None,
-                "members": [{"name": i.get("name"), "source": i.get("source"), "sha256": i.get("sha256")} for i in ids],
-            }
-        self.model_info = dict(info)
+        # identity from the members (a sha256 over their sha256s, in order); ``info`` adds or overrides
+        ids = [dict(m.identity) for m in members]
+        hashes = [i.get("sha256") for i in ids]
+        self.model_info = {
+            "name": "dielectric(" + ",".join(str(i.get("name")) for i in ids) + ")",
+            "kind": "dielectric",
+            "version": None,
+            "sha256": hashlib.sha256("".join(hashes).encode()).hexdigest() if all(hashes) else None,
+            "source": None,
+            "members": [{"file": Path(str(i.get("source"))).name, "sha256": i.get("sha256")} for i in ids],
+            "n_members": len(members),
+            **(info or {}),
+        }
         self.uncertainty: dict | None = None
 
     def _label(self) -> str:
@@ -256,7 +257,6 @@ def load_dielectric(
     """
     from mattersim.dielectric import MODEL_NAME
     from mattersim.potential import Potential
-    from mattersim.registry import file_sha256
 
     folder = dielectric_dir(directory)
     files = member_files(folder)
@@ -270,20 +270,11 @@ def load_dielectric(
         )
     members = [Potential.from_checkpoint(p, device=device, dtype=dtype, trust_pickle=trust_pickle,
                                          name=f"{MODEL_NAME}/{p.stem}") for p in files]
-    hashes = [file_sha256(p) for p in files]
-    info = {
-        "name": MODEL_NAME,
-        "kind": "dielectric",
-        "version": card_version(folder),
-        "sha256": hashlib.sha256("".join(hashes).encode()).hexdigest(),
-        "source": str(folder.resolve()),
-        "members": [{"file": p.name, "sha256": h} for p, h in zip(files, hashes)],
-        "n_members": len(files),
-        "license": LICENSE_NOTE,
-        "device": device,
-        "dtype": dtype,
-    }
-    scale = _card(folder).get("spread_scale")  # calibration of the spread on the validation split
+    card = _card(folder)
+    version = card.get("version")
+    info = {"name": MODEL_NAME, "version": None if version is None else str(version),
+            "source": str(folder.resolve()), "license": LICENSE_NOTE, "device": device, "dtype": dtype}
+    scale = card.get("spread_scale")  # calibration of the spread on the validation split
     if isinstance(scale, dict):
         info["spread_scale"] = scale
     return DielectricModel(members, info=info, spread_scale=scale if isinstance(scale, dict) else None)

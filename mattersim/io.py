@@ -301,12 +301,12 @@ def _split_result(result: dict[str, Any], n_atoms: int) -> tuple[dict[str, Any],
     return per_structure, per_atom
 
 
-def _to_builtin(value: Any) -> Any:
-    """numpy/torch scalars and arrays -> JSON-serialisable Python objects."""
+def to_builtin(value: Any) -> Any:
+    """numpy/torch scalars and arrays -> JSON-serialisable Python objects (non-finite floats -> None)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        return _to_builtin(value.tolist())
+        return to_builtin(value.tolist())
     if isinstance(value, (np.floating,)):
         return float(value)
     if isinstance(value, (np.integer,)):
@@ -316,9 +316,9 @@ def _to_builtin(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _to_builtin(v) for k, v in value.items()}
+        return {str(k): to_builtin(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_builtin(v) for v in value]
+        return [to_builtin(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -374,7 +374,7 @@ def _labels_for(atoms_list: Sequence[Atoms], labels: Sequence[str] | None) -> li
 
 
 def _model_info_builtin(model_info: dict[str, Any] | None) -> dict[str, Any]:
-    return _to_builtin(dict(model_info or {}))
+    return to_builtin(dict(model_info or {}))
 
 
 def write_results(
@@ -446,7 +446,7 @@ def _write_extxyz(path: Path, atoms_list, results, model_info, labels) -> None:
             elif key == "stress":
                 calc_results["stress"] = np.asarray(value, dtype=float).reshape(3, 3) if np.size(value) == 9 else np.asarray(value, dtype=float)
             else:
-                v = _to_builtin(value) if not isinstance(value, (str, int, float, bool)) else value
+                v = to_builtin(value) if not isinstance(value, (str, int, float, bool)) else value
                 if isinstance(v, list):
                     v = np.asarray(v)
                     if v.shape == (3, 3) and v.dtype.kind in "biuf":
@@ -517,7 +517,7 @@ def _write_json(path: Path, atoms_list, results, model_info, labels) -> None:
         entry["pbc"] = pbc.tolist()
         entry["numbers"] = np.asarray(atoms.numbers)
         entry["positions"] = np.asarray(atoms.positions, dtype=float)
-        structures.append(_to_builtin(entry))
+        structures.append(to_builtin(entry))
     document = {
         "model": model_info,
         "units": {
@@ -633,11 +633,6 @@ def progress_bar(enabled: bool, total: int, description: str):
     return _RichBar(total, description)
 
 
-def to_builtin(value: Any) -> Any:
-    """numpy/torch scalars and arrays -> JSON-serialisable Python objects (non-finite floats -> None)."""
-    return _to_builtin(value)
-
-
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON through a temporary file and a rename (never a half-written file)."""
-    _atomic_write_text(Path(path), json.dumps(_to_builtin(data), indent=2, ensure_ascii=False) + "\n")
+    _atomic_write_text(Path(path), json.dumps(to_builtin(data), indent=2, ensure_ascii=False) + "\n")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mattersim.graph import Encoded, GraphBatch
+from mattersim.graph import Encoded, GraphBatch, edge_geometry
 
 #: model_args of the official v1 architecture (1M checkpoint); the 5M one differs in ``units``/blocks.
 DEFAULT_MODEL_ARGS = {
@@ -401,11 +401,11 @@ class M3Gnet(nn.Module):
 
     def encode(self, graph: GraphBatch, positions: torch.Tensor, cell: torch.Tensor):
         """Atom features after the message-passing blocks, with the edge geometry, for energy and heads
-        (a :class:`mattersim.transformer.Encoded` without equivariant features)."""
+        (a :class:`mattersim.graph.Encoded` without equivariant features)."""
         centre, neighbour = graph.edge_index[0], graph.edge_index[1]
-        offsets = torch.bmm(graph.edge_shift.unsqueeze(1), cell.index_select(0, graph.edge_batch)).squeeze(1)
-        edge_vec = positions.index_select(0, centre) - (positions.index_select(0, neighbour) + offsets)
-        edge_len = torch.linalg.norm(edge_vec, dim=1)
+        # centre -> neighbour vectors; the official code uses neighbour -> centre, the exact negation (the
+        # products and norms below do not see the sign)
+        edge_vec, edge_len = edge_geometry(graph, positions, cell)
 
         t_ij, t_ik = graph.triplets[:, 0], graph.triplets[:, 1]
         r_ij, r_ik = edge_len.index_select(0, t_ij), edge_len.index_select(0, t_ik)
@@ -430,7 +430,7 @@ class M3Gnet(nn.Module):
         edge_attrs = [self.edge_encoder(c.rbf) for c in chunks]
         for block in self.graph_conv:
             atom_attr, edge_attrs = block(atom_attr, edge_attrs, chunks)
-        return Encoded(atom_attr, None, -edge_vec, edge_len)
+        return Encoded(atom_attr, None, edge_vec, edge_len)
 
     def get_model_args(self) -> dict:
         return dict(self.model_args)

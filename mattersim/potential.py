@@ -177,6 +177,7 @@ class Potential(torch.nn.Module):
         """Energies (B,), per-atom energies (N,), forces (N, 3), stress (B, 3, 3) and the model's property
         predictions of a batched graph, detached."""
         return {k: v.detach() for k, v in evaluate(self.model, graph, forces=forces, stress=stress).items()}
+
     def graphs(self, structures: Sequence[Atoms], labels: Sequence[str] | None = None) -> list[StructureGraph]:
         out = []
         for k, atoms in enumerate(structures):

@@ -754,19 +754,10 @@ def _load_property_model(text: str, *, device: str, dtype: str, trust_pickle: bo
         from mattersim.potential import Potential
 
         potential = Potential.from_checkpoint(path, device=device, dtype=dtype, trust_pickle=trust_pickle)
-        identity = dict(potential.identity)
-        info = {
-            "name": identity.get("name") or path.stem,
-            "kind": "dielectric",
-            "version": identity.get("version"),
-            "sha256": identity.get("sha256") or file_sha256(path),
-            "source": str(path.resolve()),
-            "members": [{"file": path.name, "sha256": identity.get("sha256") or file_sha256(path)}],
-            "n_members": 1,
-            "device": device,
-            "dtype": dtype,
-        }
-        return DielectricModel([potential], info=info)
+        identity = potential.identity
+        return DielectricModel([potential], info={"name": identity["name"], "version": identity.get("version"),
+                                                  "sha256": identity["sha256"], "source": identity["source"],
+                                                  "device": device, "dtype": dtype})
     if text.lower() not in _aliases() and _looks_like_path(text):
         raise CheckpointError(
             f"Checkpoint file '{text}' does not exist; the part after '+' must be {DIELECTRIC_MODEL} or an "

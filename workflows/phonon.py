@@ -55,7 +55,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ from ase import Atoms
 
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
-from mattersim.io import RunLog, atomic_write_json, progress_bar, to_builtin
+from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
 
 __all__ = [
     "GAMMA_ACOUSTIC_TOL_THZ",
@@ -170,17 +169,9 @@ class PhononResult:
 
 def _save_phonopy_yaml(ph, path: Path) -> None:
     """phonopy.yaml with structure, supercell/primitive matrices, displacements+forces, force constants, NAC."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".phonopy.", suffix=".yaml", dir=path.parent)
-    os.close(fd)
-    try:
-        ph.save(tmp, settings={"force_constants": True, "force_sets": True, "displacements": True,
-                               "born_effective_charge": True, "dielectric_constant": True})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        ph.save(str(tmp), settings={"force_constants": True, "force_sets": True, "displacements": True,
+                                    "born_effective_charge": True, "dielectric_constant": True})
 
 
 def _as_matrix(value, name: str, *, integer: bool) -> np.ndarray:
@@ -446,18 +437,8 @@ class _ForceStore:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".forces.", suffix=".npz", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, key=np.array(self.key), **self.data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(self.path) as tmp:
+            np.savez(tmp, key=np.array(self.key), **self.data)
 
 
 # ---------------------------------------------------------------------------------------------------------
