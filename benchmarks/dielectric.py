@@ -73,11 +73,43 @@ def _within(errors: np.ndarray, std: np.ndarray | None, ref: np.ndarray) -> floa
     return float(np.mean(np.abs(errors[keep]) <= 2 * std[keep]))
 
 
+def _rank_correlation(errors: Sequence[float], sigmas: Sequence[float]) -> float | None:
+    """Spearman rank correlation between per-material |error| and sigma (None without a spread)."""
+    from scipy.stats import spearmanr
+
+    e, s = np.asarray(errors, dtype=float), np.asarray(sigmas, dtype=float)
+    keep = np.isfinite(e) & np.isfinite(s)
+    if keep.sum() < 3 or np.ptp(s[keep]) == 0:
+        return None
+    return float(spearmanr(e[keep], s[keep]).statistic)
+
+
+def spread_ranking(born_err, born_std, born_ref, eps_err, eps_std) -> dict:
+    """Does the spread rank materials by error? Per material: Z*, the mean |error| and mean sigma over the
+    non-zero DFT elements; eps_inf, the same over the diagonal. Returns the Spearman rank correlations
+    (``born_effective_charges``, ``dielectric_tensor``) and how many materials entered."""
+    zb_e, zb_s = [], []
+    for err, std, ref in zip(born_err, born_std, born_ref):
+        keep = np.abs(np.asarray(ref)) >= 1e-3
+        if keep.any():
+            zb_e.append(float(np.abs(np.asarray(err)[keep]).mean()))
+            zb_s.append(float(np.asarray(std)[keep].mean()))
+    ee = [float(np.abs(np.diagonal(e)).mean()) for e in eps_err]
+    es = [float(np.diagonal(s).mean()) for s in eps_std]
+    return {"born_effective_charges": _rank_correlation(zb_e, zb_s), "dielectric_tensor": _rank_correlation(ee, es),
+            "materials": len(ee), "definition": "Spearman rank correlation between the per-material mean |error| "
+            "and mean sigma (Z*: non-zero DFT elements; eps_inf: diagonal)"}
+
+
 def calibrate_spread(model, entries_root: str | Path, ids) -> dict[str, float]:
     """Per property, the factor k that puts 95 % of the non-zero DFT elements of ``ids`` within 2 k sigma
-    of the ensemble mean (k = 0.95 quantile of |error| / sigma, over 2)."""
+    of the ensemble mean (k = 0.95 quantile of |error| / sigma, over 2). ``model`` must report the raw
+    member spread (no ``spread_scale``): the factor multiplies it."""
     from mattersim.data import read_phonondb
 
+    scales = getattr(model, "spread_scale", None) or {}
+    if any(float(k) != 1.0 for k in scales.values()):
+        raise ValueError("calibrate_spread needs the raw member spread: load the model without spread_scale")
     samples = read_phonondb(entries_root, ids)
     preds = _predict(model, [s.atoms for s in samples])
     scale = {}
@@ -156,8 +188,12 @@ def evaluate_dielectric(model, entries_root: str | Path, ids: str | Path | Seque
         born_diag = np.concatenate([np.diagonal(main["born_pred"][i] - main["born_ref"][i], axis1=1, axis2=2).ravel()
                                     for i in idx])
         eps_diag = np.diagonal(main["eps_pred"][idx] - main["eps_ref"][idx], axis1=1, axis2=2).ravel()
+        ranking = spread_ranking([main["born_pred"][i] - main["born_ref"][i] for i in idx],
+                                 [main["born_std"][i] for i in idx], [main["born_ref"][i] for i in idx],
+                                 main["eps_pred"][idx] - main["eps_ref"][idx], main["eps_std"][idx])
         metrics[label] = {
             "materials": int(idx.size),
+            "spread_rank_correlation": ranking,
             "born_effective_charges": {**_stats(born_err), "within_2_std": _within(born_err, born_std, born_ref),
                                        "diagonal": _stats(born_diag)},
             "dielectric_tensor": {**_stats(eps_err),
@@ -240,21 +276,30 @@ def validation_table(model, entries_root: str | Path, entries: Sequence[tuple[st
 REGRESSION = ("mp-8062-20180417", "mp-1265-20180417", "mp-804-20180417")
 
 
-def package(runs: Sequence[str | Path], entries_root: str | Path, *, version: str, figures: str | Path) -> dict:
+def package(runs: Sequence[str | Path], entries_root: str | Path, *, version: str, figures: str | Path,
+            append: bool = False) -> dict:
     """Ship trained members: copy each run's ``best.pth`` to ``mattersim/pretrained/mattersim-dielectric/
     member_<k>.pth``, calibrate the ensemble spread on the validation split (:func:`calibrate_spread`),
     evaluate on the untouched test split, and write ``card.json`` (version, members, training runs, split
-    sizes, spread calibration, test metrics, validation table, regression values)."""
+    sizes, spread calibration, test metrics, validation table, regression values). With ``append`` the
+    members already shipped (and their card entries) are kept and the runs become the next members."""
     import json
     import shutil
 
-    from mattersim.composite import load_dielectric
+    from mattersim.composite import load_dielectric, member_files
     from mattersim.data import read_phonondb_entry
     from mattersim.dielectric import MODEL_DIR
     from mattersim.registry import file_sha256
 
     members = []
-    for k, run in enumerate(runs):
+    if append:
+        old = {m["file"]: m for m in json.loads((MODEL_DIR / "card.json").read_text()).get("members", [])}
+        for path in member_files(MODEL_DIR):
+            entry = dict(old.get(path.name) or {"file": path.name})
+            entry["sha256"] = file_sha256(path)
+            members.append(entry)
+    start = len(members)
+    for k, run in enumerate(runs, start=start):
         run = Path(run)
         shutil.copyfile(run / "best.pth", MODEL_DIR / f"member_{k}.pth")
         history = json.loads((run / "history.json").read_text())
@@ -300,19 +345,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     pk.add_argument("--entries", required=True)
     pk.add_argument("--version", required=True)
     pk.add_argument("--figures", default="docs/figures/dielectric")
+    pk.add_argument("--append", action="store_true", help="keep the shipped members; the runs become the next ones")
     args = parser.parse_args(argv)
     if args.command == "package":
-        card = package(args.runs, args.entries, version=args.version, figures=args.figures)
+        card = package(args.runs, args.entries, version=args.version, figures=args.figures, append=args.append)
         metrics, rows = card["test_metrics"], card["validation"]
     else:
-        model = load_calculator(args.model)
+        # the test split may hold elements the training split lacks: evaluate them (with a warning) too
+        model = load_calculator(args.model, allow_untrained_elements=True)
         metrics = evaluate_dielectric(model, args.entries, args.ids, args.output, metallic_ids=args.metallic_ids)
         rows = validation_table(model, args.entries)
         atomic_write_json(Path(args.output) / "validation.json", rows)
     for group in ("mean_eps_le_20", "all_non_metallic"):
         m = metrics[group]
+        rank = m["spread_rank_correlation"]
         print(f"{group}: {m['materials']} materials; Z* MAE {m['born_effective_charges']['mae']:.4f} e, "
-              f"eps_inf MAE {m['dielectric_tensor']['mae']:.4f}")
+              f"eps_inf MAE {m['dielectric_tensor']['mae']:.4f}; 2 sigma coverage Z* "
+              f"{m['born_effective_charges']['within_2_std']}, eps {m['dielectric_tensor']['within_2_std']}; "
+              f"rank correlation |error| vs sigma Z* {rank['born_effective_charges']}, eps {rank['dielectric_tensor']}")
     for row in rows:
         print(row)
     return 0

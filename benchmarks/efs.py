@@ -12,13 +12,17 @@ Writes ``DIR/<model-slug>/`` (layout in :mod:`benchmarks.common`):
   ``parity.npz`` (``energy`` eV/atom, ``force`` eV/Å components, ``stress`` GPa components), ``run.log``.
 
 Structures are evaluated in batched model calls (``calculate_batch``) when the calculator can batch; a
-batch that raises is retried one structure at a time so that one bad structure fails alone.
+batch that raises is retried one structure at a time so that one bad structure fails alone. Chunks (one
+``evaluate_batch`` call, one progress step) are sized by the calculator's memory estimate
+(:func:`mattersim.memory.calculator_memory`: at most its memory budget per chunk), or by
+:data:`CHUNK_ATOMS` atoms for a calculator without one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -31,13 +35,14 @@ from benchmarks.datasets import Dataset
 from benchmarks.metrics import EV_A3_TO_GPA, efs_metrics
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, write_results
+from mattersim.memory import GB, calculator_memory
 
 __all__ = ["run_efs", "pressure_groups"]
 
 logger = logging.getLogger("mattersim.bench")
 
 _TODO, _DONE, _FAILED = 0, 1, 2
-#: atoms per evaluation chunk (one batched model call, one progress step)
+#: atoms per evaluation chunk for a calculator that reports no memory estimate
 CHUNK_ATOMS = 1024
 #: seconds between checkpoints of predictions.npz
 SAVE_EVERY_S = 10.0
@@ -114,17 +119,24 @@ class _Store:
         self.errors[i] = error
 
 
-def _chunks(todo: Sequence[int], n_atoms: np.ndarray, max_atoms: int) -> list[list[int]]:
-    chunks, current, count = [], [], 0
+def _chunks(todo: Sequence[int], n_atoms: np.ndarray, max_atoms: float, size_of=None, estimate=None,
+            budget: float = math.inf):
+    """Groups of ``todo`` in order, each within ``max_atoms`` atoms and, with ``size_of(i)`` (atoms, edges,
+    triplets of structure i, computed as the chunks are consumed) and ``estimate``, within ``budget`` bytes;
+    a structure over a bound alone is a chunk of its own."""
+    current, count, total = [], 0, np.zeros(3, dtype=np.int64)
     for i in todo:
-        if current and count + n_atoms[i] > max_atoms:
-            chunks.append(current)
-            current, count = [], 0
+        size = np.asarray(size_of(i), dtype=np.int64) if size_of is not None else None
+        if current and (count + n_atoms[i] > max_atoms
+                        or (size is not None and estimate(*(int(x) for x in total + size)) > budget)):
+            yield current
+            current, count, total = [], 0, np.zeros(3, dtype=np.int64)
         current.append(i)
         count += int(n_atoms[i])
+        if size is not None:
+            total += size
     if current:
-        chunks.append(current)
-    return chunks
+        yield current
 
 
 def _error_text(exc: BaseException) -> str:
@@ -194,9 +206,13 @@ def _write_outputs(out: Path, data: Dataset, store: _Store, info: dict) -> None:
 
 
 def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchmark: str | None = None,
-            chunk_atoms: int = CHUNK_ATOMS, pressure_bins: Sequence[float] | None = None, progress: bool = True,
+            chunk_atoms: int | None = None, pressure_bins: Sequence[float] | None = None, progress: bool = True,
             kind: str = "efs") -> dict:
     """Evaluate ``calculator`` on every structure of ``data`` and write the results to ``output_dir``.
+
+    Chunks of structures (one ``evaluate_batch`` call each) stay within the calculator's memory budget by
+    its estimate and, if given, within ``chunk_atoms`` atoms (default: no atom bound when the calculator
+    reports its memory, else :data:`CHUNK_ATOMS`).
 
     Returns the ``metrics.json`` document. ``pressure_bins`` (GPa edges) adds one metrics group per
     reference-pressure bin. Rerunning with the same output folder, model and dataset resumes; a
@@ -218,11 +234,17 @@ def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchma
                  f"{len(data) - len(todo)} already done{' (resumed)' if resumed else ''}, {len(todo)} to evaluate")
         for note in data.notes:
             log.warning(f"dataset: {note}")
+        plan = calculator_memory(calculator)
+        size_of, estimate, budget = None, None, math.inf
+        if plan is not None:
+            sizes, estimate, budget = plan
+            size_of = lambda i: sizes([data.structures[i]])[0]  # noqa: E731
+        max_atoms = chunk_atoms if chunk_atoms is not None else (math.inf if plan is not None else CHUNK_ATOMS)
         last_save = time.perf_counter()
         t0 = time.perf_counter()
         try:
             with progress_bar(progress, len(todo), f"{benchmark} · {info.get('name')}") as bar:
-                for idx in _chunks(todo, data.n_atoms, chunk_atoms):
+                for idx in _chunks(todo, data.n_atoms, max_atoms, size_of, estimate, budget):
                     _evaluate(calculator, data, idx, store)
                     bar.advance(len(idx))
                     if time.perf_counter() - last_save > SAVE_EVERY_S:
@@ -247,7 +269,8 @@ def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchma
         doc = metrics_document(benchmark=benchmark, kind=kind, dataset=dataset, model=info, metrics=metrics,
                                n_items=len(data), n_done=int(ok_mask.sum()), failures=failures,
                                wall_time_s=store.elapsed, groups=groups,
-                               extra={"chunk_atoms": int(chunk_atoms),
+                               extra={"chunk_atoms": None if math.isinf(max_atoms) else int(max_atoms),
+                                      "memory_budget_gb": None if plan is None else budget / GB,
                                       "pressure_bins_GPa": list(pressure_bins) if pressure_bins else None,
                                       "batched": hasattr(calculator, "calculate_batch")})
         _write_outputs(out, data, store, info)

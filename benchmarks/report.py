@@ -518,7 +518,8 @@ def _png(fig) -> bytes:
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
+    # "tight": the bounding box of everything drawn, so that no label is cut off whatever the panel layout
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)
     return buf.getvalue()
 
 

@@ -38,9 +38,11 @@ def _default_subset(root: Path) -> Path | None:
 def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathLike, *,
                   data: str | os.PathLike | None = None, subset: str | os.PathLike | None = None,
                   max_items: int | None = None, device: str = "cpu", dtype: str = "float32",
-                  trust_pickle: bool = False, download: bool = True, progress: bool = True) -> list[dict]:
+                  trust_pickle: bool = False, download: bool = True, progress: bool = True,
+                  allow_untrained_elements: bool = False) -> list[dict]:
     """Run ``target`` for each of ``models`` (names, checkpoint paths or calculators); returns the
-    ``metrics.json`` documents, one per (model, set)."""
+    ``metrics.json`` documents, one per (model, set). A structure with an element a model was not trained
+    on fails alone (listed in ``failures``) unless ``allow_untrained_elements``."""
     from mattersim.registry import load_calculator
 
     if not models:
@@ -50,14 +52,21 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
     out = Path(output_dir)
     # check the inputs before loading any model
     if lowered == "hex":
-        if data is None or not Path(data).is_file():
+        if data is None:
             raise InputError("The HEX benchmark needs its reference file: pass --data FILE (extxyz with energy, "
                              "forces and stress; see docs/benchmarks.md).")
+        if not Path(data).is_file():
+            raise InputError(f"--data {data}: no such file; the HEX benchmark needs its reference file (extxyz "
+                             "with energy, forces and stress; see docs/benchmarks.md).")
         jobs = [("hex", None)]
     elif lowered == "phonondb":
-        if data is None or not Path(data).exists():
+        if data is None:
             raise InputError("The PhononDB benchmark needs its entries: pass --data DIR (a folder of PhononDB "
-                             "entries or .tar.lzma archives).")
+                             "entries or .tar.lzma archives; see docs/benchmarks.md).")
+        if not Path(data).exists():
+            raise InputError(f"--data {data}: no such folder (resolved from the current directory "
+                             f"{Path.cwd()}); give the folder of PhononDB entries (<id>/POSCAR-unitcell, "
+                             "FORCE_SETS, ...) or of .tar.lzma archives.")
         jobs = [("phonondb", None)]
     elif lowered == "all":
         sets = [load_set(name, data, download=download, progress=progress) for name in SETS]
@@ -79,7 +88,8 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
 
     documents = []
     for model in models:
-        calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download)
+        calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
+                               allow_untrained_elements=allow_untrained_elements)
         for kind, arg in jobs:
             if kind == "efs":
                 from benchmarks.efs import run_efs

@@ -3,13 +3,19 @@
 An official checkpoint is a ``torch.save`` dict with ``model_name`` ("m3gnet"), ``model`` (state dict),
 ``model_args`` and training state (``optimizer``, ``ema``, ``scheduler``, ...). It is read with
 ``torch.load(weights_only=True)``, which cannot execute code. A file that needs full unpickling is refused
-unless the caller says it trusts the file (``trust_pickle=True``, CLI ``--trust-checkpoint``).
+unless the caller says it trusts the file (``trust_pickle=True``; on the command line ``--trust-pickle`` of
+``mattersim predict``, ``relax``, ``phonon`` and ``bench run``). Before that, the file is checked to be one
+at all (:func:`checkpoint_file_problem`): an empty, truncated, damaged or foreign file is reported as what
+it is, not as a file that could run code.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +25,76 @@ from mattersim.m3gnet import DEFAULT_MODEL_ARGS, M3Gnet
 
 log = logging.getLogger(__name__)
 
+#: What a checkpoint file is, for messages.
+EXPECTED = ("a PyTorch checkpoint (the zip archive torch.save writes, holding a dict with 'model' and 'model_args' "
+            "or our 'format': 'mattersim-mt')")
+#: Where the caller can say it trusts a file, for messages.
+TRUST_HINT = ("--trust-pickle (mattersim predict, relax, phonon and bench run) or trust_pickle=True in Python "
+              "(Potential.from_checkpoint, load_calculator)")
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _looks(head: bytes, size: int) -> str:
+    """What a file that is neither a zip archive nor a pickle stream looks like, from its first bytes."""
+    if head.startswith(b"version https://git-lfs"):
+        return f"a Git LFS pointer ({size} bytes) instead of the weights; fetch them with git lfs pull"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return f"an HTML or XML page of {size} bytes (a failed download?)"
+    decoded = head.decode("utf-8", errors="replace").rstrip("\ufffd")  # a character cut at the end is fine
+    if decoded and all(c.isprintable() or c in "\r\n\t" for c in decoded):
+        snippet = " ".join(decoded.split())[:40]
+        return f"{size} bytes of text starting with {snippet!r}"
+    return (f"{size} bytes that are neither a zip archive nor a pickle stream (they start with "
+            f"{head[:8].hex(' ')})")
+
+
+def _zip_problem(path: Path, size: int) -> str | None:
+    if not zipfile.is_zipfile(path):
+        return (f"a truncated zip archive ({size} bytes; the directory at the end of a complete archive is missing, "
+                "as after an interrupted download or copy)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") or "nothing"
+                return f"a zip archive of {size} bytes without the data.pkl of torch.save (it holds {shown})"
+            for info in infos:
+                if info.CRC == 0 and info.file_size:
+                    continue  # written without checksums (torch.serialization's compute_crc32 off)
+                with archive.open(info) as member:
+                    while member.read(1 << 20):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        return f"a damaged zip archive of {size} bytes ({str(exc).strip() or type(exc).__name__})"
+    return None
+
+
+def checkpoint_file_problem(path: str | Path) -> str | None:
+    """None if ``path`` can be a PyTorch checkpoint, else what was found instead (a phrase such as
+    ``"an empty file (0 bytes)"``): a zip archive must be complete, hold ``data.pkl`` and pass its CRC-32
+    checks; a pickle stream (torch's legacy format) is left to ``torch.load``. Reads the file once."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(_ZIP_MAGIC):
+        return _zip_problem(path, size)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return None  # a pickle stream (torch's legacy format); torch.load decides
+    return _looks(head, size)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    line = (match.group(1) if match else text).strip().splitlines()[0] if text else type(exc).__name__
+    return line[:160]
+
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
     """The checkpoint dict, loaded on the CPU."""
@@ -26,23 +102,50 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; give the path of a .pth file or a registered model name.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        if not trust_pickle:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        found = checkpoint_file_problem(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions.") from None
+    if found is not None:
+        raise CheckpointError(f"{path}: not a checkpoint: expected {EXPECTED}, found {found}.")
+    with open(path, "rb") as handle:
+        kind = "zip archive" if handle.read(2) == b"PK" else "pickle stream"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        untrusted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if untrusted is None and not trust_pickle:
             raise CheckpointError(
-                f"{path}: the file holds more than plain tensors and could run code when unpickled ({reason}); "
-                "load it only if you trust its origin: trust_pickle=True in Python or --trust-checkpoint on the CLI."
+                f"{path}: not a readable checkpoint: expected {EXPECTED}, found a {kind} that torch.load cannot read "
+                f"({_first_line(exc)}), damaged or written by something else; copy the complete file again."
+            ) from None
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path}: the checkpoint refers to the Python object {untrusted.group(1)}, which loading would import "
+                f"and could run code; load it only if you trust where the file comes from: {TRUST_HINT}."
             ) from None
         log.warning("Loading %s with full unpickling because the caller trusts it.", path)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - report any corruption in one line
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc2).__name__}: {exc2}).") from None
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}).") from None
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint even with full unpickling: expected {EXPECTED}, found a {kind} "
+                f"that torch.load cannot read ({type(exc2).__name__}: {_first_line(exc2)})."
+            ) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure of a damaged file, in one line
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint: expected {EXPECTED}, found a {kind} that torch.load cannot read "
+            f"({type(exc).__name__}: {_first_line(exc)}), damaged or written by something else; copy the complete "
+            "file again."
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a MatterSim checkpoint (expected a dict with 'model' and 'model_args').")
+        what = (f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict)
+                else f"a {type(ckpt).__name__}")
+        raise CheckpointError(
+            f"{path}: not a MatterSim checkpoint: expected a dict with 'model' and 'model_args' (or 'format': "
+            f"'mattersim-mt'), found {what}."
+        )
     return ckpt
 
 

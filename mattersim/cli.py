@@ -24,29 +24,107 @@ from typer.core import TyperGroup
 from mattersim import __version__
 from mattersim.errors import InputError, MatterSimError
 
+#: the --model help of every command
+MODEL_HELP = ("Model name (see 'mattersim models'), A+B (a potential plus a property model) or checkpoint path. "
+              "Default: the best available offline, in this order: mattersim-v1.0.0-5M, mattersim-v1.0.0-1M "
+              "(once downloaded), sevennet-0, chgnet; plus +mattersim-dielectric (Z*, eps_inf) when installed.")
+#: the --allow-untrained-elements help of every command that loads a model
+ALLOW_UNTRAINED_HELP = ("Run the model on elements it was not trained on (a warning instead of an error) where it can; "
+                        "its results for them are an extrapolation.")
 EXIT_USER_ERROR = 2
 EXIT_NOT_CONVERGED = 1
+
+
+def _terminal(stream) -> Optional[bool]:
+    """None (rich decides) on a terminal, else False: colours and other escape codes only ever go to a terminal,
+    never into a file, a pipe or a log, even where FORCE_COLOR, PY_COLORS or GITHUB_ACTIONS is set."""
+    try:
+        return None if stream.isatty() else False
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True, soft_wrap=True, highlight=False)
+    return Console(stderr=True, soft_wrap=True, highlight=False, force_terminal=_terminal(sys.stderr))
 
 
 def _stdout_console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, force_terminal=_terminal(sys.stdout))
 
 
 def print_error(message: str) -> None:
-    """One red ``Error: ...`` line on stderr."""
+    """One red ``Error: ...`` line on stderr (plain text when stderr is not a terminal)."""
     _stderr_console().print(f"Error: {message}", style="bold red", markup=False)
 
 
+def print_warning(message: str) -> None:
+    """One yellow ``Warning: ...`` line on stderr (plain text when stderr is not a terminal)."""
+    _stderr_console().print(f"Warning: {message}", style="yellow", markup=False)
+
+
+def _plain_metavar(param, ctx) -> str:
+    """A help-text placeholder in the usual CLI style (``PATH``, ``INTEGER``, ``[a|b]``), for typer's
+    Python-type labels (``<list[Path]>``, ``<str>``); empty for on/off flags."""
+    if getattr(param, "is_flag", False):
+        return ""
+    try:
+        label = param.display_type(ctx).strip("<>")
+    except Exception:  # pragma: no cover - a parameter type typer cannot describe
+        return "VALUE"
+    many = label.startswith("list[")
+    label = label[5:-1] if many else label
+    if "|" in label:
+        text = f"[{label}]"
+    else:
+        text = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "bool": "BOOLEAN"}.get(label, label.upper())
+        if text in ("PATH", "FILE", "DIRECTORY"):
+            text = "PATH"
+    return text + ("..." if many and not text.endswith("...") else "")
+
+
+def _tidy_help(command, ctx) -> None:
+    if not hasattr(command, "get_params"):
+        return
+    for param in command.get_params(ctx):
+        if getattr(param, "param_type_name", "") == "argument":
+            # the name column says it (FILES...); no type column
+            if param.metavar is None:
+                param.metavar = param.name.upper()  # typer adds "..." for several
+            param.display_type_rich = lambda ctx=None: None
+        elif param.name == "help" or getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = _plain_metavar(param, ctx)
+
+
 class _ErrorHandlingGroup(TyperGroup):
-    """Turns :class:`MatterSimError` raised by any command into one line and exit code 2."""
+    """Turns :class:`MatterSimError` raised by any command into one line and exit code 2; gives help texts
+    plain placeholders (``PATH``, ``INTEGER``) instead of typer's Python types."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _tidy_help(command, ctx)
+        return command
+
+    def main(self, *args, **kwargs):
+        # typer's own help and usage errors: escape codes only on a terminal (typer forces them wherever
+        # FORCE_COLOR, PY_COLORS or GITHUB_ACTIONS is set, into files and pipes too)
+        try:
+            from typer import rich_utils
+        except ImportError:  # pragma: no cover - typer without rich
+            return super().main(*args, **kwargs)
+        saved = rich_utils.FORCE_TERMINAL
+        if _terminal(sys.stdout) is False or _terminal(sys.stderr) is False:
+            rich_utils.FORCE_TERMINAL = False
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            rich_utils.FORCE_TERMINAL = saved
 
     def invoke(self, ctx):
         try:
@@ -102,6 +180,16 @@ def _model_info(calc) -> dict[str, Any]:
 def _max_z(calc) -> int:
     potential = getattr(calc, "potential", None)
     return int(getattr(potential, "max_z", 94) or 94)
+
+
+def _check_trained_elements(calc, structures, allow: bool, properties: bool = True) -> None:
+    """Before any work: an element the model was not trained on is one error line, or with
+    --allow-untrained-elements one warning line per model (see mattersim.registry.check_trained_elements)."""
+    from mattersim.registry import check_trained_elements
+
+    for message in check_trained_elements(calc, [a for _, a in structures], labels=[label for label, _ in structures],
+                                          properties=properties, allow=allow, warn=False):
+        print_warning(message)
 
 
 def _revalidate_elements(structures, max_z: int) -> None:
@@ -260,11 +348,12 @@ def models_command() -> None:
 @app.command("predict")
 def predict_command(
     files: List[Path] = typer.Argument(..., help="Structure files (POSCAR, CIF, extxyz with all frames, ...)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'mattersim models') or checkpoint path."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .extxyz or .json file."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
 ) -> None:
     """Energy, energy/atom, largest force and pressure of every structure in FILES.
 
@@ -274,13 +363,15 @@ def predict_command(
     import numpy as np
     from ase.units import GPa
 
-    from mattersim.io import check_result_path, read_structures, write_results
+    from mattersim.io import check_result_path, ensure_writable_file, read_structures, write_results
 
     if output is not None:
         check_result_path(output)  # fail before any work
+        ensure_writable_file(output)
     structures = read_structures([str(f) for f in files])
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(structures, _max_z(calc))
+    _check_trained_elements(calc, structures, allow_untrained_elements)
     atoms_list = [a for _, a in structures]
     property_only = bool(getattr(calc, "property_only", False))
     if property_only:
@@ -384,7 +475,7 @@ def relax_command(
     steps: int = typer.Option(500, "--steps", help="Maximum optimizer steps per structure."),
     mode: RelaxMode = typer.Option(RelaxMode.full, "--mode", help="Relax positions and cell (full), positions only, or at constant volume."),
     optimizer: OptimizerName = typer.Option(OptimizerName.FIRE, "--optimizer", help="ASE optimizer.", case_sensitive=False),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'mattersim models') or checkpoint path."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     outdir: Path = typer.Option(Path("relaxed"), "--output", "-o", help="Output directory."),
     trajectory: bool = typer.Option(False, "--trajectory", help="Also write each structure's ASE trajectory to OUTDIR/trajectories/."),
     structure_format: StructureFormat = typer.Option(StructureFormat.poscar, "--format", help="Format of the per-structure files."),
@@ -392,6 +483,7 @@ def relax_command(
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
 ) -> None:
     """Relax every structure in FILES (batched) and write them, with a summary.json, to OUTDIR.
 
@@ -400,15 +492,15 @@ def relax_command(
     import ase.io
     import numpy as np
 
-    from mattersim.io import atomic_write_json, read_structures, safe_filename, write_results
+    from mattersim.io import atomic_write_json, ensure_writable_dir, read_structures, safe_filename, write_results
     from mattersim.relax import BatchRelaxer
 
     mode_name = mode.value.replace("-", "_")
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"Output directory '{outdir}' exists and is not a directory; choose another -o.")
+    ensure_writable_dir(outdir)  # before any work
     structures = read_structures([str(f) for f in files])
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(structures, _max_z(calc))
+    _check_trained_elements(calc, structures, allow_untrained_elements, properties=False)  # energies only
 
     relaxer = BatchRelaxer(
         calc,
@@ -590,8 +682,8 @@ def phonon_command(
     nac: bool = typer.Option(False, "--nac", help="Non-analytical term correction (LO-TO splitting) for polar crystals."),
     born: Optional[Path] = typer.Option(None, "--born", help="phonopy BORN file with Born charges and ε∞ of the primitive cell (implies --nac)."),
     nac_method: NacMethod = typer.Option(NacMethod.gonze, "--nac-method", help="NAC method.", case_sensitive=False),
-    supercell: Optional[str] = typer.Option(None, "--supercell", help='Supercell of the unit cell: "2 2 2" or 9 integers; default: automatic from --min-length.'),
-    min_length: float = typer.Option(15.0, "--min-length", help="Automatic supercell: smallest diagonal one whose perpendicular widths are all at least this (Å)."),
+    supercell: Optional[str] = typer.Option(None, "--supercell", help='Supercell of the unit cell: "2 2 2" or 9 integers (a 3x3 matrix as phonopy\'s DIM); default: automatic from --min-length.'),
+    min_length: Optional[float] = typer.Option(None, "--min-length", help="Automatic supercell: the one with the fewest atoms whose minimum image distance is at least this (Å); default max(10, 2 x the model's cutoff)."),
     displacement: float = typer.Option(0.01, "--displacement", help="Finite displacement in Å."),
     mesh: str = typer.Option("20 20 20", "--mesh", help='Γ-centred q mesh for DOS and thermal properties ("20 20 20"), or one number: a length in Å (density).'),
     tmax: float = typer.Option(1000.0, "--tmax", help="Thermal properties from 0 K to TMAX (K)."),
@@ -602,12 +694,13 @@ def phonon_command(
     relax_steps: int = typer.Option(500, "--relax-steps", help="Maximum relaxation steps."),
     primitive_axis: str = typer.Option("auto", "--primitive-axis", help="'auto' or 9 numbers (phonopy PRIMITIVE_AXES, fractions allowed)."),
     symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'mattersim models') or checkpoint path."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     outdir: Path = typer.Option(Path("phonon"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Supercells per batched force evaluation."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision (recommended for finite-difference phonons)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
 ) -> None:
     """Phonons of the crystal in FILE (phonopy finite displacements): band structure, DOS, thermal properties.
 
@@ -621,23 +714,36 @@ def phonon_command(
     primitive_value = _parse_primitive_axis(primitive_axis)
     if born is not None and not born.is_file():
         raise InputError(f"BORN file '{born}' does not exist; pass the path of a phonopy BORN file to --born.")
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"Output directory '{outdir}' exists and is not a directory; choose another -o.")
+    from mattersim.io import ensure_writable_dir
+
+    ensure_writable_dir(outdir)  # before any work
     structures = read_structures([str(file)])
     if len(structures) != 1:
         raise InputError(f"'{file}' holds {len(structures)} structures; 'mattersim phonon' takes a file with one crystal.")
     label, atoms = structures[0]
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(structures, _max_z(calc))
+    _check_trained_elements(calc, structures, allow_untrained_elements, properties=(nac and born is None))
 
     from workflows.phonon import run_phonon  # lazily: the core never imports workflows at module level
 
-    result = run_phonon(
-        atoms, calc, relax=relax, fmax=fmax, pressure=pressure, relax_steps=relax_steps, primitive=primitive_value,
-        supercell=supercell_value, min_length=min_length, displacement=displacement, mesh=mesh_value, tmax=tmax,
-        tstep=tstep, nac=nac or born is not None, born_file=None if born is None else str(born),
-        nac_method=nac_method.value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
-    )
+    import logging
+
+    class _WarningLines(logging.Handler):  # the workflow's warnings (small supercell, imaginary modes): one line each
+        def emit(self, record: logging.LogRecord) -> None:
+            print_warning(record.getMessage())
+
+    phonon_logger, warning_lines = logging.getLogger("mattersim.phonon"), _WarningLines(logging.WARNING)
+    phonon_logger.addHandler(warning_lines)
+    try:
+        result = run_phonon(
+            atoms, calc, relax=relax, fmax=fmax, pressure=pressure, relax_steps=relax_steps, primitive=primitive_value,
+            supercell=supercell_value, min_length=min_length, displacement=displacement, mesh=mesh_value, tmax=tmax,
+            tstep=tstep, nac=nac or born is not None, born_file=None if born is None else str(born),
+            nac_method=nac_method.value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
+        )
+    finally:
+        phonon_logger.removeHandler(warning_lines)
     import numpy as np
     from rich.markup import escape
 
@@ -652,7 +758,9 @@ def phonon_command(
     smat = st["supercell_matrix"]
     diagonal = all(smat[i][j] == 0 for i in range(3) for j in range(3) if i != j)
     shape = "x".join(str(smat[i][i]) for i in range(3)) if diagonal else str(smat)
-    table.add_row("supercell", escape(f"{shape} ({st['n_atoms_supercell']} atoms), {s['forces']['n_supercells']} displaced supercells"))
+    distance = st.get("supercell_min_image_distance_A")
+    distance = f", min. image distance {distance:.2f} Å" if distance is not None else ""
+    table.add_row("supercell", escape(f"{shape} ({st['n_atoms_supercell']} atoms{distance}), {s['forces']['n_supercells']} displaced supercells"))
     table.add_row("ω_max", f"{freq['omega_max_THz']:.4f} THz")
     table.add_row("lowest frequency", f"{freq['lowest_THz']:.4f} THz")
     if imag["count"]:
@@ -792,18 +900,20 @@ def bench_run_command(
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate MatterSim checkpoints in double precision."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that need full pickle (only files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
     download: bool = typer.Option(True, "--download/--no-download", help="Download missing sets and MatterSim weights."),
 ) -> None:
     """Evaluate one or more models on a benchmark and write metrics, predictions, parity data and a log."""
     if max_items is not None and max_items < 1:
         raise InputError(f"--max must be a positive integer, not {max_items}.")
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"Output folder '{outdir}' exists and is not a folder; choose another -o.")
+    from mattersim.io import ensure_writable_dir
+
+    ensure_writable_dir(outdir)  # before any work
     from benchmarks.run import run_benchmark  # lazily: the core never imports benchmarks at module level
 
     docs = run_benchmark(target, model, outdir, data=data, subset=subset, max_items=max_items, device=device,
                          dtype="float64" if float64 else "float32", trust_pickle=trust_pickle, download=download,
-                         progress=True)
+                         progress=True, allow_untrained_elements=allow_untrained_elements)
     from rich.markup import escape
 
     table = _table(escape(f"Benchmark results ({outdir})"))
@@ -831,7 +941,12 @@ def bench_report_command(
 ) -> None:
     """Side-by-side report (Markdown, self-contained HTML, JSON, PNG figures) of benchmark runs."""
     from benchmarks.report import make_report
+    from mattersim.io import ensure_writable_dir, ensure_writable_file
 
+    if output.suffix.lower() == ".md":
+        ensure_writable_file(output)  # before any work
+    else:
+        ensure_writable_dir(output)
     make_report(dirs, output, title=title)
     _stdout_console().print(f"report written: {output}", markup=False)
 

@@ -91,6 +91,20 @@ class DielectricModel(Calculator):
     and ``dielectric_tensor`` (3, 3), their ``*_std`` (two or more members) and ``members``, the list of
     ``(born, eps)`` of every member. As an ASE calculator it implements the two properties (the ``*_std``
     are in ``calc.results`` too); energy, forces and stress raise :class:`InputError`.
+
+    **Physical by construction.** Every member's Z* sums to zero over the atoms (charge neutrality) and its
+    eps_inf is symmetric with eigenvalues >= 1 (the heads guarantee both, :mod:`mattersim.heads`); the mean
+    of such members keeps both properties. With ``symmetrize`` (default) the mean and every member are also
+    symmetrised with the crystal's space group (:func:`symmetrize_dielectric`, phonopy's
+    ``symmetrize_borns_and_epsilon``), so Z* of a crystal whose atoms are all equivalent (Si, Cu) is
+    exactly zero and tensors have the symmetry of their sites. The members themselves are never changed
+    beyond that: the calibration below scales the reported spread, not the members.
+
+    **Calibrated spread.** ``spread_scale`` (the shipped model's ``card.json``): per property a factor k;
+    ``<key>_std = k * (population standard deviation of the members)``, so that, on the validation split,
+    2 sigma covers 95 % of the errors. ``members`` stay the raw member predictions (physical models), and
+    the phonon workflow propagates the calibrated spread to the LO frequencies to first order
+    (:func:`workflows.nac.lo_to_spread` with ``spread_scale``).
     """
 
     implemented_properties = list(DIELECTRIC_PROPERTIES)
@@ -98,12 +112,18 @@ class DielectricModel(Calculator):
     property_only = True
 
     def __init__(self, members: Sequence[Any], *, info: dict | None = None,
-                 spread_scale: dict[str, float] | None = None, **kwargs):
-        """``spread_scale``: per property, a factor by which the members' deviations from the mean are
-        stretched (the shipped model's calibration, from ``card.json``); the mean is unchanged and every
-        spread (``*_std``, the members' LO frequencies in the phonon workflow) scales with it."""
+                 spread_scale: dict[str, float] | None = None, symmetrize: bool = True, symprec: float = 1e-5,
+                 **kwargs):
+        """``spread_scale``: per property, the factor k of the reported standard deviation (see the class
+        doc); ``symmetrize``/``symprec``: space-group symmetrisation of the predictions (spglib tolerance in
+        Å)."""
         super().__init__(**kwargs)
         self.spread_scale = {p: float((spread_scale or {}).get(p, 1.0)) for p in DIELECTRIC_PROPERTIES}
+        bad = {p: k for p, k in self.spread_scale.items() if not (np.isfinite(k) and k > 0)}
+        if bad:
+            raise InputError(f"spread_scale must be positive numbers (one per property); got {bad}.")
+        self.symmetrize = bool(symmetrize)
+        self.symprec = float(symprec)
         members = [_potential_of(m) for m in members]
         if not members:
             raise InputError("A dielectric model needs at least one member (a multi-task model with "
@@ -137,24 +157,23 @@ class DielectricModel(Calculator):
         return str((getattr(self, "model_info", None) or {}).get("name") or "the dielectric model")
 
     def calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
-        """Per structure: mean Z* and eps_inf, their member ``*_std`` (>= 2 members) and ``members``."""
-        from mattersim.ensemble import combine
-
+        """Per structure: mean Z* and eps_inf, their calibrated ``*_std`` (>= 2 members) and ``members``
+        (each member's own, physical, prediction); symmetrised when :attr:`symmetrize` is on."""
         structures = list(structures)
         per_member = [m.predict(structures, forces=False, stress=False) for m in self.members]
         out = []
-        for k in range(len(structures)):
-            rows = [{p: np.asarray(res[k][p], dtype=float) for p in DIELECTRIC_PROPERTIES} for res in per_member]
-            for p, scale in self.spread_scale.items():
-                if scale != 1.0:
-                    mean = np.mean([r[p] for r in rows], axis=0)
-                    for r in rows:
-                        r[p] = mean + scale * (r[p] - mean)
-            combined = combine(rows)
-            result = {p: combined[p] for p in DIELECTRIC_PROPERTIES}
+        for k, atoms in enumerate(structures):
+            rows = [(np.asarray(res[k]["born_effective_charges"], dtype=float),
+                     np.asarray(res[k]["dielectric_tensor"], dtype=float)) for res in per_member]
+            if self.symmetrize:
+                rows = [symmetrize_dielectric(atoms, z, e, self.symprec) for z, e in rows]
+            born = np.stack([z for z, _ in rows])
+            eps = np.stack([e for _, e in rows])
+            result = {"born_effective_charges": born.mean(axis=0), "dielectric_tensor": eps.mean(axis=0)}
             if len(rows) >= 2:
-                result.update({p: combined[p] for p in STD_PROPERTIES})
-            result["members"] = [(r["born_effective_charges"], r["dielectric_tensor"]) for r in rows]
+                result["born_effective_charges_std"] = self.spread_scale["born_effective_charges"] * born.std(axis=0)
+                result["dielectric_tensor_std"] = self.spread_scale["dielectric_tensor"] * eps.std(axis=0)
+            result["members"] = rows
             out.append(result)
         return out
 
@@ -178,17 +197,55 @@ class DielectricModel(Calculator):
         self.results = result
 
     def predict_dielectric(self, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
-        """Mean Z* (n, 3, 3) and eps_inf (3, 3); sets :attr:`uncertainty` (None with one member)."""
+        """Mean Z* (n, 3, 3) and eps_inf (3, 3); sets :attr:`uncertainty` (None with one member):
+        ``{"born", "epsilon"}`` calibrated standard deviations, ``"members"`` the members' own (Z*, eps_inf)
+        and ``"spread_scale"`` ``{"born", "epsilon"}`` the calibration factors k (for the propagation of
+        the spread to derived quantities such as LO frequencies)."""
         res = self.calculate_batch([atoms])[0]
         if len(self.members) >= 2:
             self.uncertainty = {
                 "born": res["born_effective_charges_std"],
                 "epsilon": res["dielectric_tensor_std"],
                 "members": res["members"],
+                "spread_scale": {"born": self.spread_scale["born_effective_charges"],
+                                 "epsilon": self.spread_scale["dielectric_tensor"]},
             }
         else:
             self.uncertainty = None
         return res["born_effective_charges"], res["dielectric_tensor"]
+
+
+def symmetrize_dielectric(atoms: Atoms, born: np.ndarray, epsilon: np.ndarray,
+                          symprec: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Z* (n, 3, 3) and eps_inf (3, 3) of ``atoms`` symmetrised with its space group, Z* charge-neutral.
+
+    phonopy's ``symmetrize_borns_and_epsilon`` on the cell as given (spglib tolerance ``symprec``, Å): Z*
+    averaged over the space-group operations (``Z_{g(k)} = R Z_k R^T``), eps_inf over the point group, then
+    the mean Z* subtracted from every atom. A supercell keeps the operations its lattice allows. Elements
+    that symmetry makes zero come out as round-off (~1e-16): entries below 1e-12 of the tensor's largest
+    element are set to exactly 0. A structure without a 3D cell (a molecule) gets the neutrality
+    projection only. Averages of symmetric matrices with eigenvalues >= 1 keep that property and neutral
+    Z* stay neutral, so a physical prediction stays physical.
+    """
+    born = np.array(born, dtype=float)
+    epsilon = np.array(epsilon, dtype=float)
+    if atoms.cell.rank == 3 and len(atoms) > 0:
+        import warnings
+
+        from phonopy.structure.atoms import PhonopyAtoms
+        from phonopy.structure.symmetry import symmetrize_borns_and_epsilon
+
+        cell = PhonopyAtoms(numbers=atoms.numbers, cell=np.asarray(atoms.cell[:], dtype=float),
+                            scaled_positions=atoms.get_scaled_positions(wrap=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "largely broken" symmetry: the prediction is averaged anyway
+            born, epsilon = symmetrize_borns_and_epsilon(born, epsilon, cell, symprec=symprec)
+        born, epsilon = np.array(born, dtype=float), np.array(epsilon, dtype=float)
+    else:
+        born = born - born.mean(axis=0, keepdims=True)
+    for arr in (born, epsilon):
+        arr[np.abs(arr) <= 1e-12 * max(1.0, float(np.abs(arr).max(initial=0.0)))] = 0.0
+    return born, epsilon
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +331,7 @@ def load_dielectric(
     version = card.get("version")
     info = {"name": MODEL_NAME, "version": None if version is None else str(version),
             "source": str(folder.resolve()), "license": LICENSE_NOTE, "device": device, "dtype": dtype}
-    scale = card.get("spread_scale")  # calibration of the spread on the validation split
+    scale = card.get("spread_scale")  # calibration of the reported spread on the validation split
     if isinstance(scale, dict):
         info["spread_scale"] = scale
     return DielectricModel(members, info=info, spread_scale=scale if isinstance(scale, dict) else None)

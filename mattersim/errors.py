@@ -21,3 +21,11 @@ class CheckpointError(MatterSimError):
 
 class ModelNotAvailableError(MatterSimError):
     """A model name is unknown, or its weights are not on this machine and cannot be downloaded."""
+
+
+class UntrainedElementError(InputError):
+    """A structure holds an element the model was not trained on (or cannot represent at all)."""
+
+
+class UntrainedElementWarning(UserWarning):
+    """A model runs on an element it was not trained on because the caller allowed it."""

@@ -16,7 +16,7 @@ atom then sees a periodic image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -29,15 +29,26 @@ from mattersim.errors import InputError
 
 @dataclass
 class StructureGraph:
-    """The graph of one structure, in numpy, before batching."""
+    """The graph of one structure, in numpy, before batching (indices int32: 28 bytes per edge)."""
 
     positions: np.ndarray  # (n, 3) Å, wrapped into the cell along periodic directions
     cell: np.ndarray  # (3, 3) Å, rows are lattice vectors
     numbers: np.ndarray  # (n,) atomic numbers
-    edge_index: np.ndarray  # (2, e) [centre, neighbour]
-    edge_shift: np.ndarray  # (e, 3) integer image of the neighbour
+    edge_index: np.ndarray  # (2, e) int32 [centre, neighbour]
+    edge_shift: np.ndarray  # (e, 3) int32 image of the neighbour
     edge_length: np.ndarray  # (e,) Å, as found by the neighbour list
     pbc: np.ndarray  # (3,) bool, after boxing of a non-periodic input
+    _triplets: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def triplet_count(self, threebody_cutoff: float) -> int:
+        """Number of three-body triplets (:func:`threebody_triplets`) without building them: the ordered
+        pairs of distinct edges with a common centre, both ``<= threebody_cutoff``."""
+        key = float(threebody_cutoff)
+        if key not in self._triplets:
+            short = self.edge_index[0][self.edge_length <= key]
+            k = np.bincount(short, minlength=len(self.numbers)).astype(np.int64)
+            self._triplets[key] = int((k * (k - 1)).sum())
+        return self._triplets[key]
 
 
 @dataclass
@@ -120,14 +131,17 @@ def build_structure_graph(atoms: Atoms, cutoff: float = 5.0, threebody_cutoff: f
     i, j, shifts, dist = nl.compute(points=positions, box=cell, periodic=periodic, quantities="ijSd")
     # sort by centre then neighbour, then shift, for a deterministic layout
     order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
-    i, j, shifts, dist = i[order], j[order], shifts[order], dist[order]
+    edge_index = np.stack([i[order], j[order]]).astype(np.int32)
+    del i, j
+    edge_shift = shifts[order].astype(np.int32)
+    del shifts
     return StructureGraph(
         positions=positions,
         cell=cell,
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
-        edge_index=np.stack([i, j]).astype(np.int64),
-        edge_shift=shifts.astype(np.int64),
-        edge_length=dist.astype(np.float64),
+        edge_index=edge_index,
+        edge_shift=edge_shift,
+        edge_length=dist[order].astype(np.float64),
         pbc=pbc,
     )
 
@@ -166,7 +180,7 @@ def collate(
     n_atoms = np.array([len(g.numbers) for g in graphs], dtype=np.int64)
     n_edges = np.array([g.edge_index.shape[1] for g in graphs], dtype=np.int64)
     atom_offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
-    edge_index = np.concatenate([g.edge_index + off for g, off in zip(graphs, atom_offset)], axis=1)
+    edge_index = np.concatenate([g.edge_index.astype(np.int64) + off for g, off in zip(graphs, atom_offset)], axis=1)
     edge_length = np.concatenate([g.edge_length for g in graphs])
     as_long = dict(dtype=torch.long, device=device)
     edge_index_t = torch.as_tensor(edge_index, **as_long)

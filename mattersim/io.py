@@ -173,8 +173,10 @@ def validate_structure(atoms: Atoms, *, max_z: int = 94, label: str | None = Non
     """Check that a structure is something the model can evaluate.
 
     Rejects (with one :class:`InputError` line): no atoms, NaN/inf coordinates or cell, an element outside
-    ``1..max_z``, a periodic cell with (near) zero volume, and two atoms (or an atom and a periodic image)
-    closer than ``min_distance`` Å (minimum-image distances).
+    ``1..max_z`` (what an element embedding can hold at all; the elements a model was *trained* on are
+    checked once it is loaded, :func:`mattersim.registry.check_trained_elements`), a periodic cell with
+    (near) zero volume, and two atoms (or an atom and a periodic image) closer than ``min_distance`` Å
+    (minimum-image distances).
     """
     where = f"structure {label!r}" if label else "the structure"
     n = len(atoms)
@@ -189,9 +191,10 @@ def validate_structure(atoms: Atoms, *, max_z: int = 94, label: str | None = Non
         sym_max = chemical_symbols[max_z] if max_z < len(chemical_symbols) else f"Z={max_z}"
         if z < 1:
             raise InputError(f"{where.capitalize()} contains a dummy atom/vacancy (Z={z}); remove it, the model only knows real elements H..{sym_max}.")
+        holder = "no model here can evaluate: element embeddings end at" if max_z == 94 else \
+            "the model cannot evaluate: its element embedding ends at"
         raise InputError(
-            f"{where.capitalize()} contains {sym} (Z={z}), which the model does not know; "
-            f"it covers elements H to {sym_max} (Z <= {max_z})."
+            f"{where.capitalize()} contains {sym} (Z={z}), which {holder} {sym_max} (Z <= {max_z}); remove it."
         )
 
     pos = np.asarray(atoms.positions, dtype=float)
@@ -264,6 +267,46 @@ def _closest_pair_below(atoms: Atoms, cutoff: float) -> tuple[int, int, float] |
 # ---------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why files cannot be created in the existing folder ``folder`` (None: they can). Tries it for real:
+    permission bits say nothing about read-only mounts, and nothing to root."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mattersim-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def ensure_writable_dir(path: str | os.PathLike, *, option: str = "-o", what: str = "Output folder") -> Path:
+    """Create the folder ``path`` (and its parents) if needed and check that files can be written in it,
+    before any expensive work; :class:`InputError` naming the folder, the reason and ``option`` otherwise."""
+    folder = Path(os.fspath(path))
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} '{folder}' exists and is not a folder; choose another {option}.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{what} '{folder}' cannot be created ({exc.strerror or type(exc).__name__}); "
+                         f"choose another {option} (a folder you can write to).") from None
+    problem = _write_problem(folder)
+    if problem:
+        raise InputError(f"{what} '{folder}' is not writable ({problem}); choose another {option} "
+                         "(a folder you can write to).")
+    return folder
+
+
+def ensure_writable_file(path: str | os.PathLike, *, option: str = "-o") -> Path:
+    """Check (before any work) that the file ``path`` can be written: its folder exists or can be created
+    and accepts new files, and ``path`` is not a folder."""
+    target = Path(os.fspath(path))
+    if target.is_dir():
+        raise InputError(f"Output file '{target}' is a folder; give a file name to {option}.")
+    ensure_writable_dir(target.parent, option=option, what=f"The folder of output file '{target.name}'")
+    return target
 
 
 def check_result_path(path: str | os.PathLike) -> str:

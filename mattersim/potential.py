@@ -2,14 +2,18 @@
 
 Forces are ``-dE/dr`` and the stress is ``(1/V) dE/d(strain)`` (eV/Å^3, ASE sign convention: positive is
 tensile, pressure = -trace/3), both by automatic differentiation of the same energy, so they are exactly
-conservative. Many structures are merged into one graph per forward pass; the batch size is bounded by a
-maximum number of atoms and of edges (memory grows with edges), and a structure larger than the bounds is
-evaluated alone. Defaults: 4096 atoms and 16384 edges per batch on the CPU (about 0.5 GB of autograd
-memory with the 1M model), 400000 edges on a GPU.
+conservative. Many structures are merged into one graph per forward pass; a batch is bounded by a maximum
+number of atoms and of edges (speed settings: 4096 atoms and 16384 edges on the CPU, 400000 edges on a
+GPU) and by a memory budget (:mod:`mattersim.memory`): the estimated working memory of the call, from its
+atoms, edges and triplets (:meth:`M3Gnet.memory_model`), stays under ``memory_budget_gb``. A structure
+larger than the bounds is evaluated alone, in the fastest of the model's memory modes
+(:data:`mattersim.m3gnet.MEMORY_MODES`) that fits the budget, or in the lowest-memory one.
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,6 +25,10 @@ from ase.data import chemical_symbols
 from mattersim.errors import InputError
 from mattersim.graph import GraphBatch, StructureGraph, build_structure_graph, collate
 from mattersim.heads import ATOM_TASKS
+from mattersim.m3gnet import MEMORY_MODES, memory_mode, twice_differentiable
+from mattersim.memory import GB, MemoryModel, budget_batches, resolve_budget
+
+log = logging.getLogger("mattersim")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
 
@@ -35,13 +43,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def check_elements(atoms: Atoms, max_z: int, label: str = "structure") -> None:
+    """An :class:`InputError` for an element the model cannot represent at all (beyond its element embedding,
+    Z > ``max_z``, or Z < 1). Whether the model was *trained* on an element is a separate check, made by the
+    calculators of :func:`mattersim.registry.load_calculator` (:func:`mattersim.registry.check_trained_elements`)."""
     numbers = np.asarray(atoms.numbers)
     bad = sorted(set(int(z) for z in numbers if z < 1 or z > max_z))
     if bad:
         names = ", ".join(f"{chemical_symbols[z] if 0 <= z < len(chemical_symbols) else '?'} (Z={z})" for z in bad)
         raise InputError(
-            f"{label}: element {names} is outside the model's range (H to {chemical_symbols[max_z]}, Z <= {max_z}); "
-            "remove it or use a model that covers it."
+            f"{label}: element {names} is beyond the model's element embedding (H to {chemical_symbols[max_z]}, "
+            f"Z <= {max_z}), so the model cannot evaluate it; remove it or use a model that covers it."
         )
 
 
@@ -75,10 +86,11 @@ def evaluate(
             pos_s = torch.bmm(positions.unsqueeze(1), deform[graph.batch]).squeeze(1)
         else:
             cell_s, pos_s = cell, positions
-        if getattr(model, "tasks", ()):
-            out = dict(model(graph, pos_s, cell_s, tasks=tasks))
-        else:
-            out = {"energies": model.atomic_energies(graph, pos_s, cell_s)}
+        with twice_differentiable() if create_graph else nullcontext():
+            if getattr(model, "tasks", ()):
+                out = dict(model(graph, pos_s, cell_s, tasks=tasks))
+            else:
+                out = {"energies": model.atomic_energies(graph, pos_s, cell_s)}
         atomic = out["energies"]
         energy = torch.zeros(graph.num_structures, dtype=atomic.dtype, device=atomic.device)
         out["energy"] = energy.index_add(0, graph.batch, atomic)
@@ -106,6 +118,7 @@ class Potential(torch.nn.Module):
         dtype: str | torch.dtype = "float32",
         max_atoms_per_batch: int = 4096,
         max_edges_per_batch: int | None = None,
+        memory_budget_gb: float | None = None,
         identity: dict | None = None,
     ):
         super().__init__()
@@ -119,6 +132,8 @@ class Potential(torch.nn.Module):
             # larger ones lose to fresh-memory page faults (benchmarks/speed_phonon.py); GPUs want large ones
             max_edges_per_batch = 16_384 if self.device.type == "cpu" else 400_000
         self.max_edges_per_batch = int(max_edges_per_batch)
+        #: working memory allowed per model call, bytes (:func:`mattersim.memory.resolve_budget`)
+        self.memory_budget = resolve_budget(memory_budget_gb, self.device)
         self.identity = dict(identity or {"name": type(model).__name__, "version": None, "source": None, "sha256": None})
 
     # ------------------------------------------------------------------ construction
@@ -186,20 +201,53 @@ class Potential(torch.nn.Module):
             out.append(build_structure_graph(atoms, self.cutoff, self.threebody_cutoff))
         return out
 
-    def batches(self, graphs: Sequence[StructureGraph]) -> Iterable[list[int]]:
-        """Indices of structures grouped greedily, in order, under the atom and edge bounds."""
-        current: list[int] = []
-        n_atoms = n_edges = 0
-        for k, g in enumerate(graphs):
-            a, e = len(g.numbers), g.edge_index.shape[1]
-            if current and (n_atoms + a > self.max_atoms_per_batch or n_edges + e > self.max_edges_per_batch):
-                yield current
-                current, n_atoms, n_edges = [], 0, 0
-            current.append(k)
-            n_atoms += a
-            n_edges += e
-        if current:
-            yield current
+    def memory_model(self, mode: str = "fast", grad: bool = True) -> MemoryModel:
+        """Bytes of one call from its atoms, edges and triplets (:meth:`M3Gnet.memory_model`), in a memory
+        mode of :data:`mattersim.m3gnet.MEMORY_MODES`; ``grad``: forces or stress wanted."""
+        backbone = getattr(self.model, "backbone", self.model)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if hasattr(backbone, "memory_model"):
+            return backbone.memory_model(mode, itemsize, grad)
+        # a backbone without its own coefficients: a rough, deliberately generous figure from its widths
+        args = backbone.get_model_args() if hasattr(backbone, "get_model_args") else {}
+        width = int(args.get("units") or args.get("width") or 128)
+        blocks = int(args.get("num_blocks") or 4)
+        return MemoryModel(per_atom=itemsize * 64 * width * blocks, per_edge=itemsize * 32 * width * blocks,
+                           per_triplet=64, constant=64 * 2**20)
+
+    def memory_estimate(self, n_atoms: int, n_edges: int, n_triplets: int = 0, *, mode: str = "fast",
+                        grad: bool = True) -> int:
+        """Estimated working memory (bytes) of one call on a batch of this size."""
+        return self.memory_model(mode, grad)(n_atoms, n_edges, n_triplets)
+
+    def memory_mode_for(self, n_atoms: int, n_edges: int, n_triplets: int = 0, grad: bool = True) -> str:
+        """The fastest memory mode whose estimate fits the budget, else the one with the lowest estimate."""
+        need = {m: self.memory_estimate(n_atoms, n_edges, n_triplets, mode=m, grad=grad) for m in MEMORY_MODES}
+        fits = [m for m in MEMORY_MODES if need[m] <= self.memory_budget]
+        return fits[0] if fits else min(MEMORY_MODES, key=need.__getitem__)
+
+    def _log_mode(self, label: str, size, mode: str, grad: bool) -> None:
+        fast, need = (self.memory_estimate(*size, mode=m, grad=grad) for m in ("fast", mode))
+        budget = f"the memory budget of {self.memory_budget / GB:.2f} GB (memory_budget_gb, MATTERSIM_MEMORY_BUDGET_GB)"
+        if need > self.memory_budget:
+            log.warning(f"{label} ({size[0]} atoms, {size[1]} edges) needs about {need / GB:.2f} GB even in the "
+                        f"'{mode}' memory mode, more than {budget}; evaluating it alone anyway.")
+        else:
+            log.info(f"{label} ({size[0]} atoms, {size[1]} edges) needs about {fast / GB:.2f} GB in the fast "
+                     f"memory mode, more than {budget}; evaluating it in the '{mode}' mode (about {need / GB:.2f} GB).")
+
+    @staticmethod
+    def graph_size(g: StructureGraph, threebody_cutoff: float) -> tuple[int, int, int]:
+        """``(atoms, edges, triplets)`` of a structure graph."""
+        return len(g.numbers), g.edge_index.shape[1], g.triplet_count(threebody_cutoff)
+
+    def batches(self, graphs: Sequence[StructureGraph], grad: bool = True) -> Iterable[list[int]]:
+        """Indices of structures grouped greedily, in order, under the atom and edge bounds and the memory
+        budget (estimate of the fast mode)."""
+        sizes = [self.graph_size(g, self.threebody_cutoff) for g in graphs]
+        estimate = self.memory_model("fast", grad)
+        return budget_batches(sizes, estimate, self.memory_budget, max_atoms=self.max_atoms_per_batch,
+                              max_edges=self.max_edges_per_batch)
 
     def predict(
         self,
@@ -216,10 +264,17 @@ class Potential(torch.nn.Module):
             structures = [structures]
         graphs = self.graphs(structures, labels)
         results: list[dict] = [{} for _ in graphs]
-        for idx in self.batches(graphs):
+        grad = forces or stress
+        for idx in self.batches(graphs, grad=grad):
+            size = [sum(x) for x in zip(*(self.graph_size(graphs[k], self.threebody_cutoff) for k in idx))]
+            mode = self.memory_mode_for(*size, grad=grad)
+            if mode != "fast":
+                self._log_mode(labels[idx[0]] if labels is not None else f"structure {idx[0]}", size, mode, grad)
             batch = collate([graphs[k] for k in idx], self.threebody_cutoff, device=self.device, dtype=self.dtype)
-            out = self(batch, forces=forces, stress=stress)
+            with memory_mode(mode):
+                out = self(batch, forces=forces, stress=stress)
             atom_splits = batch.n_atoms.tolist()
+            del batch
             energy = out["energy"].double().cpu().numpy()
             per_atom = torch.split(out["energies"].double().cpu(), atom_splits)
             f_split = torch.split(out["forces"].double().cpu(), atom_splits) if forces else None

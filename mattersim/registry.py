@@ -19,7 +19,12 @@ it is).
 Every calculator returned by :func:`load_calculator` carries ``calc.model_info``, a dict with at least
 ``name``, ``version``, ``source`` (weights file or package), ``sha256`` (of the weights file, or None)
 and ``kind`` (``"mattersim-v1"``, ``"chgnet"``, ``"sevennet"``, ``"checkpoint"``, ``"dielectric"``,
-``"composite"`` or ``"ase"``).
+``"composite"`` or ``"ase"``), and, for the models loaded here, ``elements`` (what the model was trained
+on: SevenNet-0's type map, MPtrj for CHGNet, the model card for MatterSim v1, ``elements.json`` for the
+dielectric model, the embedding for a checkpoint file) with ``elements_source``. Such a calculator refuses
+a structure with another element in one line (:class:`~mattersim.errors.UntrainedElementError`), or,
+loaded with ``allow_untrained_elements=True``, warns once and runs where the model can
+(:func:`check_trained_elements` makes the same check up front, before any work).
 
 Nothing here downloads anything unless a MatterSim model is asked for by name, is not cached, and
 ``download=True``; :func:`default_model` only ever picks a model that is already on this machine.
@@ -42,14 +47,17 @@ from typing import Any, Callable, Iterator
 from urllib.error import URLError
 from urllib.request import Request, urlopen
 
-from mattersim.adapters import batched_chgnet_calculator
+from mattersim.adapters import batched_chgnet_calculator, batched_sevennet_calculator
 from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError
 
 __all__ = [
     "DIELECTRIC_MODEL",
     "KNOWN_MODELS",
+    "MPTRJ_ELEMENTS",
+    "ElementCheck",
     "ModelSpec",
     "cache_dir",
+    "check_trained_elements",
     "default_model",
     "download_file",
     "download_model",
@@ -60,6 +68,7 @@ __all__ = [
     "model_path",
     "models_dir",
     "resolve_name",
+    "trained_elements",
 ]
 
 #: Environment variable that moves the cache (models live in ``$MATTERSIM_HOME/models``).
@@ -87,6 +96,17 @@ class ModelSpec:
     size: int | None = None  # published size in bytes, when there is one
     package: str | None = None  # the PyPI package that ships or needs it
     aliases: tuple[str, ...] = ()
+    # atomic numbers of the elements its training set holds (documented; see docs/models.md), or None where
+    # the model itself says (SevenNet's type map, the dielectric model's elements.json)
+    elements: tuple[int, ...] | None = None
+
+
+#: The 89 elements of MPtrj (the Materials Project relaxation trajectories that CHGNet 0.3.0 and SevenNet-0
+#: were trained on, and of the Materials Project and Alexandria structures behind MatterSim v1's "89
+#: elements"): H to Bi and Ac to Pu (Z 1-83, 89-94). Po, At, Rn, Fr and Ra (Z 84-88) have no entries.
+#: SevenNet-0's type map is exactly this set, and CHGNet's embedding rows of Z 84-88 still have the scale
+#: of their random initialisation (tests/test_elements.py checks both).
+MPTRJ_ELEMENTS: tuple[int, ...] = tuple(range(1, 84)) + tuple(range(89, 95))
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -103,6 +123,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             # No hash or size is published; the sha256 of what was downloaded is stored next to the
             # file (<file>.sha256) and checked on every load.
             aliases=("mattersim-5m", "mattersim-v1-5m"),
+            elements=MPTRJ_ELEMENTS,
         ),
         ModelSpec(
             name="mattersim-v1.0.0-1M",
@@ -113,6 +134,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             filename="mattersim-v1.0.0-1M.pth",
             url=OFFICIAL_URL_PREFIX + "mattersim-v1.0.0-1M.pth",
             aliases=("mattersim-1m", "mattersim-v1-1m"),
+            elements=MPTRJ_ELEMENTS,
         ),
         ModelSpec(
             name="sevennet-0",
@@ -122,6 +144,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             license="MIT (sevenn 0.13; releases before the licence change were GPL-3.0)",
             package="sevenn",
             aliases=("7net-0", "sevennet"),
+            elements=MPTRJ_ELEMENTS,
         ),
         ModelSpec(
             name="chgnet",
@@ -131,6 +154,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             license="BSD-3-Clause (Modified BSD)",
             package="chgnet",
             aliases=("chgnet-0.3.0",),
+            elements=MPTRJ_ELEMENTS,
         ),
         ModelSpec(
             name="mattersim-dielectric",
@@ -388,7 +412,13 @@ def _progress_bar(label: str, total: int | None, enabled: bool) -> Iterator[Call
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    import sys
+
+    try:  # escape codes only on a terminal, even where FORCE_COLOR is set
+        terminal = None if sys.stderr.isatty() else False
+    except (AttributeError, ValueError):
+        terminal = False
+    with Progress(*columns, console=Console(stderr=True, force_terminal=terminal)) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -476,9 +506,15 @@ def download_file(
 
 
 def _torch_zip_problem(path: Path) -> str | None:
+    from mattersim.checkpoint import checkpoint_file_problem
+
     with open(path, "rb") as handle:
         magic = handle.read(4)
-    return None if magic == b"PK\x03\x04" else "is not a PyTorch checkpoint (no zip header)"
+    if magic != b"PK\x03\x04":  # the official weights are torch zip archives
+        found = checkpoint_file_problem(path) or "a pickle stream, not a zip archive"
+        return f"is not a PyTorch checkpoint: it is {found}"
+    found = checkpoint_file_problem(path)
+    return None if found is None else f"is not a complete PyTorch checkpoint: it is {found}"
 
 
 def download_model(name: str, *, progress: bool = True) -> Path:
@@ -638,7 +674,7 @@ def _load_sevennet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
         raise _missing_package(spec, exc) from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no tensor product accelerator", torch.load notices
-        calc = SevenNetCalculator("7net-0", device=device)
+        calc = batched_sevennet_calculator("7net-0", device=device)  # SevenNetCalculator + calculate_batch
     path = _weights_file(spec)
     return _attach(calc, {
         "name": spec.name,
@@ -651,6 +687,275 @@ def _load_sevennet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
         "device": device,
         "dtype": "float32",
     })
+
+
+# --------------------------------------------------------------------------------------------------
+# Trained elements
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ElementCheck:
+    """The elements a loaded model was trained on, and what it does with the others.
+
+    ``trained``: atomic numbers of its training set; ``runnable``: those it can evaluate at all (its type map
+    or element embedding), None for no limit beyond ``trained``; ``allow``: run on elements outside
+    ``trained`` (but inside ``runnable``) with a warning instead of an error; ``accepted``: the untrained
+    elements already allowed and reported (each is reported once per calculator).
+    """
+
+    model: str
+    trained: frozenset[int]
+    runnable: frozenset[int] | None
+    source: str
+    holder: str = "element embedding"  # what ``runnable`` is, for messages
+    allow: bool = False
+    accepted: set[int] = dataclasses.field(default_factory=set)
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
+
+
+def element_ranges(numbers: Any) -> str:
+    """``"H-Bi, Ac-Pu"``: the elements of ``numbers`` (atomic numbers) as runs of consecutive Z."""
+    zs = sorted(set(int(z) for z in numbers))
+    runs: list[list[int]] = []
+    for z in zs:
+        if runs and z == runs[-1][-1] + 1:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    return ", ".join(_symbol(r[0]) if len(r) == 1 else f"{_symbol(r[0])}-{_symbol(r[-1])}" for r in runs)
+
+
+def _elements_text(zs: list[int]) -> str:
+    names = [f"{_symbol(z)} (Z={z})" for z in sorted(zs)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _where(structures: list, labels: list[str] | None, holders: list[int]) -> tuple[str, str]:
+    """(``"structure 'x'"`` / ``"2 structures ('x', 'y')"``, ``"contains"`` / ``"contain"``)."""
+    def name(k: int) -> str:
+        return repr(str(labels[k])) if labels is not None else f"#{k}"
+
+    if len(holders) == 1:
+        if labels is None and len(structures) == 1:
+            return "the structure", "contains"
+        return f"structure {name(holders[0])}", "contains"
+    shown = ", ".join(name(k) for k in holders[:3]) + (", ..." if len(holders) > 3 else "")
+    return f"{len(holders)} structures ({shown})", "contain"
+
+
+def _enforce(check: ElementCheck, structures: list, labels: list[str] | None, *, allow: bool | None,
+             warn: bool) -> list[str]:
+    """Raise :class:`UntrainedElementError` for elements outside ``check.trained`` (unless allowed and
+    runnable); return (and with ``warn`` also ``warnings.warn``) one message for newly allowed ones."""
+    import numpy as np
+
+    from mattersim.errors import UntrainedElementError, UntrainedElementWarning
+
+    present = [set(np.unique(np.asarray(a.numbers)).tolist()) for a in structures]
+    outside = set().union(*present) - check.trained if present else set()
+    if not outside:
+        return []
+    cannot = sorted(z for z in outside if check.runnable is not None and z not in check.runnable)
+    # elements allowed before are not reported again, unless the caller says now that they are not allowed
+    bad = cannot or sorted(outside if allow is False else outside - check.accepted)
+    if not bad:
+        return []
+    where, verb = _where(structures, labels, [k for k, p in enumerate(present) if p & set(bad)])
+    els, them = _elements_text(bad), ("it" if len(bad) == 1 else "them")
+    known = f"{len(check.trained)} elements: {element_ranges(check.trained)}"  # what it was trained on
+    if cannot:
+        runnable = check.runnable or frozenset()
+        raise UntrainedElementError(
+            f"{where[0].upper()}{where[1:]} {verb} {els}, which model {check.model} was not trained on and cannot "
+            f"evaluate at all (its {check.holder} holds {len(runnable)} elements: {element_ranges(runnable)}), not "
+            f"even with --allow-untrained-elements; remove {them} or use another model."
+        )
+    if not (check.allow if allow is None else allow):
+        raise UntrainedElementError(
+            f"{where[0].upper()}{where[1:]} {verb} {els}, which model {check.model} was not trained on (it was "
+            f"trained on {known}), so its results would be an extrapolation; remove {them}, use a model trained on "
+            f"{them}, or pass --allow-untrained-elements (allow_untrained_elements=True in Python) to run anyway."
+        )
+    check.accepted.update(bad)
+    message = (f"Model {check.model} runs on {els} in {where} although it was not trained on {them} (it was trained "
+               f"on {known}), as --allow-untrained-elements (allow_untrained_elements=True) allows; treat its "
+               f"results there as an extrapolation.")
+    if warn:
+        warnings.warn(message, UntrainedElementWarning, stacklevel=3)
+    return [message]
+
+
+_CHECKED_CLASSES: dict[type, type] = {}
+
+
+def _checked_class(cls: type) -> type:
+    """A subclass of the calculator class ``cls`` whose ``calculate``, ``calculate_batch`` and ``set_atoms``
+    (ASE calls it on ``atoms.calc = calc``; SevenNet's raises a bare ValueError there) first check the
+    elements against ``self.element_check``. A subclass, not wrapped instance methods, so that copies of the
+    calculator check their own structures."""
+    if getattr(cls, "_checks_elements", False):
+        return cls
+    if cls in _CHECKED_CLASSES:
+        return _CHECKED_CLASSES[cls]
+    namespace: dict[str, Any] = {"_checks_elements": True, "__module__": cls.__module__,
+                                 "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+
+    def _one(self, atoms):
+        target = atoms if atoms is not None else getattr(self, "atoms", None)
+        if target is not None:
+            _enforce(self.element_check, [target], None, allow=None, warn=True)
+
+    if callable(getattr(cls, "calculate", None)):
+        def calculate(self, atoms=None, *args, **kwargs):
+            _one(self, atoms)
+            return super(checked, self).calculate(atoms, *args, **kwargs)
+        namespace["calculate"] = calculate
+    if callable(getattr(cls, "set_atoms", None)):
+        def set_atoms(self, atoms, *args, **kwargs):
+            _one(self, atoms)
+            return super(checked, self).set_atoms(atoms, *args, **kwargs)
+        namespace["set_atoms"] = set_atoms
+    if callable(getattr(cls, "calculate_batch", None)):
+        def calculate_batch(self, structures, *args, **kwargs):
+            structures = list(structures)
+            _enforce(self.element_check, structures, None, allow=None, warn=True)
+            return super(checked, self).calculate_batch(structures, *args, **kwargs)
+        calculate_batch.__doc__ = getattr(cls.calculate_batch, "__doc__", None)
+        namespace["calculate_batch"] = calculate_batch
+    def __reduce_ex__(self, protocol):  # copies and pickles name the importable class, then re-check
+        return _restore_checked, (cls,), self.__dict__
+
+    namespace["__reduce_ex__"] = __reduce_ex__
+    checked = type(cls.__name__, (cls,), namespace)
+    _CHECKED_CLASSES[cls] = checked
+    return checked
+
+
+def _restore_checked(cls: type) -> Any:
+    calc = cls.__new__(cls)  # its state (with its element_check) is set by copy / pickle next
+    calc.__class__ = _checked_class(cls)
+    return calc
+
+
+def _install_element_check(calc: Any, trained: Any, runnable: Any, source: str, *, allow: bool,
+                           holder: str = "element embedding") -> Any:
+    """Give ``calc`` its :class:`ElementCheck` (``calc.element_check``), record the trained elements in
+    ``model_info`` (``elements``: symbols in order of Z, ``elements_source``), and make its ``calculate``,
+    ``calculate_batch`` and ``set_atoms`` refuse structures with other elements (one
+    :class:`UntrainedElementError` line instead of the model's own traceback or silent extrapolation)."""
+    info = getattr(calc, "model_info", None) or {}
+    check = ElementCheck(
+        model=str(info.get("name") or type(calc).__name__), trained=frozenset(int(z) for z in trained),
+        runnable=None if runnable is None else frozenset(int(z) for z in runnable), source=source,
+        holder=holder, allow=bool(allow),
+    )
+    try:
+        calc.element_check = check
+        calc.__class__ = _checked_class(type(calc))
+    except (AttributeError, TypeError):  # pragma: no cover - calculators with __slots__
+        return calc
+    if isinstance(info, dict):
+        info["elements"] = [_symbol(z) for z in sorted(check.trained)]
+        info["elements_source"] = source
+    return calc
+
+
+def _element_parts(calc: Any, properties: bool = True) -> list[Any]:
+    """The calculators whose element checks apply: a composite's potential (and its property model when
+    ``properties``), else ``calc`` itself."""
+    if hasattr(calc, "potential_calc") and hasattr(calc, "property_model"):
+        parts = [calc.potential_calc] + ([calc.property_model] if properties else [])
+    else:
+        parts = [calc]
+    return [p for p in parts if isinstance(getattr(p, "element_check", None), ElementCheck)]
+
+
+def trained_elements(calc: Any) -> list[str] | None:
+    """The symbols (in order of Z) of the elements every part of ``calc`` was trained on, or None if unknown."""
+    parts = _element_parts(calc)
+    if not parts:
+        return None
+    common = frozenset.intersection(*(p.element_check.trained for p in parts))
+    return [_symbol(z) for z in sorted(common)]
+
+
+def check_trained_elements(
+    calc: Any,
+    structures: Any,
+    *,
+    labels: Any = None,
+    properties: bool = True,
+    allow: bool | None = None,
+    warn: bool = True,
+) -> list[str]:
+    """Check, before any work, that ``structures`` (an Atoms or a list) hold only elements ``calc`` was trained on.
+
+    For a composite ``A+B`` the potential is checked and, with ``properties`` (Z*/eps_inf wanted), the
+    property model too. An element outside a model's training set raises :class:`UntrainedElementError`
+    naming the element(s), the structure(s) (``labels``) and the model, unless ``allow`` (default: what
+    :func:`load_calculator` was given as ``allow_untrained_elements``) is true and the model can represent
+    the element: then one message per model is returned (and, with ``warn``, issued as an
+    :class:`UntrainedElementWarning`) and the calculator runs on it from then on. An element a model cannot
+    represent at all (outside SevenNet's type map, beyond an embedding) is always an error. Calculators
+    not from :func:`load_calculator` (no ``element_check``) are not checked.
+    """
+    from ase import Atoms
+
+    items = [structures] if isinstance(structures, Atoms) else list(structures)
+    names = None if labels is None else [str(x) for x in ([labels] if isinstance(labels, str) else labels)]
+    messages: list[str] = []
+    for part in _element_parts(calc, properties):
+        messages += _enforce(part.element_check, items, names, allow=allow, warn=warn)
+    return messages
+
+
+def _set_allow(calc: Any, allow: bool) -> None:
+    for part in _element_parts(calc):
+        part.element_check.allow = bool(allow)
+
+
+def _range(max_z: Any) -> range:
+    return range(1, int(max_z) + 1)
+
+
+def _checkpoint_elements(calc: Any, *, allow: bool) -> Any:
+    """A MatterSim-format checkpoint: no record of its training elements, so every element its embedding holds."""
+    max_z = int(getattr(getattr(calc, "potential", None), "max_z", 94) or 94)
+    return _install_element_check(
+        calc, _range(max_z), _range(max_z), allow=allow,
+        source=f"not recorded in the checkpoint: every element its embedding holds (Z 1-{max_z})",
+    )
+
+
+def _dielectric_elements(model: Any, *, allow: bool) -> Any:
+    """The dielectric model: the elements of its training split (``elements.json`` next to the members)."""
+    import json
+
+    members = list(getattr(model, "members", None) or [])
+    max_z = min((int(m.max_z) for m in members), default=94)
+    folder = (getattr(model, "model_info", None) or {}).get("source")
+    record = Path(str(folder)) / "elements.json" if folder else None
+    trained: Any = _range(max_z)
+    source = f"not recorded next to the members (no elements.json): every element their embedding holds (Z 1-{max_z})"
+    if record is not None and record.is_file():
+        from ase.data import atomic_numbers
+
+        try:
+            doc = json.loads(record.read_text(encoding="utf-8"))
+            trained = [atomic_numbers[s] for s in doc["elements"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{record}: unreadable list of training elements ({type(exc).__name__}: {exc}); it must be JSON "
+                'with "elements": ["H", "Li", ...]; restore the file that came with the model.'
+            ) from None
+        source = f"{record.name}: {doc.get('source') or 'the elements of the training data'}"
+    return _install_element_check(model, trained, _range(max_z), source=source, allow=allow)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -669,6 +974,7 @@ def load_calculator(
     dtype: str = "float32",
     trust_pickle: bool = False,
     download: bool = True,
+    allow_untrained_elements: bool = False,
 ) -> Any:
     """An ASE calculator for ``model``, with ``calc.model_info`` set.
 
@@ -680,11 +986,21 @@ def load_calculator(
     the property-only :class:`~mattersim.composite.DielectricModel`. ``download=False`` forbids
     fetching MatterSim weights that are not cached. ``dtype`` applies to MatterSim checkpoints;
     chgnet and sevennet-0 run in float32. ``trust_pickle`` is passed on to ``Potential.from_checkpoint``.
+
+    Every calculator loaded here knows the elements its model was trained on (``model_info["elements"]``,
+    symbols in order of Z, and ``model_info["elements_source"]``; ``calc.element_check``) and refuses a
+    structure with any other element with one :class:`~mattersim.errors.UntrainedElementError` line (an
+    :class:`~mattersim.errors.InputError`). ``allow_untrained_elements=True`` turns that into one
+    :class:`~mattersim.errors.UntrainedElementWarning` per model and element where the model can still run
+    (CHGNet and MatterSim embed every element up to Pu; SevenNet-0 cannot run an element outside its type
+    map, so that stays an error). :func:`check_trained_elements` makes the same check up front.
     """
     _check_args(device, dtype)
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(model, BaseCalculator):
+        if allow_untrained_elements:
+            _set_allow(model, True)
         if getattr(model, "model_info", None) is None:
             _attach(model, {
                 "name": type(model).__name__,
@@ -694,6 +1010,13 @@ def load_calculator(
                 "kind": "ase",
             })
         return model
+    calc = _load(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
+                 allow=allow_untrained_elements)
+    return _with_elements(calc, allow=allow_untrained_elements)
+
+
+def _load(model: Any, *, device: str, dtype: str, trust_pickle: bool, download: bool, allow: bool) -> Any:
+    """The calculator of ``model`` before its element check is installed (a composite's parts have theirs)."""
     if type(model).__name__ == "Potential" and type(model).__module__ == "mattersim.potential":
         identity = dict(getattr(model, "identity", None) or {})
         return _from_potential(
@@ -720,7 +1043,8 @@ def load_calculator(
     if text and path.is_file():
         return _load_checkpoint_file(path, device=device, dtype=dtype, trust_pickle=trust_pickle)
     if "+" in text:
-        return _load_composite(text, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download)
+        return _load_composite(text, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
+                               allow=allow)
     if text.lower() not in _aliases() and _looks_like_path(text):
         raise CheckpointError(
             f"Checkpoint file '{text}' does not exist; pass an existing checkpoint or one of the "
@@ -739,6 +1063,52 @@ def load_calculator(
 
         return load_dielectric(device=device, dtype=dtype, trust_pickle=trust_pickle)
     raise AssertionError(f"unhandled model kind {spec.kind}")  # pragma: no cover
+
+
+def _with_elements(calc: Any, *, allow: bool) -> Any:
+    """Install the element check of a freshly loaded calculator (see :func:`load_calculator`)."""
+    info = getattr(calc, "model_info", None) or {}
+    kind = info.get("kind")
+    if kind == "composite":
+        _set_allow(calc, allow)
+        common = trained_elements(calc)
+        if common is not None and isinstance(info, dict):
+            info["elements"] = common
+            info["elements_source"] = "the elements both the potential and the property model were trained on"
+        return calc
+    if isinstance(getattr(calc, "element_check", None), ElementCheck):
+        _set_allow(calc, allow)
+        return calc
+    if kind == "mattersim-v1":
+        spec = KNOWN_MODELS[resolve_name(str(info.get("name")))]
+        max_z = int(getattr(getattr(calc, "potential", None), "max_z", 94) or 94)
+        return _install_element_check(
+            calc, spec.elements or _range(max_z), _range(max_z), allow=allow,
+            source=f"MatterSim v1 model card: {len(spec.elements or ())} elements (those of its Materials Project "
+                   "and Alexandria sources); the checkpoint holds no list",
+        )
+    if kind == "checkpoint":
+        return _checkpoint_elements(calc, allow=allow)
+    if kind == "chgnet":
+        spec = KNOWN_MODELS["chgnet"]
+        embedding = getattr(getattr(getattr(calc, "model", None), "atom_embedding", None), "embedding", None)
+        rows = int(getattr(embedding, "num_embeddings", 94))  # row k embeds Z = k + 1
+        return _install_element_check(
+            calc, spec.elements or (), _range(rows), allow=allow,
+            source=f"CHGNet {spec.version} was trained on MPtrj ({len(spec.elements or ())} elements); its "
+                   f"embedding holds Z 1-{rows}",
+        )
+    if kind == "sevennet":
+        type_map = getattr(calc, "type_map", None)
+        known = sorted(int(z) for z in type_map) if isinstance(type_map, dict) and type_map else \
+            KNOWN_MODELS["sevennet-0"].elements or ()
+        return _install_element_check(
+            calc, known, known, allow=allow, holder="type map",
+            source=f"the type map of the SevenNet-0 checkpoint ({len(known)} elements, its MPtrj training set)",
+        )
+    if kind == "dielectric":
+        return _dielectric_elements(calc, allow=allow)
+    return calc  # an ASE calculator of the caller's: its elements are unknown
 
 
 _COMPOSITE_HINT = ("write POTENTIAL+PROPERTY_MODEL, e.g. sevennet-0+mattersim-dielectric or "
@@ -773,7 +1143,8 @@ def _load_property_model(text: str, *, device: str, dtype: str, trust_pickle: bo
     return load_dielectric(device=device, dtype=dtype, trust_pickle=trust_pickle)
 
 
-def _load_composite(text: str, *, device: str, dtype: str, trust_pickle: bool, download: bool) -> Any:
+def _load_composite(text: str, *, device: str, dtype: str, trust_pickle: bool, download: bool,
+                    allow: bool = False) -> Any:
     """``"A+B"``: potential A (name or checkpoint path) with property model B (Z*, eps_inf)."""
     from mattersim.composite import CompositeCalculator
 
@@ -787,6 +1158,8 @@ def _load_composite(text: str, *, device: str, dtype: str, trust_pickle: bool, d
             f"{_COMPOSITE_HINT}."
         )
     # the (small) property model first, so that a mistake there shows before a potential is downloaded
-    properties = _load_property_model(right, device=device, dtype=dtype, trust_pickle=trust_pickle)
-    potential = load_calculator(left, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download)
+    properties = _with_elements(_load_property_model(right, device=device, dtype=dtype, trust_pickle=trust_pickle),
+                                allow=allow)
+    potential = load_calculator(left, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
+                                allow_untrained_elements=allow)
     return CompositeCalculator(potential, properties)

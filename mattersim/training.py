@@ -30,6 +30,9 @@ Config fields (defaults in brackets; relative paths are relative to the config f
                              ``{phonondb: DIR, ids: FILE | [ids]}``; a bare string is a ``path``.
 ``valid`` [[]]               validation sources, same form.
 ``valid_fraction`` [0.1]     without ``valid``: this fraction of ``train`` (seeded) is held out.
+``bootstrap`` [false]        train on a bootstrap resample of ``train`` (as many samples, drawn with
+                             replacement, seeded by ``seed``): ensemble members that differ in their data,
+                             so that their spread reflects the data, not only the initialisation.
 ``loss``                     weights: ``energy`` [1] (MAE of energy per atom, eV/atom), ``forces`` [10]
                              (component MAE, eV/Å), ``stress`` [0.07] (component MAE, GPa), each task [1]
                              (MAE over its labelled elements). A weight of 0 ignores that label.
@@ -134,6 +137,7 @@ class TrainConfig:
     train: list = field(default_factory=list)
     valid: list = field(default_factory=list)
     valid_fraction: float = 0.1
+    bootstrap: bool = False
     loss: dict = field(default_factory=lambda: dict(DEFAULT_LOSS))
     task_loss: dict = field(default_factory=lambda: {t: "mae" for t in TASKS})
     optimizer: dict = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
@@ -356,6 +360,7 @@ def _parse_config(data: Any, source: str, base: Path) -> TrainConfig:
     out["train"] = _parse_sources(data.get("train"), "train", base, c)
     out["valid"] = _parse_sources(data.get("valid"), "valid", base, c)
     out["valid_fraction"] = c.number(data.get("valid_fraction", d.valid_fraction), "valid_fraction", "valid_fraction: 0.1", 0.0, 1.0)
+    out["bootstrap"] = c.boolean(data.get("bootstrap", False), "bootstrap")
 
     loss = c.mapping(data.get("loss") or {}, "loss", "loss: {energy: 1, forces: 10}")
     c.keys(loss, list(DEFAULT_LOSS), "loss.")
@@ -560,12 +565,21 @@ def load_data(config: TrainConfig, log=None, progress: bool = False) -> tuple[li
         valid = [s for i, s in enumerate(train) if i in held]
         train = [s for i, s in enumerate(train) if i not in held]
         split = {"valid_fraction": config.valid_fraction, "seed": config.seed}
+    bootstrap = None
+    if config.bootstrap:
+        # a stream of its own (not the validation split's), so that changing one does not move the other
+        rng = np.random.default_rng([config.seed, 0xB007])
+        picks = rng.integers(0, len(train), size=len(train))
+        train = [train[i] for i in picks]
+        bootstrap = {"seed": config.seed, "n_unique": int(len(set(picks.tolist())))}
+        if log is not None:
+            log.info(f"bootstrap resample of the training set: {len(train)} draws, {bootstrap['n_unique']} distinct samples")
     if log is not None:
         log.info(f"training samples: {len(train)}, labels {_label_counts(train)}; validation samples: {len(valid)}"
                  + (f" (held out from train, valid_fraction {config.valid_fraction})" if split else ""))
     meta = {
         "sha256": data_hash(files + vfiles),
-        "train": {"sources": train_meta, "n_samples": len(train), "labels": _label_counts(train)},
+        "train": {"sources": train_meta, "n_samples": len(train), "labels": _label_counts(train), "bootstrap": bootstrap},
         "valid": {"sources": valid_meta, "n_samples": len(valid), "labels": _label_counts(valid), "split_from_train": split},
     }
     return train, valid, meta

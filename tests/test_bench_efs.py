@@ -359,6 +359,12 @@ def test_cli_bench_user_errors(tmp_path):
     runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
     assert_user_error(runner.invoke(app, ["bench", "run", "hex", "-m", "chgnet", "-o", str(tmp_path / "o")]),
                       "--data FILE")
+    # a --data that was given but does not exist is named as such (not "pass --data")
+    missing = tmp_path / "no-such-entries"
+    for target in ("phonondb", "hex"):
+        result = runner.invoke(app, ["bench", "run", target, "--data", str(missing), "-m", "chgnet", "-o", str(tmp_path / "o")])
+        assert_user_error(result, f"--data {missing}: no such")
+        assert "pass --data" not in result.stderr
     assert_user_error(runner.invoke(app, ["bench", "run", "no-such-set", "-m", "chgnet", "-o", str(tmp_path / "o")]),
                       "no-such-set")
     assert_user_error(runner.invoke(app, ["bench", "run", "mpf-TP", "-m", "chgnet", "--max", "0", "-o", str(tmp_path / "o")]),

@@ -350,3 +350,21 @@ def test_format_and_best_helpers():
     assert best_flags([1.0, 2.0, 2.0], "higher") == [False, True, True]
     assert best_flags([1.0, 2.0], None) == [False, False]
     assert best_flags([None, None], "lower") == [False, False]
+
+
+def test_parity_figure_keeps_its_axis_labels_inside_the_image():
+    """Two panels of large stresses (hundreds of GPa): the x-axis label used to be cut off at the bottom.
+    Nothing drawn may touch the image border: its outermost rows and columns are background."""
+    import io
+
+    import matplotlib.image as mpimg
+
+    from benchmarks.report import _error_png, _parity_png
+
+    r = np.random.default_rng(0).normal(size=3000) * 100
+    data = {"a": ("chgnet", r, 1.1 * r), "b": ("sevennet-0 with a long label", r, 1.2 * r)}
+    for png in (_parity_png("mptrj-highest-stress-1k", "stress", data),
+                _error_png("mptrj-highest-stress-1k", "stress", data)):
+        img = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+        for edge in (img[:2], img[-2:], img[:, :2], img[:, -2:]):
+            assert edge.min() > 0.9, "a label or marker reaches the image border (cut off)"

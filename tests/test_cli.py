@@ -110,6 +110,21 @@ def test_help_and_version():
     assert result.output.strip() == f"mattersim {__version__}"
 
 
+@pytest.mark.parametrize("command", [["predict"], ["relax"], ["phonon"], ["train"], ["finetune"], ["models"],
+                                     ["bench", "run"], ["bench", "report"]])
+def test_help_uses_plain_placeholders(command):
+    """No Python types (<bool>, <str>, <list[Path]>) in help texts: flags have no placeholder, values one in
+    the usual CLI style (PATH, INTEGER, TEXT)."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    for python_type in ("<bool>", "<str>", "<int>", "<float>", "<path>", "list[", "<Path"):
+        assert python_type not in result.output, (python_type, result.output)
+    if command == ["predict"]:
+        assert "FILES" in result.output and "PATH" in result.output
+    if command in (["predict"], ["relax"], ["phonon"]):
+        assert "Default: the best available offline" in " ".join(result.output.replace("│", " ").split())
+
+
 def test_help_does_not_import_torch():
     import subprocess
     import sys
@@ -336,7 +351,7 @@ def test_relax_not_converged_exit_code(emt_registry, inputs, tmp_path):
 def test_relax_output_path_is_a_file(emt_registry, inputs, tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("x")
-    assert_user_error(_invoke("relax", inputs[0], "-o", target), "file.txt", "not a directory")
+    assert_user_error(_invoke("relax", inputs[0], "-o", target), "file.txt", "not a folder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,3 +399,45 @@ def test_relax_with_fixture_checkpoint(small_checkpoint, tmp_path):
     assert len(ase.io.read(outdir / "relaxed.extxyz", ":")) == 6
     if result.exit_code == 1:
         assert "did not converge" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output that cannot be written: one line, before any work
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_disk(monkeypatch):
+    """Every new file fails as on a read-only mount (root ignores permission bits, so simulate the mount)."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+@pytest.mark.parametrize("command", ["predict", "relax", "phonon", "bench-run", "bench-report"])
+def test_unwritable_output_fails_before_any_work(emt_registry, inputs, tmp_path, read_only_disk, command):
+    poscar, _ = inputs
+    args = {
+        "predict": ["predict", poscar, "-o", tmp_path / "out.extxyz"],
+        "relax": ["relax", poscar, "-o", tmp_path / "relaxed"],
+        "phonon": ["phonon", poscar, "-o", tmp_path / "ph"],
+        "bench-run": ["bench", "run", "hex", "-m", "emt", "-o", tmp_path / "bench"],
+        "bench-report": ["bench", "report", tmp_path, "-o", tmp_path / "report.md"],
+    }[command]
+    result = _invoke(*args)
+    assert_user_error(result, "not writable", "Read-only file system", "choose another -o")
+    assert emt_registry == []  # no model was loaded: nothing was computed
+
+
+def test_output_under_a_file_is_a_clean_error(emt_registry, inputs, tmp_path):
+    poscar, _ = inputs
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_user_error(_invoke("relax", poscar, "-o", blocker / "sub"), "cannot be created", "choose another -o")
+    assert_user_error(_invoke("predict", poscar, "-o", blocker / "out.json"), "exists and is not a folder")
+    assert_user_error(_invoke("relax", poscar, "-o", blocker), "exists and is not a folder")
+    assert emt_registry == []

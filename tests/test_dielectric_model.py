@@ -63,6 +63,63 @@ def test_predictions_obey_symmetry(model):
     assert 3.0 < np.trace(eps) / 3 < 10.0
 
 
+def unseen_crystals():
+    """Crystals built by hand (not PhononDB's relaxed cells): two elemental, two polar."""
+    return {"Si": bulk("Si", "diamond", a=5.43), "Ge": bulk("Ge", "diamond", a=5.66),
+            "GaAs": bulk("GaAs", "zincblende", a=5.65), "LiF": bulk("LiF", "rocksalt", a=4.03)}
+
+
+def assert_physical(born, eps, label):
+    """Z* charge-neutral, eps_inf symmetric positive definite with eigenvalues >= 1."""
+    born, eps = np.asarray(born, dtype=float), np.asarray(eps, dtype=float)
+    np.testing.assert_allclose(born.sum(axis=0), 0, atol=1e-9, err_msg=label)
+    np.testing.assert_allclose(eps, eps.T, atol=1e-9, err_msg=label)
+    assert np.linalg.eigvalsh(eps).min() >= 1.0, (label, np.linalg.eigvalsh(eps))
+
+
+def test_every_member_and_the_mean_are_physical_on_unseen_crystals(model):
+    """Issue 11: members used to be stretched around their mean into eps_inf < 0 (Si -17) and Z*(Ga) < 0.
+    Every member, the mean and the Python API's predictor path obey the physical bounds; Si and Ge, whose
+    atoms are equivalent, get Z* = 0 exactly, with zero spread."""
+    crystals = unseen_crystals()
+    for (name, atoms), res in zip(crystals.items(), model.calculate_batch(list(crystals.values()))):
+        assert_physical(res["born_effective_charges"], res["dielectric_tensor"], f"{name} mean")
+        assert len(res["members"]) == len(model.members)
+        for k, (born, eps) in enumerate(res["members"]):
+            assert_physical(born, eps, f"{name} member {k}")
+        assert np.all(res["dielectric_tensor_std"] >= 0) and np.all(np.isfinite(res["dielectric_tensor_std"]))
+        if name in ("Si", "Ge"):
+            assert np.all(res["born_effective_charges"] == 0.0) and np.all(res["born_effective_charges_std"] == 0.0)
+        born, eps = model.predict_dielectric(atoms)
+        assert_physical(born, eps, f"{name} predict_dielectric")
+        for born_k, eps_k in model.uncertainty["members"]:
+            assert_physical(born_k, eps_k, f"{name} uncertainty member")
+    gaas = model.calculate_batch([crystals["GaAs"]])[0]
+    for born, _ in gaas["members"]:
+        assert np.trace(born[0]) / 3 > 1.0  # Ga is a cation in every member
+
+
+def test_cli_predict_writes_physical_values(tmp_path):
+    import ase.io
+    from typer.testing import CliRunner
+
+    from mattersim.cli import app
+
+    crystals = unseen_crystals()
+    path = tmp_path / "unseen.extxyz"
+    ase.io.write(path, list(crystals.values()))
+    out = tmp_path / "z.extxyz"
+    result = CliRunner().invoke(app, ["predict", str(path), "--model", "mattersim-dielectric", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    for name, frame in zip(crystals, ase.io.read(out, ":")):
+        data = {**frame.info, **frame.arrays, **(frame.calc.results if frame.calc else {})}
+        born = np.reshape(data["born_effective_charges"], (-1, 3, 3))
+        eps = np.reshape(data["dielectric_tensor"], (3, 3))
+        assert_physical(born, eps, f"{name} (predict)")
+        eps_std = np.reshape(data["dielectric_tensor_std"], (3, 3))
+        assert np.all(eps_std >= 0)
+
+
 def test_regression_guard_on_recorded_values(model):
     """The shipped weights reproduce the values recorded in card.json when they were packaged."""
     card = json.loads(CARD.read_text())
@@ -88,4 +145,9 @@ def test_composite_drives_the_phonon_workflow(tmp_path):
     lo = nac["gamma_lo_to"]["directions"][0]
     assert lo["lo_frequencies"][0] > max(lo["to_frequencies"]) + 0.5  # a clear LO-TO splitting in SiC
     assert nac["uncertainty"]["n_members"] >= 3 and lo["lo_frequencies_std"][0] >= 0
+    # every member is physical, so every member's LO lies above the TO modes (LO^2 = TO^2 + a positive term)
+    spread = nac["uncertainty"]["gamma_lo_to"]
+    assert spread["propagation"].startswith("first order") and spread["spread_scale"]["born"] > 1
+    for d, s in zip(nac["gamma_lo_to"]["directions"], spread["directions"]):
+        assert np.min(s["member_lo_frequencies"]) > max(d["to_frequencies"])
     assert result is not None

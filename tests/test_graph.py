@@ -105,3 +105,15 @@ def test_batch_offsets_and_dtypes():
         edge_off += single.num_edges
     assert torch.equal(batch.triplets, torch.cat(parts))
     assert batch.batch.tolist() == sum([[k] * len(s) for k, s in enumerate(structures)], [])
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_triplet_count_without_building_triplets(name):
+    """The count the memory estimate uses equals the triplets collate builds; indices are stored as int32."""
+    g = build_structure_graph(_cases()[name], 5.0, 4.0)
+    assert g.edge_index.dtype == np.int32 and g.edge_shift.dtype == np.int32
+    trip = threebody_triplets(torch.as_tensor(g.edge_index[0]).long(), torch.as_tensor(g.edge_length), 4.0)
+    assert g.triplet_count(4.0) == trip.shape[0]
+    assert g.triplet_count(3.0) == threebody_triplets(
+        torch.as_tensor(g.edge_index[0]).long(), torch.as_tensor(g.edge_length), 3.0
+    ).shape[0]

@@ -24,7 +24,8 @@ from phonopy.structure.atoms import PhonopyAtoms
 from typer.testing import CliRunner
 
 from mattersim.errors import InputError
-from workflows.phonon import PhononResult, auto_supercell, find_imaginary_modes, perpendicular_widths, run_phonon
+from workflows.phonon import (PhononResult, auto_supercell, find_imaginary_modes, min_image_distance, model_cutoff,
+                              perpendicular_widths, run_phonon)
 
 from conftest import assert_user_error, shared_path
 
@@ -147,6 +148,12 @@ def test_cu_acoustic_sum_rule_and_summary(cu_run):
         assert (result.output_dir / name).is_file(), name
     on_disk = json.loads((result.output_dir / "summary.json").read_text())
     assert on_disk["frequencies"]["omega_max_THz"] == pytest.approx(s["frequencies"]["omega_max_THz"])
+    # the plots name the material and the model (drawn as the figure title, and in the PNG's Title field)
+    from PIL import Image
+
+    for name in ("band_dos.png", "thermal.png"):
+        title = Image.open(result.output_dir / name).text["Title"]
+        assert "Cu" in title and "Fm-3m" in title and "EMT" in title, title
 
 
 def test_cu_reopen_with_phonopy_and_result_load(cu_run, tmp_path):
@@ -363,12 +370,182 @@ def test_find_imaginary_modes_excludes_only_gamma_acoustic():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_auto_supercell_widths():
-    cell = bulk("Cu", "fcc", a=3.6).cell[:]
-    smat = auto_supercell(cell, 10.0)
-    widths = perpendicular_widths(np.diag(smat) [:, None] * cell)
-    assert np.all(widths >= 10.0) and np.all(widths - np.sqrt(2 / 3) * 3.6 < 10.0)
-    assert np.array_equal(np.diag(smat), [5, 5, 5])  # fcc primitive: width a/sqrt(3) = 2.078 Å
+def _rotations(atoms: Atoms) -> np.ndarray:
+    from phonopy.structure.symmetry import Symmetry
+
+    sym = Symmetry(PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=atoms.cell[:],
+                                scaled_positions=atoms.get_scaled_positions()))
+    return np.asarray(sym.symmetry_operations["rotations"])
+
+
+@pytest.mark.parametrize("atoms, length, n_atoms", [
+    # 3C-SiC primitive (the README example) at the default 10 Å: 4x4x4 = 128 atoms (12.33 Å); at 15 Å 5x5x5 = 250
+    # (the old rule, diagonal with perpendicular widths >= 15 Å, took 6x6x6 = 432)
+    (bulk("SiC", "zincblende", a=4.36), 10.0, 128),
+    (bulk("SiC", "zincblende", a=4.36), 15.0, 250),
+    # its conventional cell: a non-diagonal fcc-shaped supercell, 4x4x4 primitive cells (128 atoms, not 216)
+    (bulk("SiC", "zincblende", a=4.36, cubic=True), 10.0, 128),
+    (bulk("GaN", "wurtzite", a=3.19, c=5.19), 10.0, 128),  # hexagonal: 4x4x2
+    (bulk("Fe", "bcc", a=2.87), 10.0, 108),  # bcc primitive: non-diagonal (the diagonal 5x5x5 has 125 atoms)
+])
+def test_auto_supercell_fewest_atoms_with_minimum_image_distance(atoms, length, n_atoms):
+    rotations = _rotations(atoms)
+    smat = auto_supercell(atoms.cell[:], length, rotations)
+    ph = Phonopy(PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=atoms.cell[:],
+                              scaled_positions=atoms.get_scaled_positions()), smat, primitive_matrix="P")
+    # phonopy's convention: the matrix holds the supercell's lattice vectors as columns
+    np.testing.assert_allclose(ph.supercell.cell, smat.T @ atoms.cell[:], atol=1e-10)
+    assert len(ph.supercell) == n_atoms
+    assert min_image_distance(ph.supercell.cell) >= length
+    # the supercell keeps the crystal's point group: S^-1 R S is integer for every rotation R
+    m = np.linalg.inv(smat) @ rotations @ smat
+    np.testing.assert_allclose(m, np.rint(m), atol=1e-9)
+    # never more atoms than the diagonal supercell whose perpendicular widths all reach the length
+    n_diag = np.prod([np.ceil(length / w - 1e-9) for w in perpendicular_widths(atoms.cell[:])])
+    assert n_atoms <= len(atoms) * n_diag
+    # the minimum image distance is the shortest lattice vector: at least the smallest perpendicular width
+    assert min_image_distance(ph.supercell.cell) >= perpendicular_widths(ph.supercell.cell).min() - 1e-9
+
+
+def test_min_image_distance_and_model_cutoff(small_checkpoint):
+    from mattersim.registry import load_calculator
+
+    fcc = bulk("Cu", "fcc", a=3.6)  # shortest vector a/sqrt(2); perpendicular width only a/sqrt(3)
+    assert min_image_distance(fcc.cell[:]) == pytest.approx(3.6 / np.sqrt(2), rel=1e-12)
+    assert perpendicular_widths(fcc.cell[:]).min() == pytest.approx(3.6 / np.sqrt(3), rel=1e-12)
+    skewed = np.array([[1, 5, 0], [0, 1, 0], [0, 0, 1]]) @ fcc.cell[:]  # same lattice, another basis
+    assert min_image_distance(skewed) == pytest.approx(3.6 / np.sqrt(2), rel=1e-12)
+    assert model_cutoff(load_calculator(str(small_checkpoint))) == (5.0, "from Potential.cutoff")
+    assert model_cutoff(EMT()) == (5.0, "assumed: the calculator does not expose one")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# non-diagonal supercells end to end
+# ---------------------------------------------------------------------------------------------------------
+
+A_FCC = 3.61
+R_CUT = 5.0  # between the 3rd (4.42 Å) and the 4th (5.11 Å) neighbour shell of fcc with a = 3.61 Å
+
+
+def _pair_potential():
+    """Lennard-Jones with a smooth cutoff: every force constant of a pair farther than R_CUT is exactly 0."""
+    from ase.calculators.lj import LennardJones
+
+    return LennardJones(sigma=A_FCC / np.sqrt(2) / 2 ** (1 / 6), epsilon=0.2, rc=R_CUT, ro=4.0, smooth=True)
+
+
+def _bands(result) -> np.ndarray:
+    return np.concatenate(result.phonopy.band_structure.frequencies)
+
+
+def test_non_diagonal_supercells_agree_with_diagonal_for_a_pair_potential(tmp_path):
+    """With a pair potential of cutoff r_c the finite-displacement force constants are exact once the
+    supercell's minimum image distance exceeds 2 r_c: no atom then has a displaced atom and one of its images
+    within r_c. Two such supercells, diagonal or not, give the same bands up to the finite-displacement error
+    (O(u^2), u = displacement, from their different displacement directions); a smaller supercell does not."""
+    cu = bulk("Cu", "fcc", a=A_FCC)
+    kw = dict(relax=False, mesh=(4, 4, 4), progress=False)
+    cube = np.array([[-3, 3, 3], [3, -3, 3], [3, 3, -3]])  # 3x3x3 conventional cubes, 108 atoms, 10.83 Å
+    shear = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])  # 4I @ shear: the lattice of 4x4x4, another basis
+    diag = run_phonon(cu, _pair_potential(), supercell=4, **kw)  # 64 atoms, minimum image distance 10.21 Å
+    non_diag = run_phonon(cu, _pair_potential(), supercell=cube, **kw)
+    same_lattice = run_phonon(cu, _pair_potential(), supercell=4 * shear, **kw)
+    aliased = run_phonon(cu, _pair_potential(), supercell=3, **kw)  # 7.66 Å < 2 r_c
+    assert diag.summary["structure"]["supercell_min_image_distance_A"] > 2 * R_CUT
+    assert non_diag.summary["structure"]["supercell_min_image_distance_A"] > 2 * R_CUT
+    assert non_diag.summary["structure"]["supercell_matrix"] == cube.tolist()
+    assert same_lattice.summary["structure"]["supercell_matrix"] == (4 * shear).tolist()
+    assert len(non_diag.phonopy.supercell) == 108
+    np.testing.assert_allclose(non_diag.phonopy.supercell.cell, cube.T @ cu.cell[:], atol=1e-12)
+    # same lattice in another basis: the same supercell, the same numbers (round-off, measured 2e-8 THz)
+    assert np.abs(_bands(same_lattice) - _bands(diag)).max() < 1e-6
+    # another alias-free lattice: only the finite-displacement error differs (measured 8.7e-4 THz at u = 0.01 Å,
+    # falling as u^2 to 8.7e-6 at 0.001 Å); the aliased 3x3x3 supercell is off by 0.15 THz
+    diff = np.abs(_bands(non_diag) - _bands(diag)).max()
+    assert diff < 2e-3
+    assert np.abs(_bands(aliased) - _bands(diag)).max() > 50 * diff
+    small_u = [run_phonon(cu, _pair_potential(), supercell=s, displacement=0.001, **kw) for s in (4, cube)]
+    assert np.abs(_bands(small_u[0]) - _bands(small_u[1])).max() < diff / 30  # ~u^2: 100x smaller
+    # phonopy.yaml keeps the non-diagonal matrix and the force constants: reopening reproduces the bands
+    non_diag.save(tmp_path)
+    again = PhononResult.load(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.phonopy.supercell_matrix), cube)
+    q = np.concatenate(non_diag.phonopy.band_structure.qpoints)
+    again.phonopy.run_qpoints(q)
+    _assert_same_frequencies(again.phonopy.qpoints.frequencies, _bands(non_diag))
+
+
+@pytest.mark.filterwarnings("ignore:.*Point group symmetries of supercell and primitivecell are different")
+def test_non_diagonal_supercell_batched_equals_one_at_a_time(small_checkpoint, monkeypatch):
+    """A non-diagonal supercell that lowers the symmetry (more displacements, with plus and minus): one batched
+    model call gives the forces of one call per supercell; the supercell is phonopy's (columns convention)."""
+    from mattersim.registry import load_calculator
+
+    calc = load_calculator(str(small_checkpoint), dtype="float64")
+    calls = []
+    original = calc.calculate_batch
+    monkeypatch.setattr(calc, "calculate_batch", lambda structures: calls.append(len(structures)) or original(structures))
+    nacl = bulk("NaCl", "rocksalt", a=5.6)
+    smat = np.array([[2, 1, 0], [0, 2, 0], [0, 0, 2]])
+    kw = dict(relax=False, supercell=smat, mesh=(4, 4, 4), progress=False)
+    batched = run_phonon(nacl, calc, **kw)
+    n_struct = batched.summary["forces"]["n_supercells"] + 1
+    assert calls == [n_struct] and n_struct > 3  # lower symmetry than 2x2x2 (3 supercells): more displacements
+    np.testing.assert_allclose(batched.phonopy.supercell.cell, smat.T @ nacl.cell[:], atol=1e-12)
+    single_calc = CountingCalculator(calc)
+    single = run_phonon(nacl, single_calc, **kw)
+    assert single_calc.calls == n_struct
+    assert np.abs(np.asarray(batched.phonopy.forces) - np.asarray(single.phonopy.forces)).max() < 1e-10
+    _assert_same_frequencies(batched.phonopy.mesh.frequencies, single.phonopy.mesh.frequencies, tol=1e-10)
+
+
+def test_automatic_supercell_recorded_and_small_supercell_warned(tmp_path, caplog):
+    cu = bulk("Cu", "fcc", a=A_FCC)
+    with caplog.at_level(logging.WARNING, logger="mattersim.phonon"):
+        auto = run_phonon(cu, EMT(), relax=False, min_length=10.0, mesh=(4, 4, 4), progress=False,
+                          output_dir=tmp_path / "auto")
+    st = auto.summary["structure"]
+    assert st["supercell_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]] and st["n_atoms_supercell"] == 64
+    assert st["supercell_min_image_distance_A"] == pytest.approx(4 * A_FCC / np.sqrt(2))
+    assert "automatic" in st["supercell_choice"] and auto.summary["settings"]["min_length_A"] == 10.0
+    assert st["model_cutoff_A"] == 5.0
+    assert not [r for r in caplog.records if "minimum image distance" in r.getMessage()]
+    assert "minimum image distance 10.21 Å" in (tmp_path / "auto" / "phonon.log").read_text()
+    # given supercells below twice the cutoff (EMT exposes none: 5 Å assumed): one warning line each
+    conventional = bulk("Cu", "fcc", a=A_FCC, cubic=True)
+    for atoms, smat, distance, what in ((conventional, 1, "3.61", "own periodic image"),  # below the cutoff
+                                        (cu, 2, "5.11", "summed into one")):  # between the cutoff and twice it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mattersim.phonon"):
+            small = run_phonon(atoms, EMT(), relax=False, supercell=smat, mesh=(4, 4, 4), progress=False,
+                               output_dir=tmp_path / distance)
+        warned = [r.getMessage() for r in caplog.records if "minimum image distance" in r.getMessage()]
+        assert len(warned) == 1 and f"{distance} Å is below twice the model's cutoff (2 x 5 Å" in warned[0]
+        assert what in warned[0] and "\n" not in warned[0]
+        assert warned[0] in (tmp_path / distance / "phonon.log").read_text()
+        assert small.summary["structure"]["supercell_choice"] == "given"
+
+
+def test_default_min_length_follows_the_cutoff(monkeypatch):
+    import workflows.phonon as phonon_module
+
+    class LongCutoff(CountingCalculator):
+        cutoff = 9.0  # 2 x 9 Å = 18 Å > 10 Å
+
+    asked = []
+
+    def cheap(cell, length, rotations=None):  # record the length, return a small supercell to keep this fast
+        asked.append(length)
+        return np.eye(3, dtype=int) * 2
+
+    monkeypatch.setattr(phonon_module, "auto_supercell", cheap)
+    cu = bulk("Cu", "fcc", a=A_FCC)
+    result = run_phonon(cu, LongCutoff(EMT()), relax=False, mesh=(2, 2, 2), progress=False)
+    assert asked == [18.0] and result.summary["settings"]["min_length_A"] == 18.0
+    assert result.summary["structure"]["model_cutoff_source"] == "from the calculator's cutoff"
+    run_phonon(cu, EMT(), relax=False, mesh=(2, 2, 2), progress=False)  # 5 Å assumed: max(10 Å, 2 x 5 Å)
+    run_phonon(cu, EMT(), relax=False, mesh=(2, 2, 2), progress=False, min_length=7.5)
+    assert asked[1:] == [10.0, 7.5]
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -383,11 +560,44 @@ def test_bad_settings_raise_input_error(kwargs, fragment):
         run_phonon(bulk("Cu"), EMT(), relax=False, progress=False, **kwargs)
 
 
-def test_nac_without_source_fails_before_force_evaluation(tmp_path):
+def test_nac_without_source_fails_before_relaxation_and_writes_nothing(tmp_path):
+    """docs/phonon.md: a missing or unreadable source of Born charges stops the run before any expensive work:
+    no relaxation, no force evaluation, nothing in the output folder."""
+    out = tmp_path / "out"
+    garbage = tmp_path / "BORN"
+    garbage.write_bytes(b"\x00\x01 not a BORN file\n1 2 3\n")
+    wrong_crystal = tmp_path / "BORN-NaCl"  # eps_inf and Z* of 2 independent atoms; Cu has 1
+    wrong_crystal.write_text("14.4\n2.4 0 0 0 2.4 0 0 0 2.4\n1.1 0 0 0 1.1 0 0 0 1.1\n-1.1 0 0 0 -1.1 0 0 0 -1.1\n")
+    for kwargs, fragment in (({"nac": True}, "--born FILE"),  # EMT predicts no Z*
+                             ({"born_file": garbage}, "line 2"),
+                             ({"born_file": wrong_crystal}, "line 4 is one line too many"),
+                             ({"predictor": object()}, "predict_dielectric")):
+        counting = CountingCalculator(EMT())
+        with pytest.raises(InputError, match=fragment):
+            run_phonon(bulk("Cu", "fcc", a=3.7), counting, relax=True, progress=False, output_dir=out, **kwargs)
+        assert counting.calls == 0, kwargs
+        assert not out.exists(), kwargs
+
+
+def test_primitive_axes_that_do_not_fit_the_crystal(tmp_path):
+    fcc_axes = "0 1/2 1/2 1/2 0 1/2 1/2 1/2 0"
+    primitive_si = bulk("Si", "diamond", a=5.43)
     counting = CountingCalculator(EMT())
-    with pytest.raises(InputError, match="BORN"):
-        run_phonon(bulk("Cu"), counting, relax=False, supercell=2, nac=True, progress=False, output_dir=tmp_path)
-    assert counting.calls == 0
+    with pytest.raises(InputError, match=r"cell of 0.5 atoms .*primitive cell of 2 atoms \(the input is already primitive\).*'auto'") as info:
+        run_phonon(primitive_si, counting, relax=True, primitive=fcc_axes, output_dir=tmp_path / "o", progress=False)
+    assert "Cell trimming" not in str(info.value) and counting.calls == 0 and not (tmp_path / "o").exists()
+    conventional = bulk("Cu", "fcc", a=3.61, cubic=True)  # 4 atoms
+    with pytest.raises(InputError, match="1.5 atoms .* not a whole number"):
+        run_phonon(conventional, EMT(), relax=False, primitive=[[0.375, 0, 0], [0, 1, 0], [0, 0, 1]], progress=False)
+    with pytest.raises(InputError, match="whole primitive cells"):  # a 1x1x1 supercell of a doubled "primitive" cell
+        run_phonon(conventional, EMT(), relax=False, primitive=[[2, 0, 0], [0, 1, 0], [0, 0, 1]], supercell=1,
+                   progress=False)
+    # the same axes on the conventional cell are right: phonopy's fcc primitive cell of 1 atom
+    result = run_phonon(conventional, EMT(), relax=False, primitive=fcc_axes, supercell=2, mesh=(2, 2, 2), progress=False)
+    assert len(result.phonopy.primitive) == 1
+    # primitive=None is the unit cell itself (phonopy 4 alone would read None as "auto")
+    result = run_phonon(conventional, EMT(), relax=False, primitive=None, supercell=1, mesh=(2, 2, 2), progress=False)
+    assert len(result.phonopy.primitive) == 4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,6 +627,28 @@ def test_cli_phonon_runs(al_poscar, small_checkpoint, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["sha256"] and summary["settings"]["relax"] is False
     assert summary["structure"]["supercell_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]]
+    # 2x2x2 of the fcc primitive cell: 5.73 Å between images, below twice the model's 5 Å cutoff: one line
+    assert "2x2x2 (8 atoms, min. image distance 5.73 Å)" in result.stdout
+    warned = [line for line in result.stderr.splitlines() if "minimum image distance" in line]
+    assert len(warned) == 1 and warned[0].startswith("Warning: the supercell's minimum image distance 5.73 Å is "
+                                                     "below twice the model's cutoff (2 x 5 Å, from Potential.cutoff)")
+
+
+def test_cli_phonon_prints_the_automatic_non_diagonal_supercell(small_checkpoint, tmp_path):
+    from mattersim.cli import app
+
+    poscar = tmp_path / "POSCAR"
+    ase.io.write(poscar, bulk("Al", "fcc", a=4.05, cubic=True), format="vasp")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["phonon", str(poscar), "--model", str(small_checkpoint), "--no-relax", "--min-length", "10",
+                                 "--mesh", "4 4 4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    # fcc-shaped: 4x4x4 primitive cells as a supercell of the conventional cube (a diagonal one needs 108 atoms)
+    assert "[[0, 2, 2], [2, 0, 2], [2, 2, 0]] (64 atoms, min. image distance 11.46 Å)" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["structure"]["supercell_matrix"] == [[0, 2, 2], [2, 0, 2], [2, 2, 0]]
+    assert phonopy.load(out / "phonopy.yaml").supercell_matrix.tolist() == [[0, 2, 2], [2, 0, 2], [2, 2, 0]]
+    assert "minimum image distance" not in result.stderr
 
 
 def test_cli_phonon_bad_input(al_poscar, small_checkpoint, tmp_path):
@@ -428,6 +660,22 @@ def test_cli_phonon_bad_input(al_poscar, small_checkpoint, tmp_path):
     result = runner.invoke(app, ["phonon", str(al_poscar), "--nac", "--supercell", "2 2 2", *model])
     assert_user_error(result, "BORN")
     assert not (tmp_path / "o" / "forces.npz").exists()
+
+
+def test_cli_phonon_fails_before_the_relaxation(al_poscar, small_checkpoint, tmp_path):
+    """With the relaxation on: no source of Z*, a garbage --born file or primitive axes that do not fit the
+    crystal end in one line before the relaxation; the output folder stays empty."""
+    from mattersim.cli import app
+
+    out = tmp_path / "o"
+    garbage = tmp_path / "BORN"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n")
+    model = ["--model", str(small_checkpoint), "-o", str(out)]
+    assert_user_error(runner.invoke(app, ["phonon", str(al_poscar), "--nac", *model]), "--born FILE")
+    assert_user_error(runner.invoke(app, ["phonon", str(al_poscar), "--born", str(garbage), *model]), str(garbage), "cannot be read")
+    result = runner.invoke(app, ["phonon", str(al_poscar), "--primitive-axis", "0 1/2 1/2 1/2 0 1/2 1/2 1/2 0", *model])
+    assert_user_error(result, "--primitive-axis", "already primitive", "auto")
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_cli_phonon_nac_with_born_file(small_checkpoint, tmp_path):

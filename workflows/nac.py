@@ -561,8 +561,13 @@ def gamma_lo_to(
 # Uncertainty (ensembles of Z*/eps_inf predictions)
 # --------------------------------------------------------------------------------------------------
 def member_charges(born: BornCharges) -> list[BornCharges]:
-    """The members' own (Z*, eps_inf) of ``born.uncertainty["members"]`` as :class:`BornCharges` (or [])."""
-    members = (born.uncertainty or {}).get("members") or []
+    """The members' own (Z*, eps_inf) of ``born.uncertainty["members"]`` as :class:`BornCharges` (or []).
+
+    Each carries ``uncertainty={"spread_scale": ...}`` when the predictor calibrates its spread (the
+    factors k of :class:`mattersim.composite.DielectricModel`), which :func:`lo_to_spread` uses."""
+    unc = born.uncertainty or {}
+    members = unc.get("members") or []
+    scale = unc.get("spread_scale")
     out = []
     for k, member in enumerate(members):
         if isinstance(member, dict):
@@ -570,7 +575,8 @@ def member_charges(born: BornCharges) -> list[BornCharges]:
         else:
             z, eps = member
         out.append(BornCharges(np.asarray(z, dtype=float), np.asarray(eps, dtype=float),
-                               source=f"{born.source} member {k}", factor=born.factor))
+                               source=f"{born.source} member {k}", factor=born.factor,
+                               uncertainty={"spread_scale": dict(scale)} if scale else None))
     return out
 
 
@@ -607,14 +613,18 @@ def uncertainty_report(born: BornCharges, symmetrized_members: Sequence[BornChar
         report.update({"epsilon_std": e.tolist(), "epsilon_std_max": float(np.abs(e).max())})
     members = list(symmetrized_members or [])
     report["n_members"] = len(members) if members else None
+    scale = unc.get("spread_scale") or {}
+    k_born, k_eps = float(scale.get("born", 1.0)), float(scale.get("epsilon", 1.0))
+    report["spread_scale"] = {"born": k_born, "epsilon": k_eps} if scale else None
     if members:
         zs = np.stack([m.born for m in members])
         es = np.stack([m.epsilon for m in members])
-        report["born_std_symmetrized_max_per_atom"] = _max_per_atom(zs.std(axis=0))
-        report["epsilon_std_symmetrized"] = es.std(axis=0).tolist()
-    report["note"] = ("standard deviations over the ensemble members (population, 1/N): Z* in e, eps_inf "
-                      "dimensionless; '_symmetrized' after the crystal-symmetry and charge-neutrality "
-                      "symmetrisation applied to the mean")
+        report["born_std_symmetrized_max_per_atom"] = _max_per_atom(k_born * zs.std(axis=0))
+        report["epsilon_std_symmetrized"] = (k_eps * es.std(axis=0)).tolist()
+    report["note"] = ("standard deviations over the ensemble members (population, 1/N), times the predictor's "
+                      "calibration factor spread_scale where it has one: Z* in e, eps_inf dimensionless; "
+                      "'_symmetrized' after the crystal-symmetry and charge-neutrality symmetrisation applied "
+                      "to the mean")
     return report
 
 
@@ -630,35 +640,68 @@ def _same_force_constants(phonon):
 
 
 def lo_to_spread(phonon, members: Sequence[BornCharges], reference: dict, *, method: str | None = None,
-                 cartesian: bool = True) -> dict:
+                 cartesian: bool = True, spread_scale: dict | None = None) -> dict:
     """Spread over ensemble members of the frequencies at Gamma of :func:`gamma_lo_to` (THz).
 
     ``members``: each member's (Z*, eps_inf), already symmetrised like the mean (:func:`symmetrize_members`);
-    ``reference``: :func:`gamma_lo_to` of ``phonon`` with the mean parameters. For every member its NAC
-    parameters are set on a copy of ``phonon`` (same cells, symmetry tolerance and force constants, same
+    ``reference``: :func:`gamma_lo_to` of ``phonon`` with the mean parameters (``phonon.nac_params``). The
+    NAC parameters are set on a copy of ``phonon`` (same cells, symmetry tolerance and force constants, same
     ``method`` and unit factor; ``phonon`` itself and its computed band structure, mesh, ... are left
     untouched) and the sorted frequencies along each of the reference's directions are computed. Modes are
     matched by their rank (sorted frequencies), and the LO / TO modes are those the mean identified.
 
-    Returns ``{"n_members", "directions": [{"direction", "frequencies_std", "lo_frequencies_std",
-    "to_frequencies_std", "member_lo_frequencies"}]}`` with population standard deviations (1/N).
+    Without a calibration (``spread_scale`` None, or all factors 1, and none carried by the members): the
+    standard deviation of the members' frequencies. With one, ``{"born": k_Z, "epsilon": k_eps}`` (the factors by which the
+    predictor scales the spread of Z* and of eps_inf), the spread is propagated to first order with physical
+    inputs only: for every member k the frequency changes ``dZ_k = f(Z_k, eps_mean) - f(Z_mean, eps_mean)``
+    and ``de_k = f(Z_mean, eps_k) - f(Z_mean, eps_mean)`` are computed (each input a real member's or the
+    mean's, charge-neutral Z* and eps_inf >= 1), and the reported standard deviation is that of
+    ``k_Z dZ_k + k_eps de_k`` over the members: the calibrated spread of the inputs carried through the
+    linearised frequencies, without ever building an unphysical "stretched" member.
+
+    Returns ``{"n_members", "method", "propagation", "spread_scale", "directions": [{"direction",
+    "frequencies_std", "lo_frequencies_std", "to_frequencies_std", "member_lo_frequencies"}]}`` with
+    population standard deviations (1/N); ``member_lo_frequencies`` are the members' own LO frequencies.
     """
     members = list(members)
     if len(members) < 2:
         raise InputError(f"the LO-TO spread needs at least two ensemble members, got {len(members)}.")
     if method is None:
         method = reference.get("method") or "gonze"
+    if spread_scale is None:
+        spread_scale = (members[0].uncertainty or {}).get("spread_scale")
     directions = [d["direction"] for d in reference["directions"]]
-    factor = (phonon.nac_params or {}).get("factor")
+    nac_params = phonon.nac_params or {}
+    factor = nac_params.get("factor")
     clone = _same_force_constants(phonon)
-    freqs = []
-    for member in members:
-        clone.nac_params = member.to_phonopy_nac_params(factor=factor, method=method)
-        res = gamma_lo_to(clone, directions, cartesian=cartesian)
-        freqs.append([d["frequencies"] for d in res["directions"]])
-    freqs = np.asarray(freqs, dtype=float)  # (members, directions, modes)
-    std = freqs.std(axis=0)
-    out: dict[str, Any] = {"n_members": len(members), "method": method, "directions": []}
+
+    def frequencies(charges: BornCharges) -> list:
+        clone.nac_params = charges.to_phonopy_nac_params(factor=factor, method=method)
+        return [d["frequencies"] for d in gamma_lo_to(clone, directions, cartesian=cartesian)["directions"]]
+
+    member_freqs = np.asarray([frequencies(m) for m in members], dtype=float)  # (members, directions, modes)
+    if spread_scale and any(float(v) != 1.0 for v in spread_scale.values()):
+        if nac_params.get("born") is None:
+            raise InputError("lo_to_spread with spread_scale needs the mean Z* and eps_inf set on the phonon "
+                             "object (phonon.nac_params).")
+        k_born, k_eps = float(spread_scale["born"]), float(spread_scale["epsilon"])
+        mean = BornCharges(np.asarray(nac_params["born"], dtype=float), np.asarray(nac_params["dielectric"], dtype=float),
+                           source="ensemble mean", factor=factor)
+        f0 = np.asarray(frequencies(mean), dtype=float)
+        deviations = np.asarray([
+            k_born * (np.asarray(frequencies(replace(mean, born=m.born)), dtype=float) - f0)
+            + k_eps * (np.asarray(frequencies(replace(mean, epsilon=m.epsilon)), dtype=float) - f0)
+            for m in members])
+        std = deviations.std(axis=0)
+        propagation = ("first order: std over members of k_Z [f(Z_k, eps_mean) - f(mean)] + "
+                       "k_eps [f(Z_mean, eps_k) - f(mean)]")
+        scale_out = {"born": k_born, "epsilon": k_eps}
+    else:
+        std = member_freqs.std(axis=0)
+        propagation = "std of the members' frequencies"
+        scale_out = None
+    out: dict[str, Any] = {"n_members": len(members), "method": method, "propagation": propagation,
+                           "spread_scale": scale_out, "directions": []}
     for j, ref in enumerate(reference["directions"]):
         lo = [int(i) for i in ref["lo_indices"]]
         to = [i for i in range(std.shape[1]) if i not in lo]
@@ -667,7 +710,7 @@ def lo_to_spread(phonon, members: Sequence[BornCharges], reference: dict, *, met
             "frequencies_std": std[j].tolist(),
             "lo_frequencies_std": std[j, lo].tolist(),
             "to_frequencies_std": std[j, to].tolist(),
-            "member_lo_frequencies": freqs[:, j, lo].tolist(),
+            "member_lo_frequencies": member_freqs[:, j, lo].tolist(),
         })
     return out
 

@@ -15,10 +15,11 @@ Steps (each one logged to ``phonon.log``):
 1. optional relaxation of positions and cell keeping the space group (:func:`mattersim.relax.relax`,
    ``mode="full"``, ``symmetry=True``, at ``pressure`` GPa, ``fmax`` eV/Å);
 2. phonopy setup: the primitive cell is phonopy's ``primitive_matrix="auto"`` (or the given 3x3 axes, as
-   in phonopy's ``PRIMITIVE_AXES``); the supercell is the given one or, when ``supercell`` is None, the
-   smallest *diagonal* supercell ``n1 x n2 x n3`` of the unit cell whose three perpendicular widths
-   (distance between opposite faces, ``V / |a_j x a_k|``) are all at least ``min_length`` Å, i.e.
-   ``n_i = ceil(min_length / w_i)``; symmetry-reduced displacements of ``displacement`` Å
+   in phonopy's ``PRIMITIVE_AXES``); the supercell is the given one or, when ``supercell`` is None,
+   :func:`auto_supercell`: the (possibly non-diagonal) supercell of the unit cell with the fewest atoms
+   that keeps the crystal's point group and whose minimum image distance (shortest lattice vector) is at
+   least ``min_length`` Å, by default ``max(10 Å, 2 x the model's cutoff)``; a supercell whose minimum
+   image distance is below twice the cutoff is logged as a warning; symmetry-reduced displacements of ``displacement`` Å
    (``Phonopy.generate_displacements``, phonopy's defaults for plus/minus and diagonal displacements);
 3. forces of the perfect supercell and of all displaced supercells through
    :func:`mattersim.calculator.evaluate_batch` (one batched model call per chunk for MatterSim
@@ -49,7 +50,10 @@ three acoustic modes exactly at Γ are excluded, and only when ``|f| <`` :data:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import itertools
 import json
 import logging
 import math
@@ -70,12 +74,16 @@ from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
 
 __all__ = [
+    "DEFAULT_CUTOFF_A",
+    "DEFAULT_MIN_LENGTH_A",
     "GAMMA_ACOUSTIC_TOL_THZ",
     "IMAGINARY_THRESHOLD_THZ",
     "PhononResult",
     "auto_supercell",
     "band_path",
     "find_imaginary_modes",
+    "min_image_distance",
+    "model_cutoff",
     "phonon_properties",
     "run_phonon",
 ]
@@ -86,6 +94,11 @@ logger = logging.getLogger("mattersim.phonon")
 IMAGINARY_THRESHOLD_THZ = -0.01
 #: At q = Γ the three modes of smallest |f| are the acoustic ones and are ignored if |f| is below this (THz).
 GAMMA_ACOUSTIC_TOL_THZ = 0.05
+#: Automatic supercell: smallest minimum image distance (Å) when ``min_length`` is not given; the rule is
+#: ``max(DEFAULT_MIN_LENGTH_A, 2 * cutoff)`` (see docs/phonon.md for why).
+DEFAULT_MIN_LENGTH_A = 10.0
+#: Cutoff (Å) assumed for a calculator that does not expose one (MatterSim v1 and SevenNet-0 have 5 Å).
+DEFAULT_CUTOFF_A = 5.0
 #: 1 THz * Å (phonopy's group-velocity unit) in m/s.
 THZ_ANGSTROM_TO_M_PER_S = 100.0
 #: Version of the forces.npz layout.
@@ -215,17 +228,125 @@ def perpendicular_widths(cell) -> np.ndarray:
     return np.array([volume / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)])
 
 
-def auto_supercell(cell, min_length: float = 15.0) -> np.ndarray:
-    """The smallest diagonal supercell whose perpendicular widths are all >= ``min_length`` Å.
+def min_image_distance(cell) -> float:
+    """Length (Å) of the shortest non-zero lattice vector of ``cell`` (rows): the distance between an atom
+    and its nearest periodic image, i.e. twice the radius of the sphere inscribed in the Wigner-Seitz cell
+    (found with ASE's Minkowski reduction). Always >= the smallest perpendicular width."""
+    from ase.geometry import minkowski_reduce
 
-    ``n_i = ceil(min_length / w_i)`` with ``w_i`` the perpendicular width of the unit cell along lattice
-    vector i; returned as a 3x3 integer matrix (phonopy's ``supercell_matrix``).
+    reduced, _ = minkowski_reduce(np.asarray(cell, dtype=float))
+    return float(np.linalg.norm(reduced, axis=1).min())
+
+
+def model_cutoff(calculator) -> tuple[float, str]:
+    """The calculator's interaction cutoff in Å and where it comes from (``(5.0, "from Potential.cutoff")``).
+
+    Read from the model where it has one: MatterSim ``Potential.cutoff``, SevenNet's ``cutoff``, CHGNet's
+    atom-graph cutoff (``model.graph_converter.atom_graph_cutoff``), a calculator's own ``cutoff`` attribute;
+    a composite's potential; the largest over an ensemble's members. Otherwise :data:`DEFAULT_CUTOFF_A`
+    (5 Å, the cutoff of MatterSim v1 and SevenNet-0), with a source saying so.
+    """
+    def find(calc, depth=0):
+        if calc is None or depth > 4:
+            return None
+        inner = getattr(calc, "potential_calc", None)  # CompositeCalculator: the forces come from the potential
+        if inner is not None:
+            return find(inner, depth + 1)
+        members = getattr(calc, "members", None)
+        if isinstance(members, (list, tuple)) and members:
+            found = [find(m, depth + 1) for m in members]
+            found = [f for f in found if f is not None]
+            return max(found) if found else None
+        for owner, attr, label in ((getattr(calc, "potential", None), "cutoff", "from Potential.cutoff"),
+                                   (calc, "cutoff", "from the calculator's cutoff"),
+                                   (getattr(getattr(calc, "model", None), "graph_converter", None),
+                                    "atom_graph_cutoff", "from CHGNet's atom_graph_cutoff")):
+            value = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+                    and math.isfinite(float(value)) and float(value) > 0:
+                return float(value), label
+        return None
+
+    found = find(calculator)
+    if found is None:
+        return DEFAULT_CUTOFF_A, "assumed: the calculator does not expose one"
+    return found
+
+
+def _keeps_symmetry(p_rows: np.ndarray, rotations: np.ndarray | None) -> bool:
+    """True if the supercell lattice ``p_rows @ cell`` is mapped onto itself by every rotation (integer
+    matrices acting on fractional coordinates of the unit cell, spglib's convention): ``S^-1 R S`` is integer
+    for ``S = p_rows.T`` (the lattice vectors as columns)."""
+    if rotations is None or len(rotations) == 0:
+        return True
+    s = np.asarray(p_rows, dtype=float).T
+    m = np.linalg.inv(s) @ np.asarray(rotations, dtype=float) @ s
+    return bool(np.allclose(m, np.rint(m), atol=1e-6))
+
+
+def auto_supercell(cell, min_length: float = DEFAULT_MIN_LENGTH_A, rotations=None) -> np.ndarray:
+    """The supercell with the fewest atoms whose minimum image distance is >= ``min_length`` Å.
+
+    ``cell``: the unit cell (rows, Å). ``rotations``: the crystal's point-group operations as integer matrices
+    on fractional coordinates of ``cell`` (spglib's ``rotations``); when given, only supercells whose lattice
+    keeps all of them are accepted, so that the supercell has the crystal's full point group (otherwise
+    phonopy needs more displaced supercells and warns that the point groups differ).
+
+    Candidates, all integer matrices: ``n x I`` with the perpendicular widths all >= ``min_length`` (always
+    accepted: the minimum image distance is at least the smallest width), every diagonal ``n1 x n2 x n3``
+    below it and, for every size from the smallest that Hermite's bound allows (a lattice whose shortest
+    vector is d has a cell volume >= d^3/sqrt(2), reached by fcc) up to the best so far, the matrices of
+    ASE's ``find_optimal_cell_shape`` (search range -1..1 around its guess) towards an fcc and a
+    simple-cubic shape, the shapes with the largest minimum image distance for their volume (fcc) and with
+    the largest perpendicular widths (cube). The accepted candidate with the fewest unit cells wins (ties:
+    the larger minimum image distance). This is a search over good shapes, not a proof of optimality;
+    the result always satisfies the distance and symmetry conditions.
+
+    Returns phonopy's ``supercell_matrix`` (integer 3x3, lattice vectors as *columns* in units of the unit
+    cell's: supercell rows = ``matrix.T @ cell``).
     """
     if not (min_length > 0 and math.isfinite(min_length)):
         raise InputError(f"min_length must be a positive length in Å, not {min_length!r}.")
-    widths = perpendicular_widths(cell)
-    n = [max(1, int(math.ceil(min_length / w - 1e-9))) for w in widths]
-    return np.diag(n).astype(int)
+    cell = np.asarray(cell, dtype=float)
+    rotations = None if rotations is None else np.unique(np.asarray(rotations, dtype=int), axis=0)
+    volume = abs(np.linalg.det(cell))
+    bound = [max(1, int(math.ceil(min_length / w - 1e-9))) for w in perpendicular_widths(cell)]
+    accepted: dict[bytes, tuple[int, float, np.ndarray]] = {}
+
+    def consider(p_rows) -> None:
+        p = np.rint(np.asarray(p_rows, dtype=float)).astype(int)
+        det = int(round(np.linalg.det(p)))
+        if det == 0:
+            return
+        if det < 0:
+            p, det = -p, -det
+        key = p.tobytes()
+        if key in accepted or not _keeps_symmetry(p, rotations):
+            return
+        distance = min_image_distance(p @ cell)
+        if distance >= min_length * (1 - 1e-9):
+            accepted[key] = (det, distance, p)
+
+    def best():
+        return min(accepted.values(), key=lambda c: (c[0], -c[1]), default=None)
+
+    consider(np.eye(3, dtype=int) * max(bound))  # always accepted: widths >= min_length, keeps every rotation
+    for n in itertools.product(*(range(1, b + 1) for b in bound)):
+        consider(np.diag(n))
+    from ase.build import find_optimal_cell_shape
+
+    n_low = max(1, int(math.ceil(min_length**3 / math.sqrt(2) / volume - 1e-9)))
+    for n in range(n_low, best()[0]):
+        for shape in ("fcc", "sc"):
+            with contextlib.redirect_stdout(io.StringIO()):  # ASE prints when no matrix of this size is in range
+                try:
+                    p = find_optimal_cell_shape(cell, n, shape, lower_limit=-1, upper_limit=1)
+                except (TypeError, ValueError, np.linalg.LinAlgError):
+                    continue
+            consider(p)
+        if best()[0] <= n:
+            break
+    return np.ascontiguousarray(best()[2].T)
 
 
 def _phonopy_atoms(atoms: Atoms):
@@ -485,7 +606,7 @@ def _mesh_setting(mesh):
 
 def _primitive_setting(primitive):
     if primitive is None:
-        return None
+        return "P"  # the unit cell (phonopy 4 reads primitive_matrix=None as "auto")
     if isinstance(primitive, str):
         p = primitive.strip()
         if p.lower() == "auto":
@@ -494,6 +615,77 @@ def _primitive_setting(primitive):
             return p.upper()
         return _as_matrix(parse_numbers(p, "primitive"), "primitive", integer=False)
     return _as_matrix(primitive, "primitive", integer=False)
+
+
+def _describe_axes(setting) -> str:
+    return repr(setting) if isinstance(setting, str) else str(np.round(np.asarray(setting, dtype=float), 6).tolist())
+
+
+def _check_primitive_axes(unit, setting, symprec: float, smat=None) -> None:
+    """Primitive axes that cannot work for this crystal raise one clear :class:`InputError` (instead of
+    phonopy's "Cell trimming failed"): a cell with a non-integer number of atoms, one smaller than the
+    crystal's primitive cell (typically the axes of a centred conventional cell applied to a cell that is
+    already primitive), or, with a supercell matrix ``smat``, a supercell that is not made of whole
+    primitive cells (``P^-1 S`` not integer)."""
+    from phonopy.structure.cells import get_primitive_matrix, guess_primitive_matrix
+
+    if isinstance(setting, str) and setting in ("auto", "P"):
+        return
+    pmat = np.asarray(get_primitive_matrix(setting, symprec=symprec) if isinstance(setting, str) else setting, dtype=float)
+    n_unit = len(unit)
+    n_axes = n_unit * float(np.linalg.det(pmat))
+    n_min = int(round(n_unit * abs(float(np.linalg.det(guess_primitive_matrix(unit, symprec=symprec))))))
+    fix = "use 'auto' (--primitive-axis auto: phonopy finds the primitive cell) or the identity \"1 0 0 0 1 0 0 0 1\""
+    where = f"The primitive axes {_describe_axes(setting)} (primitive / --primitive-axis)"
+    if n_axes <= 0:
+        raise InputError(f"{where} are left-handed or singular (determinant {n_axes / n_unit:g}); {fix}.")
+    if n_axes < n_min - 1e-6:
+        already = " (the input is already primitive)" if n_unit == n_min else ""
+        raise InputError(f"{where} make a cell of {n_axes:.6g} atoms from this {n_unit}-atom unit cell, smaller "
+                         f"than the crystal's primitive cell of {n_min} atoms{already}; {fix}.")
+    if abs(n_axes - round(n_axes)) > 1e-6:
+        raise InputError(f"{where} make a cell of {n_axes:.6g} atoms from this {n_unit}-atom unit cell, not a whole "
+                         f"number, so they are not lattice vectors of this crystal; {fix}.")
+    if smat is not None:
+        m = np.linalg.solve(pmat, np.asarray(smat, dtype=float))
+        if not np.allclose(m, np.rint(m), atol=1e-6):
+            raise InputError(f"The supercell {np.asarray(smat).tolist()} is not made of whole primitive cells of the "
+                             f"primitive axes {_describe_axes(setting)} (P^-1 S = {np.round(m, 4).tolist()} is not "
+                             "integer); choose a supercell that is a multiple of the primitive cell, or primitive 'auto'.")
+
+
+def _build_phonopy(atoms: Atoms, smat, primitive_setting, symprec: float):
+    """``Phonopy`` for the unit cell ``atoms``; primitive axes or a supercell that phonopy cannot use for this
+    crystal raise :class:`InputError` naming them."""
+    from phonopy import Phonopy
+
+    unit = _phonopy_atoms(atoms)
+    _check_primitive_axes(unit, primitive_setting, symprec)
+    try:
+        with warnings.catch_warnings():
+            # phonopy 4 warns that "auto" differs from phonopy 3's identity default; here "auto" is chosen on purpose
+            warnings.filterwarnings("ignore", message=".*primitive_matrix defaulted to 'auto'.*")
+            return Phonopy(unit, supercell_matrix=smat, primitive_matrix=primitive_setting, symprec=symprec, log_level=0)
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(primitive_setting, str) and primitive_setting in ("auto", "P"):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"phonopy cannot build the primitive cell from the primitive axes {_describe_axes(primitive_setting)} "
+                         f"and the supercell {np.asarray(smat).tolist()} of this {len(unit)}-atom unit cell ({reason}); "
+                         "use primitive 'auto' (--primitive-axis auto) or axes that are lattice vectors of the crystal.") from None
+
+
+def _check_nac_source(born_file, predictor, calculator, primitive_atoms: Atoms, symprec: float) -> None:
+    """NAC needs Z* and eps_inf: a BORN file that is missing or does not fit the primitive cell, a predictor
+    without ``predict_dielectric``, or no source at all raise :class:`InputError` now. Only the cheap cases are
+    resolved (reading the file, or failing); a model's own prediction is made later, for the relaxed cell."""
+    from workflows import nac as nac_module
+
+    if (born_file is not None
+            or (predictor is not None and not callable(getattr(predictor, "predict_dielectric", None)))
+            or (predictor is None and nac_module.find_predictor(calculator) is None)):
+        nac_module.resolve_born(born_file=born_file, predictor=predictor, calculator=calculator,
+                                primitive_atoms=primitive_atoms, symprec=symprec)
 
 
 def run_phonon(
@@ -506,7 +698,7 @@ def run_phonon(
     relax_steps: int = 500,
     primitive: Any = "auto",
     supercell: Any = None,
-    min_length: float = 15.0,
+    min_length: float | None = None,
     displacement: float = 0.01,
     mesh: Any = (20, 20, 20),
     tmax: float = 1000.0,
@@ -535,9 +727,15 @@ def run_phonon(
     primitive:
         ``"auto"`` (phonopy finds the primitive cell), a centring letter (``"F"``, ...), a 3x3 matrix
         or 9 numbers (phonopy's PRIMITIVE_AXES, relative to the unit cell), or None (the unit cell).
+        Axes that make a cell smaller than the crystal's primitive cell, or a non-integer number of
+        atoms, raise :class:`InputError` before any work.
     supercell, min_length:
-        The supercell matrix (3 integers or 3x3, relative to the unit cell). When None, the smallest
-        diagonal supercell whose perpendicular widths are all >= ``min_length`` Å (default 15 Å).
+        The supercell matrix (3 integers, or 3x3 in phonopy's ``DIM`` convention: the supercell's lattice
+        vectors as columns in units of the unit cell's). When None, :func:`auto_supercell`: the supercell
+        with the fewest atoms, keeping the crystal's point group, whose minimum image distance (shortest
+        lattice vector) is >= ``min_length`` Å; ``min_length=None`` means ``max(10 Å, 2 x cutoff)`` with
+        the model's cutoff from :func:`model_cutoff`. A supercell whose minimum image distance is below
+        twice the cutoff is logged as a warning.
     displacement:
         Finite displacement in Å (phonopy default 0.01).
     mesh:
@@ -560,7 +758,6 @@ def run_phonon(
         Show a rich progress bar on stderr over the force evaluations.
     """
     import phonopy
-    from phonopy import Phonopy
 
     _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_method, symprec)
     if getattr(calculator, "property_only", False):
@@ -569,20 +766,33 @@ def run_phonon(
         raise InputError(no_energy_message(str(model_info(calculator).get("name")), "forces"))
     if born_file is not None or predictor is not None:
         nac = True
+    from mattersim.registry import check_trained_elements  # elements the model was not trained on: before any work
+
+    check_trained_elements(calculator, [atoms], properties=nac and born_file is None and predictor is None)
     mesh_setting = _mesh_setting(mesh)
     primitive_setting = _primitive_setting(primitive)
     supercell_setting = None if supercell is None else _as_matrix(supercell, "supercell", integer=True)
-    if supercell_setting is None and not (min_length > 0 and math.isfinite(min_length)):
-        raise InputError(f"min_length must be a positive length in Å, not {min_length!r}.")
+    if min_length is not None and not (isinstance(min_length, (int, float, np.integer, np.floating))
+                                       and min_length > 0 and math.isfinite(min_length)):
+        raise InputError(f"min_length must be a positive length in Å (or None: automatic), not {min_length!r}.")
     if batch_size is not None and int(batch_size) < 1:
         raise InputError(f"batch_size must be a positive integer, not {batch_size!r}.")
     if born_file is not None and not Path(born_file).is_file():
         raise InputError(f"BORN file '{born_file}' does not exist; pass the path of a phonopy BORN file.")
 
     out = Path(output_dir) if output_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"Output directory '{out}' exists and is not a directory; choose another output_dir.")
+    cutoff, cutoff_source = model_cutoff(calculator)
+    auto_length = float(min_length) if min_length is not None else max(DEFAULT_MIN_LENGTH_A, 2.0 * cutoff)
+    # the cells of the input structure, before the relaxation and before anything is written: primitive axes
+    # that do not fit this crystal, a supercell phonopy cannot use, or (with NAC) no or an unreadable source
+    # of Born charges stop here (the relaxation keeps the space group, so the checks hold for the relaxed cell)
+    _check_primitive_axes(_phonopy_atoms(atoms), primitive_setting, symprec, supercell_setting)
+    ph_input = _build_phonopy(atoms, np.eye(3, dtype=int), primitive_setting, symprec)
+    if nac:
+        _check_nac_source(born_file, predictor, calculator, _ase_atoms(ph_input.primitive), symprec)
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise InputError(f"Output directory '{out}' exists and is not a directory; choose another output_dir.")
         out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out / "phonon.log" if out is not None else None, logger)
     t_start = time.perf_counter()
@@ -596,7 +806,8 @@ def run_phonon(
             "relax_steps": int(relax_steps), "relax_mode": "full", "relax_symmetry": True,
             "primitive": primitive_setting if isinstance(primitive_setting, (str, type(None))) else primitive_setting.tolist(),
             "supercell": None if supercell_setting is None else supercell_setting.tolist(),
-            "min_length_A": float(min_length), "displacement_A": float(displacement), "symprec": float(symprec),
+            "min_length_A": auto_length if supercell_setting is None else None,
+            "displacement_A": float(displacement), "symprec": float(symprec),
         }
         key = _run_key(input_atoms, settings, info)
         store = _ForceStore(out / _FORCES_FILE if out is not None else None, key)
@@ -644,20 +855,35 @@ def run_phonon(
             log.info("relaxation: skipped (relax=False); the structure is used as given")
 
         # 2. phonopy setup ----------------------------------------------------------------------------
-        smat = supercell_setting if supercell_setting is not None else auto_supercell(unit.cell[:], min_length)
-        with warnings.catch_warnings():
-            # phonopy 4 warns that "auto" differs from phonopy 3's identity default; here "auto" is chosen on purpose
-            warnings.filterwarnings("ignore", message=".*primitive_matrix defaulted to 'auto'.*")
-            ph = Phonopy(_phonopy_atoms(unit), supercell_matrix=smat, primitive_matrix=primitive_setting,
-                         symprec=symprec, log_level=0)
+        if supercell_setting is not None:
+            smat = supercell_setting
+            choice = "given"
+        else:
+            from phonopy.structure.symmetry import Symmetry
+
+            rotations = Symmetry(_phonopy_atoms(unit), symprec=symprec).symmetry_operations["rotations"]
+            smat = auto_supercell(unit.cell[:], auto_length, rotations)
+            choice = (f"automatic: the fewest atoms with a minimum image distance >= {auto_length:g} Å"
+                      + (" (min_length)" if min_length is not None else
+                         f" (max({DEFAULT_MIN_LENGTH_A:g} Å, 2 x cutoff {cutoff:g} Å))") + " keeping the point group")
+        ph = _build_phonopy(unit, smat, primitive_setting, symprec)
         ph.generate_displacements(distance=displacement)
         primitive_atoms = _ase_atoms(ph.primitive)
         sc_widths = perpendicular_widths(ph.supercell.cell)
+        sc_distance = min_image_distance(ph.supercell.cell)
         n_sc = len(ph.supercell)
         spacegroup = ph.symmetry.get_international_table()
-        log.info(f"phonopy: space group {spacegroup}, primitive cell {len(ph.primitive)} atoms, supercell "
-                 f"{np.asarray(smat).tolist()} ({n_sc} atoms, perpendicular widths {np.round(sc_widths, 2).tolist()} Å), "
+        log.info(f"phonopy: space group {spacegroup}, primitive cell {len(ph.primitive)} atoms, supercell matrix "
+                 f"{np.asarray(smat).tolist()} ({choice}; {n_sc} atoms, minimum image distance {sc_distance:.2f} Å, "
+                 f"perpendicular widths {np.round(sc_widths, 2).tolist()} Å), "
                  f"{len(ph.supercells_with_displacements)} displaced supercells of {displacement} Å")
+        if sc_distance < 2 * cutoff:
+            what = ("an atom interacts with its own periodic image" if sc_distance < cutoff else
+                    "a displaced atom and its periodic image can both be within the cutoff of one atom, so their "
+                    "force constants are summed into one")
+            log.warning(f"the supercell's minimum image distance {sc_distance:.2f} Å is below twice the model's "
+                        f"cutoff (2 x {cutoff:g} Å, {cutoff_source}): {what}; use a larger supercell or leave "
+                        "it out (automatic).")
         if n_sc > 2000:
             log.warning(f"the supercell has {n_sc} atoms; pass a smaller supercell or min_length if this is too slow.")
 
@@ -715,7 +941,7 @@ def run_phonon(
                  f"from forces.npz, {len(todo)} to evaluate in chunks of {chunk}"
                  f"{' (batched model calls)' if batched else ''}")
         t0 = time.perf_counter()
-        with progress_bar(progress, len(todo), "supercell forces") as bar:
+        with progress_bar(progress, len(todo), f"forces ({n_sc}-atom supercells)") as bar:
             for start in range(0, len(todo), chunk):
                 idx = todo[start:start + chunk]
                 results = evaluate_batch(calculator, [supercells[i] for i in idx], ("energy", "forces"))
@@ -747,8 +973,11 @@ def run_phonon(
         ph.symmetrize_force_constants(show_drift=False)
 
         # 5./6. post-processing -----------------------------------------------------------------------
+        title = (f"{primitive_atoms.get_chemical_formula(mode='hill', empirical=True)} ({spacegroup}), "
+                 f"{info.get('name') or 'model'}" + (", NAC" if nac_summary.get("enabled") else ""))
         summary = _post_process(ph, out, log, mesh_setting=mesh_setting, tmax=tmax, tstep=tstep, nac_summary=nac_summary,
-                                primitive_atoms=primitive_atoms, born_charges=born_charges, member_charges=members_sym)
+                                primitive_atoms=primitive_atoms, born_charges=born_charges, member_charges=members_sym,
+                                title=title)
         timings["post_processing"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
 
@@ -775,6 +1004,10 @@ def run_phonon(
                 "supercell_matrix": np.asarray(ph.supercell_matrix).tolist(),
                 "primitive_matrix": None if ph.primitive_matrix is None else np.asarray(ph.primitive_matrix).tolist(),
                 "supercell_perpendicular_widths_A": sc_widths.tolist(),
+                "supercell_min_image_distance_A": sc_distance,
+                "supercell_choice": choice,
+                "model_cutoff_A": cutoff,
+                "model_cutoff_source": cutoff_source,
                 "unitcell": _structure_record(unit),
             },
             "relaxation": relax_summary,
@@ -896,8 +1129,9 @@ def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
 
 
 def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tstep, nac_summary, primitive_atoms,
-                  born_charges=None, member_charges=None) -> dict:
-    """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots."""
+                  born_charges=None, member_charges=None, title: str = "") -> dict:
+    """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots
+    (``title``: material and model, on every plot)."""
     # projected DOS: needs the full mesh with eigenvectors
     pdos_note = None
     if out is not None:
@@ -976,8 +1210,8 @@ def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tste
             nac_module.write_born(out / "BORN", born_charges, primitive_atoms, symprec=ph.symmetry.tolerance)
             nac_summary["born_file_written"] = "BORN"
 
-        _plot_band_dos(ph, path, out / "band_dos.png")
-        _plot_thermal(ph, out / "thermal.png")
+        _plot_band_dos(ph, path, out / "band_dos.png", title)
+        _plot_thermal(ph, out / "thermal.png", title)
     return summary
 
 
@@ -1002,7 +1236,7 @@ def _lowest_mode(mesh_q, mesh_f, band_q, band_f, seg_names) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _plot_band_dos(ph, path: dict, filename: Path) -> None:
+def _plot_band_dos(ph, path: dict, filename: Path, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1040,10 +1274,12 @@ def _plot_band_dos(ph, path: dict, filename: Path) -> None:
     ax_d.axhline(0.0, color="0.4", lw=0.6, ls="--")
     ax_d.set_xlabel("DOS (states/THz)")
     ax_d.set_xlim(left=0)
-    fig.savefig(filename, dpi=150)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(filename, dpi=150, metadata={"Title": f"Phonon band structure and DOS: {title}"})
 
 
-def _plot_thermal(ph, filename: Path) -> None:
+def _plot_thermal(ph, filename: Path, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1056,6 +1292,8 @@ def _plot_thermal(ph, filename: Path) -> None:
     ax.plot(tp["temperatures"], tp["heat_capacity"], label="$C_v$ (J/K/mol)")
     ax.axhline(0.0, color="0.6", lw=0.6)
     ax.set_xlabel("Temperature (K)")
-    ax.set_title("Harmonic thermal properties (per mole of primitive cells)")
+    ax.set_title("Harmonic thermal properties (per mole of primitive cells)", fontsize=10)
+    if title:
+        fig.suptitle(title)
     ax.legend()
-    fig.savefig(filename, dpi=150)
+    fig.savefig(filename, dpi=150, metadata={"Title": f"Harmonic thermal properties: {title}"})
