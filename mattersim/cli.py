@@ -99,6 +99,11 @@ def _tidy_help(command, ctx) -> None:
             param.metavar = ""
         elif param.metavar is None:
             param.metavar = _plain_metavar(param, ctx)
+            if param.metavar.startswith("[") and len(param.metavar) > 16:
+                # a long list of choices would squeeze the option names at 80 columns: name it, list it in the help
+                choices = param.metavar.strip("[]").split("|")
+                param.metavar = param.name.upper()
+                param.help = f"{param.help or ''} One of: {', '.join(choices)}.".strip()
 
 
 class _ErrorHandlingGroup(TyperGroup):

@@ -453,3 +453,25 @@ def test_init_from_registry_name_uses_cached_weights(tmp_path, monkeypatch):
     shutil.copy(one_m, tmp_path / "cache" / "models" / "mattersim-v1.0.0-1M.pth")
     model, info, new = build_model(cfg)
     assert model.config["backbone"]["units"] == 128 and new == [] and info["path"].endswith("mattersim-v1.0.0-1M.pth")
+
+
+def test_bootstrap_resample_is_seeded_and_recorded(tmp_path):
+    """bootstrap: true draws as many training samples as there are, with replacement, from a seeded stream
+    of its own (the validation split is unchanged); the data description records the distinct count."""
+    frames = emt_frames(12)
+    write_frames(tmp_path / "train.extxyz", frames)
+    plain_train, plain_valid, _ = load_data(config(tmp_path, valid_fraction=0.25, seed=3))
+    train, valid, meta = load_data(config(tmp_path, valid_fraction=0.25, bootstrap=True, seed=3))
+    assert [s.source for s in valid] == [s.source for s in plain_valid]  # same held-out samples
+    assert len(train) == len(plain_train)
+    sources = [s.source for s in train]
+    distinct = set(sources)
+    assert distinct <= {s.source for s in plain_train} and len(distinct) < len(train)  # duplicates: a resample
+    assert meta["train"]["bootstrap"] == {"seed": 3, "n_unique": len(distinct)}
+    again, _, _ = load_data(config(tmp_path, valid_fraction=0.25, bootstrap=True, seed=3))
+    assert [s.source for s in again] == sources  # seeded
+    other, _, _ = load_data(config(tmp_path, valid_fraction=0.25, bootstrap=True, seed=4))
+    assert [s.source for s in other] != sources
+    assert load_data(config(tmp_path, valid_fraction=0.25))[2]["train"]["bootstrap"] is None
+    with pytest.raises(InputError, match="bootstrap"):
+        config(tmp_path, bootstrap="sometimes")
