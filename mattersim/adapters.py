@@ -36,6 +36,8 @@ CHGNET_MEMORY = MemoryModel(per_atom=0, per_edge=0.0225 * MIB, per_triplet=0.026
 #: SevenNet-0 (sevenn 0.13, float32, CPU): bytes per directed edge (5 Å), fitted on Si (216, 512) and
 #: fcc Cu (256): 1.5-3 % above the measured peaks
 SEVENNET_MEMORY = MemoryModel(per_atom=0, per_edge=0.132 * MIB, constant=80 * MIB)
+#: SevenNet's edges per batch on the CPU (see ``BatchedSevenNetCalculator.cpu_max_edges``)
+SEVENNET_CPU_MAX_EDGES = 4096
 
 
 def _full_stress(stress) -> np.ndarray:
@@ -229,6 +231,11 @@ def _sevennet_class() -> type:
         memory_model = SEVENNET_MEMORY
         model_info_name = "SevenNet"
         memory_budget = DEFAULT_BUDGET
+        #: edges per merged batch on the CPU (a speed cap, beside the memory budget): larger batches are
+        #: slower per structure there (120 mpf-alkali-TP frames: 8.7 s at 2048 edges, 9.1 s at 4096, 14.6 s at
+        #: 16384, 30.7 s at the 8 GB default budget,
+        #: 11.6 s one by one); None = no cap (GPUs)
+        cpu_max_edges = SEVENNET_CPU_MAX_EDGES
 
         def memory_sizes(self, structures: Sequence[Atoms]) -> list[tuple[int, int, int]]:
             """``(atoms, edges, 0)`` of each structure (estimated with vesin)."""
@@ -247,7 +254,9 @@ def _sevennet_class() -> type:
             sizes = [(len(a), int(g[KEY.EDGE_IDX].shape[1]), 0) for a, g in zip(structures, graphs)]
             results: list = [None] * len(structures)
             collate = Collater([], follow_batch=None, exclude_keys=None)
-            for idx in budget_batches(sizes, self.memory_model, self.memory_budget):
+            on_cpu = str(self.device).startswith("cpu")
+            cap = self.cpu_max_edges if on_cpu and self.cpu_max_edges else float("inf")
+            for idx in budget_batches(sizes, self.memory_model, self.memory_budget, max_edges=cap):
                 if len(idx) == 1:
                     _warn_if_over(self, f"structure {idx[0]}", sizes[idx[0]][0], self.memory_model(*sizes[idx[0]]))
                 batch = collate([graphs[k] for k in idx]).to(self.device)

@@ -142,3 +142,43 @@ def test_cli_predict_and_relax_a_molecule_with_chgnet(tmp_path):
     assert result.exit_code == 0, result.output
     relaxed = ase.io.read(tmp_path / "r" / "relaxed.extxyz")
     assert not relaxed.pbc.any()  # still a molecule
+
+
+def test_sevennet_cpu_batches_stop_at_the_edge_cap():
+    """On the CPU, merged SevenNet batches stop at cpu_max_edges (large merged graphs are slower there:
+    a speed cap beside the memory budget); the results do not depend on it."""
+    pytest.importorskip("sevenn")
+    from mattersim.calculator import evaluate_batch
+    from mattersim.registry import load_calculator
+
+    calc = load_calculator("sevennet-0")
+    structures = _rattled_structures()
+    edges = [e for _, e, _ in calc.memory_sizes(structures)]
+
+    class Counting:
+        def __init__(self, model):
+            self.model, self.calls = model, 0
+
+        def __call__(self, batch):
+            self.calls += 1
+            return self.model(batch)
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+    free = evaluate_batch(calc, structures)
+    counter = Counting(calc.model)
+    calc.model = counter
+    try:
+        calc.cpu_max_edges = 1  # every structure exceeds it: one structure per call
+        capped = evaluate_batch(calc, structures)
+        assert counter.calls == len(structures)
+        counter.calls = 0
+        calc.cpu_max_edges = sum(edges)  # all fit
+        evaluate_batch(calc, structures)
+        assert counter.calls == 1
+    finally:
+        calc.model = counter.model
+    for a, b in zip(free, capped):
+        assert a["energy"] == pytest.approx(b["energy"], rel=2e-6)
+        np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-5)
