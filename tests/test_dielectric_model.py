@@ -151,3 +151,26 @@ def test_composite_drives_the_phonon_workflow(tmp_path):
     for d, s in zip(nac["gamma_lo_to"]["directions"], spread["directions"]):
         assert np.min(s["member_lo_frequencies"]) > max(d["to_frequencies"])
     assert result is not None
+
+
+@pytest.mark.parametrize("name", ["Si", "GaAs"])
+def test_phonon_nac_path_is_physical_on_unseen_crystals(name, tmp_path):
+    """The phonon workflow's NAC output path: the Z*/eps_inf it uses and writes (summary, BORN) obey the
+    bounds, Si's Z* are exactly zero (no LO-TO splitting), and every member's LO lies at or above the TO."""
+    from workflows.phonon import run_phonon
+
+    atoms = unseen_crystals()[name]
+    calc = load_calculator("sevennet-0+mattersim-dielectric")
+    run_phonon(atoms, calc, supercell=(2, 2, 2), nac=True, relax=False, mesh=(4, 4, 4), output_dir=tmp_path,
+               progress=False)
+    nac = json.loads((tmp_path / "summary.json").read_text())["nac"]
+    born, eps = np.asarray(nac["born"]), np.asarray(nac["epsilon"])
+    assert_physical(born, eps, f"{name} phonon summary")
+    assert nac["uncertainty"]["n_members"] == len(load_calculator("mattersim-dielectric").members)
+    for d, s in zip(nac["gamma_lo_to"]["directions"], nac["uncertainty"]["gamma_lo_to"]["directions"]):
+        member_lo = np.ravel(s["member_lo_frequencies"])
+        if member_lo.size:
+            assert member_lo.min() >= max(d["to_frequencies"]) - 1e-6
+    if name == "Si":
+        assert np.all(born == 0.0)
+        assert all(not d["lo_frequencies"] for d in nac["gamma_lo_to"]["directions"])  # no splitting
