@@ -35,25 +35,16 @@ EXIT_USER_ERROR = 2
 EXIT_NOT_CONVERGED = 1
 
 
-def _terminal(stream) -> Optional[bool]:
-    """None (rich decides) on a terminal, else False: colours and other escape codes only ever go to a terminal,
-    never into a file, a pipe or a log, even where FORCE_COLOR, PY_COLORS or GITHUB_ACTIONS is set."""
-    try:
-        return None if stream.isatty() else False
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
 def _stderr_console():
-    from rich.console import Console
+    from mattersim.io import console
 
-    return Console(stderr=True, soft_wrap=True, highlight=False, force_terminal=_terminal(sys.stderr))
+    return console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _stdout_console():
-    from rich.console import Console
+    from mattersim.io import console
 
-    return Console(highlight=False, force_terminal=_terminal(sys.stdout))
+    return console(highlight=False)
 
 
 def print_error(message: str) -> None:
@@ -124,7 +115,9 @@ class _ErrorHandlingGroup(TyperGroup):
         except ImportError:  # pragma: no cover - typer without rich
             return super().main(*args, **kwargs)
         saved = rich_utils.FORCE_TERMINAL
-        if _terminal(sys.stdout) is False or _terminal(sys.stderr) is False:
+        from mattersim.io import terminal_flag
+
+        if terminal_flag(sys.stdout) is False or terminal_flag(sys.stderr) is False:
             rich_utils.FORCE_TERMINAL = False
         try:
             return super().main(*args, **kwargs)

@@ -647,17 +647,35 @@ class _NullBar:
         pass
 
 
+def terminal_flag(stream) -> bool | None:
+    """rich's ``force_terminal`` for ``stream``: None (rich decides) on a terminal, else False. Colours and
+    other escape codes only ever go to a terminal, never into a file, a pipe or a log, even where
+    FORCE_COLOR, PY_COLORS or GITHUB_ACTIONS is set."""
+    try:
+        return None if stream.isatty() else False
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def console(*, stderr: bool = False, **kwargs):
+    """A rich Console on stdout or stderr that writes escape codes only to a terminal (:func:`terminal_flag`)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(stderr=stderr, force_terminal=terminal_flag(sys.stderr if stderr else sys.stdout), **kwargs)
+
+
 class _RichBar:
     def __init__(self, total: int, description: str):
         self.total, self.description = total, description
 
     def __enter__(self):
-        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console(stderr=True))
         self.progress.__enter__()
         self.task = self.progress.add_task(self.description, total=self.total)
         return self

@@ -395,7 +395,6 @@ def _progress_bar(label: str, total: int | None, enabled: bool) -> Iterator[Call
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -412,13 +411,9 @@ def _progress_bar(label: str, total: int | None, enabled: bool) -> Iterator[Call
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    import sys
+    from mattersim.io import console
 
-    try:  # escape codes only on a terminal, even where FORCE_COLOR is set
-        terminal = None if sys.stderr.isatty() else False
-    except (AttributeError, ValueError):
-        terminal = False
-    with Progress(*columns, console=Console(stderr=True, force_terminal=terminal)) as bar:
+    with Progress(*columns, console=console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
