@@ -680,6 +680,7 @@ def phonon_command(
     nac: bool = typer.Option(False, "--nac", help="Non-analytical term correction (LO-TO splitting) for polar crystals."),
     born: Optional[Path] = typer.Option(None, "--born", help="phonopy BORN file with Born charges and ε∞ of the primitive cell (implies --nac)."),
     nac_method: NacMethod = typer.Option(NacMethod.gonze, "--nac-method", help="NAC method.", case_sensitive=False),
+    nac_range: str = typer.Option("none", "--nac-range", help="Where the model's force constants hold the dipole-dipole interaction; the tail beyond is added (docs/phonon-nac.md): 'none' (phonopy's plain NAC), 'auto' (the model's cutoff -2 to +0.5 Å), R or R_ON:R_OFF in Å."),
     supercell: Optional[str] = typer.Option(None, "--supercell", help='Supercell of the unit cell: "2 2 2" or 9 integers (a 3x3 matrix as phonopy\'s DIM); default: automatic from --min-length.'),
     min_length: Optional[float] = typer.Option(None, "--min-length", help="Automatic supercell: the one with the fewest atoms whose minimum image distance is at least this (Å); default max(10, 2 x the model's cutoff)."),
     displacement: float = typer.Option(0.01, "--displacement", help="Finite displacement in Å."),
@@ -710,6 +711,9 @@ def phonon_command(
     supercell_value = _parse_supercell(supercell)
     mesh_value = _parse_mesh(mesh)
     primitive_value = _parse_primitive_axis(primitive_axis)
+    from workflows.dipole import parse_nac_range
+
+    range_value = parse_nac_range(nac_range)  # a typo fails before the model loads
     if born is not None and not born.is_file():
         raise InputError(f"BORN file '{born}' does not exist; pass the path of a phonopy BORN file to --born.")
     from mattersim.io import ensure_writable_dir
@@ -738,7 +742,7 @@ def phonon_command(
             atoms, calc, relax=relax, fmax=fmax, pressure=pressure, relax_steps=relax_steps, primitive=primitive_value,
             supercell=supercell_value, min_length=min_length, displacement=displacement, mesh=mesh_value, tmax=tmax,
             tstep=tstep, nac=nac or born is not None, born_file=None if born is None else str(born),
-            nac_method=nac_method.value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
+            nac_method=nac_method.value, nac_range=range_value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
         )
     finally:
         phonon_logger.removeHandler(warning_lines)

@@ -77,6 +77,8 @@ def test_replayed_dft_forces_reproduce_phonopy_nac(case, method, tmp_path):
         np.testing.assert_allclose(a["frequencies"][3:], b["frequencies"][3:], atol=1e-6)
         assert a["lo_frequencies"] == pytest.approx(b["lo_frequencies"], abs=1e-6)
     assert result.summary["nac"] is not None
+    # DFT force constants hold the whole dipole-dipole interaction: phonopy's plain NAC, nothing added
+    assert result.summary["nac"]["dipole_tail"]["scheme"].startswith("none")
     # band path and mesh DOS
     q = np.array([[0.1, 0.0, 0.0], [0.25, 0.25, 0.0], [0.5, 0.5, 0.5], [0.3, 0.1, 0.05]])
     ours.run_qpoints(q)

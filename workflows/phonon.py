@@ -34,7 +34,9 @@ Steps (each one logged to ``phonon.log``):
    with the crystal's site symmetry, Gonze-Lee (default) or Wang method; when the source carries an
    uncertainty (an ensemble such as ``mattersim-dielectric``), ``summary.json`` reports the Z* and
    eps_inf standard deviations and, with the members' own predictions, the standard deviation of the LO
-   and TO frequencies at Γ over the members (:func:`workflows.nac.lo_to_spread`);
+   and TO frequencies at Γ over the members (:func:`workflows.nac.lo_to_spread`); with ``nac_range``
+   the dipole-dipole tail that a short-ranged model lacks is added to its force constants first
+   (:mod:`workflows.dipole`);
 6. band structure along the seekpath path, DOS and projected DOS on a Γ-centred mesh, thermal
    properties, group velocities, imaginary-mode detection, plots and ``summary.json``.
 
@@ -707,6 +709,7 @@ def run_phonon(
     born_file: str | os.PathLike | None = None,
     predictor: Any = None,
     nac_method: str = "gonze",
+    nac_range: Any = None,
     symprec: float = 1e-5,
     output_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
@@ -747,6 +750,15 @@ def run_phonon(
         Non-analytical term correction (polar crystals): Born charges and ε∞ from a phonopy BORN file,
         a predictor, or the calculator (:func:`workflows.nac.resolve_born`); ``"gonze"`` or ``"wang"``.
         Giving ``born_file`` or ``predictor`` switches NAC on.
+    nac_range:
+        Where the model's force constants contain the dipole-dipole interaction (:mod:`workflows.dipole`).
+        ``None`` (default): phonopy's plain NAC, right for force constants that contain the whole
+        interaction (DFT, replayed forces). ``"auto"``: a cosine window from the model's cutoff - 2 Å to
+        cutoff + 0.5 Å (plain NAC, with a log line, for a calculator that exposes no cutoff); a number R (a
+        step at R Å) or ``(r_on, r_off)`` sets it. With a window the missing dipole-dipole tail is added to
+        the force constants (the model's own frequencies at Γ are kept), so that the bands of a model
+        whose force constants end within the window converge with the supercell size; see
+        docs/phonon-nac.md for where this helps and where a model's own range is longer.
     symprec:
         Symmetry tolerance in Å (phonopy/spglib).
     output_dir:
@@ -779,6 +791,9 @@ def run_phonon(
         raise InputError(f"batch_size must be a positive integer, not {batch_size!r}.")
     if born_file is not None and not Path(born_file).is_file():
         raise InputError(f"BORN file '{born_file}' does not exist; pass the path of a phonopy BORN file.")
+    from workflows.dipole import parse_nac_range, window_for_model
+
+    range_setting = parse_nac_range(nac_range)
 
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
@@ -971,6 +986,25 @@ def run_phonon(
         ph.forces = forces[1:]
         ph.produce_force_constants(calculate_full_force_constants=False, show_drift=False)
         ph.symmetrize_force_constants(show_drift=False)
+        window = None
+        if nac:
+            window = (window_for_model(cutoff, cutoff_source)
+                      if range_setting == "auto" and not cutoff_source.startswith("assumed") else
+                      None if range_setting == "auto" else range_setting)
+            if window is not None:
+                from workflows.dipole import complete_dipole_tail
+
+                nac_summary["dipole_tail"] = complete_dipole_tail(ph, window)
+                log.info(f"NAC: the model's force constants hold the dipole-dipole interaction within "
+                         f"{window.r_on:g}-{window.r_off:g} Å ({window.source}); the missing tail was added, "
+                         "keeping the frequencies at Γ (workflows.dipole)")
+            else:
+                why = ("nac_range=None: the force constants are taken to contain the whole dipole-dipole "
+                       "interaction, as DFT's do" if range_setting is None else
+                       "nac_range='auto' but the calculator exposes no cutoff; pass nac_range=(r_on, r_off)")
+                nac_summary["dipole_tail"] = {"scheme": "none: phonopy's NAC on the force constants as computed",
+                                              "reason": why}
+                log.info(f"NAC: phonopy's plain {nac_method} NAC ({why})")
 
         # 5./6. post-processing -----------------------------------------------------------------------
         title = (f"{primitive_atoms.get_chemical_formula(mode='hill', empirical=True)} ({spacegroup}), "
@@ -992,8 +1026,10 @@ def run_phonon(
             "settings": {**settings, "mesh": mesh_setting, "mesh_gamma_centered": True,
                          "thermal_exclude_gamma_acoustic": True, "tmax_K": float(tmax),
                          "tstep_K": float(tstep), "nac": bool(nac), "nac_method": nac_method if nac else None,
+                         "nac_range": None if window is None else window.to_dict(),
                          "born_file": None if born_file is None else str(born_file), "batch_size": chunk,
-                         "force_constants": "phonopy finite displacements, compact, symmetrize_force_constants(level=1)"},
+                         "force_constants": "phonopy finite displacements, compact, symmetrize_force_constants(level=1)"
+                                            + ("; dipole-dipole tail beyond the window added (nac.dipole_tail)" if window else "")},
             "units": UNITS,
             "structure": {
                 "formula": unit.get_chemical_formula(mode="hill", empirical=False),
