@@ -576,8 +576,8 @@ def _evaluate_entry(item, calculator, settings: dict, files=None) -> dict:
     result = run_phonon(entry.unitcell, calculator, relax=True, fmax=settings["fmax_eV_per_A"],
                         relax_steps=settings["relax_steps"], supercell=entry.supercell_matrix,
                         primitive=entry.primitive_matrix, displacement=settings["displacement_A"], nac=False,
-                        mesh=mesh, tmax=300.0, tstep=300.0, symprec=settings["symprec"], output_dir=None,
-                        progress=False)
+                        mesh=mesh, group_velocities=True, tmax=300.0, tstep=300.0, symprec=settings["symprec"],
+                        output_dir=None, progress=False)
     timings["prediction"] = time.perf_counter() - t
     inner = result.summary.get("timings_s") or {}
     timings["relaxation"] = float(inner.get("relaxation", 0.0))

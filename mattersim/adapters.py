@@ -186,7 +186,10 @@ def _chgnet_class() -> type:
                 out.append((len(a), edges, angles))
             return out
 
-        def calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+        def calculate_batch(self, structures: Sequence[Atoms], properties=None) -> list[dict]:
+            """Per structure: energy, forces and, unless ``properties`` leaves stress out, stress and magmoms
+            (CHGNet's tasks: "ef" or "efsm")."""
+            stress = properties is None or "stress" in properties
             boxed = [isolated_in_box(a, self._cutoff(), "CHGNet") for a in structures]
             graphs = [
                 self.model.graph_converter(AseAtomsAdaptor.get_structure(a)).to(self.device) for a, _ in boxed
@@ -197,7 +200,8 @@ def _chgnet_class() -> type:
                 if len(idx) == 1:
                     _warn_if_over(self, f"structure {idx[0]}", sizes[idx[0]][0], self.memory_model(*sizes[idx[0]]))
                 with chgnet_first_derivatives():
-                    preds = self.model.predict_graph([graphs[k] for k in idx], task="efsm", batch_size=len(idx))
+                    preds = self.model.predict_graph([graphs[k] for k in idx], task="efsm" if stress else "ef",
+                                                     batch_size=len(idx))
                 for k, p in zip(idx, preds if isinstance(preds, list) else [preds]):
                     out[k] = p
             results = []
@@ -208,9 +212,10 @@ def _chgnet_class() -> type:
                     "energy": energy,
                     "free_energy": energy,
                     "forces": np.asarray(p["f"], dtype=float),
-                    "magmoms": np.asarray(p["m"], dtype=float),
                 }
-                if not isolated:  # a molecule's box has no meaningful stress
+                if "m" in p:
+                    res["magmoms"] = np.asarray(p["m"], dtype=float)
+                if not isolated and stress:  # a molecule's box has no meaningful stress
                     res["stress"] = _full_stress(np.asarray(p["s"]) * self.stress_weight)
                 results.append(res)
             return results
@@ -243,7 +248,9 @@ def _sevennet_class() -> type:
 
             return [(len(a), pair_counts(a, [self.cutoff])[0][0], 0) for a in structures]
 
-        def calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+        def calculate_batch(self, structures: Sequence[Atoms], properties=None) -> list[dict]:
+            """Per structure: energy, forces, stress (SevenNet computes all three in one pass; ``properties``
+            is accepted for the common interface)."""
             graphs = []
             for atoms in structures:
                 SevenNetCalculator.set_atoms(self, atoms)  # SevenNet's own check of its type map

@@ -39,9 +39,11 @@ class MatterSimCalculator(Calculator):
         res = self.potential.predict([self.atoms])[0]
         self.results = to_ase_results(res)
 
-    def calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
-        """Results per structure (``stress`` as a 3x3 array) from batched model calls."""
-        return [with_free_energy(r) for r in self.potential.predict(list(structures))]
+    def calculate_batch(self, structures: Sequence[Atoms], properties=None) -> list[dict]:
+        """Results per structure (``stress`` as a 3x3 array) from batched model calls; ``properties``
+        without ``"stress"`` skips the stress (and its derivative work)."""
+        stress = properties is None or "stress" in properties
+        return [with_free_energy(r) for r in self.potential.predict(list(structures), stress=stress)]
 
 
 def with_free_energy(res: dict) -> dict:
@@ -71,6 +73,8 @@ def evaluate_batch(calc: Calculator, structures: Sequence[Atoms], properties=("e
 
         raise InputError(no_energy_message(str(model_info(calc).get("name")), ", ".join(properties)))
     if hasattr(calc, "calculate_batch"):
+        if _takes_properties(calc.calculate_batch):  # ours do: a model skips what is not asked (stress)
+            return calc.calculate_batch(structures, properties=tuple(properties))
         return calc.calculate_batch(structures)
     results = []
     for atoms in structures:
@@ -87,6 +91,16 @@ def evaluate_batch(calc: Calculator, structures: Sequence[Atoms], properties=("e
                 res[extra] = np.array(calc.results[extra])
         results.append(res)
     return results
+
+
+def _takes_properties(method) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "properties" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def model_info(calc) -> dict:

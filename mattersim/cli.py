@@ -685,6 +685,8 @@ def phonon_command(
     min_length: Optional[float] = typer.Option(None, "--min-length", help="Automatic supercell: the one with the fewest atoms whose minimum image distance is at least this (Å); default max(10, 2 x the model's cutoff)."),
     displacement: float = typer.Option(0.01, "--displacement", help="Finite displacement in Å."),
     mesh: str = typer.Option("20 20 20", "--mesh", help='Γ-centred q mesh for DOS and thermal properties ("20 20 20"), or one number: a length in Å (density).'),
+    pdos: bool = typer.Option(False, "--pdos", help="Also write the projected DOS (projected_dos.dat; the slowest part of the post-processing)."),
+    group_velocities: bool = typer.Option(False, "--group-velocities", help="Also compute the mean group velocities on the mesh (summary.json)."),
     tmax: float = typer.Option(1000.0, "--tmax", help="Thermal properties from 0 K to TMAX (K)."),
     tstep: float = typer.Option(10.0, "--tstep", help="Temperature step (K)."),
     pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure for the relaxation, GPa."),
@@ -703,7 +705,7 @@ def phonon_command(
 ) -> None:
     """Phonons of the crystal in FILE (phonopy finite displacements): band structure, DOS, thermal properties.
 
-    Writes phonopy.yaml (reopen with phonopy.load), band.yaml, total_dos.dat, projected_dos.dat,
+    Writes phonopy.yaml (reopen with phonopy.load), band.yaml, total_dos.dat, projected_dos.dat (--pdos),
     thermal_properties.yaml, BORN (with NAC), plots, phonon.log and summary.json to OUTDIR.
     """
     from mattersim.io import read_structures
@@ -740,7 +742,7 @@ def phonon_command(
     try:
         result = run_phonon(
             atoms, calc, relax=relax, fmax=fmax, pressure=pressure, relax_steps=relax_steps, primitive=primitive_value,
-            supercell=supercell_value, min_length=min_length, displacement=displacement, mesh=mesh_value, tmax=tmax,
+            supercell=supercell_value, min_length=min_length, displacement=displacement, mesh=mesh_value, pdos=pdos, group_velocities=group_velocities, tmax=tmax,
             tstep=tstep, nac=nac or born is not None, born_file=None if born is None else str(born),
             nac_method=nac_method.value, nac_range=range_value, symprec=symprec, output_dir=outdir, batch_size=batch_size, progress=True,
         )

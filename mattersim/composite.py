@@ -383,11 +383,12 @@ class CompositeCalculator(Calculator):
         if callable(getattr(potential_calc, "calculate_batch", None)):
             self.calculate_batch = self._calculate_batch
 
-    def _calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+    def _calculate_batch(self, structures: Sequence[Atoms], properties=None) -> list[dict]:
         """The potential's results (energy, forces, 3x3 stress, ...) per structure, batched."""
         from mattersim.calculator import evaluate_batch
 
-        return evaluate_batch(self.potential_calc, list(structures))
+        wanted = ("energy", "forces", "stress") if properties is None else tuple(properties)
+        return evaluate_batch(self.potential_calc, list(structures), wanted)
 
     def property_batch(self, structures: Sequence[Atoms]) -> list[dict]:
         """The property model's results per structure: Z*, eps_inf (and ``*_std``, ``members``)."""

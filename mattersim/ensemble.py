@@ -81,9 +81,10 @@ class EnsembleCalculator(Calculator):
         }
         self.uncertainty: dict | None = None
 
-    def calculate_batch(self, structures: Sequence[Atoms]) -> list[dict]:
+    def calculate_batch(self, structures: Sequence[Atoms], properties=None) -> list[dict]:
         """Mean results with ``*_std`` and ``force_uncertainty`` per structure; batched per member."""
-        per_member = [evaluate_batch(m, structures) for m in self.members]
+        wanted = ("energy", "forces", "stress") if properties is None else tuple(properties)
+        per_member = [evaluate_batch(m, structures, wanted) for m in self.members]
         return [combine([res[k] for res in per_member]) for k in range(len(structures))]
 
     def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes):

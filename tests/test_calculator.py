@@ -66,3 +66,15 @@ def test_evaluate_batch_matches_ase_path(calc):
     emt = evaluate_batch(EMT(), structures)
     assert emt[1]["forces"].shape == (2, 3) and emt[1]["stress"].shape == (3, 3)
     assert structures[0].calc is None
+
+
+def test_evaluate_batch_skips_stress_when_not_asked(calc):
+    """Phonon force evaluations ask for energy and forces only: no stress work, the same forces."""
+    structures = [bulk("Si", "diamond", a=5.43, cubic=True), bulk("Al", "fcc", a=4.05) * (2, 1, 1)]
+    structures[0].positions[0] += 0.05
+    full = evaluate_batch(calc, structures)
+    lean = evaluate_batch(calc, structures, ("energy", "forces"))
+    for a, b in zip(full, lean):
+        assert "stress" in a and "stress" not in b
+        np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-12)
+        assert b["energy"] == pytest.approx(a["energy"], abs=1e-12)

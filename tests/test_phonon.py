@@ -97,7 +97,8 @@ def _by_hand(unit: Atoms, smat, calc, mesh=MESH, band_qpoints=None):
 def cu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cu") / "out"
     atoms = bulk("Cu", "fcc", a=3.59)
-    result = run_phonon(atoms, EMT(), relax=False, supercell=(3, 3, 3), mesh=MESH, output_dir=out, progress=False)
+    result = run_phonon(atoms, EMT(), relax=False, supercell=(3, 3, 3), mesh=MESH, pdos=True, group_velocities=True,
+                        output_dir=out, progress=False)
     return atoms, result
 
 
@@ -243,6 +244,24 @@ def test_band_path_follows_a_non_standard_setting():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_perfect_supercell_forces_are_the_unit_cells_repeated(small_checkpoint, tmp_path):
+    """Away from equilibrium (an atom moved in the unit cell), the perfect supercell's forces taken from
+    one unit-cell call equal a direct evaluation of the supercell (float64: to round-off)."""
+    from mattersim.registry import load_calculator
+
+    calc = load_calculator(str(small_checkpoint), dtype="float64")
+    atoms = bulk("NaCl", "rocksalt", a=5.6, cubic=True)
+    atoms.positions[1] += [0.05, 0.02, -0.03]
+    result = run_phonon(atoms, calc, relax=False, supercell=(2, 1, 1), primitive=None, mesh=(2, 2, 2),
+                        output_dir=tmp_path, progress=False)
+    stored = np.load(tmp_path / "forces.npz")["forces"][0]
+    sc = result.phonopy.supercell
+    direct = calc.calculate_batch([Atoms(sc.symbols, cell=sc.cell, scaled_positions=sc.scaled_positions, pbc=True)])[0]
+    assert np.abs(stored).max() > 1e-3  # not at equilibrium
+    np.testing.assert_allclose(stored, direct["forces"], atol=1e-10)
+    assert result.summary["forces"]["residual_force_max_eV_per_A"] == pytest.approx(np.linalg.norm(direct["forces"], axis=1).max())
+
+
 def test_batched_equals_one_at_a_time(small_checkpoint, monkeypatch):
     from mattersim.calculator import MatterSimCalculator
     from mattersim.registry import load_calculator
@@ -261,10 +280,11 @@ def test_batched_equals_one_at_a_time(small_checkpoint, monkeypatch):
     kw = dict(relax=False, supercell=2, mesh=(4, 4, 4), progress=False)
     batched = run_phonon(nacl, calc, **kw)
     n_struct = batched.summary["forces"]["n_supercells"] + 1
-    assert calls == [n_struct]  # one batched model call for all supercells (16 atoms each)
+    # the unit cell (for the perfect supercell's forces), then one batched call for all displaced supercells
+    assert calls == [1, n_struct - 1]
     single_calc = CountingCalculator(calc)  # no calculate_batch: one ASE call per supercell
     single = run_phonon(nacl, single_calc, **kw)
-    assert single_calc.calls == n_struct and calls == [n_struct]
+    assert single_calc.calls == n_struct and calls == [1, n_struct - 1]
     diff_f = np.abs(np.asarray(batched.phonopy.forces) - np.asarray(single.phonopy.forces)).max()
     diff_fc = np.abs(batched.phonopy.force_constants - single.phonopy.force_constants).max()
     assert diff_f < 1e-10 and diff_fc < 1e-10, (diff_f, diff_fc)
@@ -490,7 +510,7 @@ def test_non_diagonal_supercell_batched_equals_one_at_a_time(small_checkpoint, m
     kw = dict(relax=False, supercell=smat, mesh=(4, 4, 4), progress=False)
     batched = run_phonon(nacl, calc, **kw)
     n_struct = batched.summary["forces"]["n_supercells"] + 1
-    assert calls == [n_struct] and n_struct > 3  # lower symmetry than 2x2x2 (3 supercells): more displacements
+    assert calls == [1, n_struct - 1] and n_struct > 3  # lower symmetry than 2x2x2 (3 supercells): more displacements
     np.testing.assert_allclose(batched.phonopy.supercell.cell, smat.T @ nacl.cell[:], atol=1e-12)
     single_calc = CountingCalculator(calc)
     single = run_phonon(nacl, single_calc, **kw)
@@ -619,7 +639,7 @@ def test_cli_phonon_runs(al_poscar, small_checkpoint, tmp_path):
 
     out = tmp_path / "out"
     result = runner.invoke(app, ["phonon", str(al_poscar), "--model", str(small_checkpoint), "--no-relax", "--supercell", "2 2 2",
-                                 "--mesh", "4 4 4", "--float64", "-o", str(out)])
+                                 "--mesh", "4 4 4", "--float64", "--pdos", "-o", str(out)])
     assert result.exit_code == 0, result.output
     for name in FILES:
         assert (out / name).is_file(), name
@@ -707,3 +727,17 @@ def test_cli_phonon_nac_with_born_file(small_checkpoint, tmp_path):
     # force constants and Z* come back to 1e-15; phonopy's Gonze-Lee dipole sums of the reloaded object
     # differ by ~1e-8 THz (measured 2e-8) from the in-memory one
     _assert_same_frequencies(np.sort(again.phonopy.qpoints.frequencies[0]), np.asarray(direction["frequencies"]), tol=1e-6)
+
+
+def test_projected_dos_only_when_asked_and_summing_to_the_total(cu_run, tmp_path):
+    _, result = cu_run  # pdos=True
+    pdos = np.loadtxt(result.output_dir / "projected_dos.dat")
+    total = np.loadtxt(result.output_dir / "total_dos.dat")
+    np.testing.assert_allclose(pdos[:, 0], total[:, 0])
+    np.testing.assert_allclose(pdos[:, 1:].sum(axis=1), total[:, 1], rtol=1e-6, atol=1e-8 * total[:, 1].max())
+    plain = run_phonon(bulk("Cu", "fcc", a=3.59), EMT(), relax=False, supercell=(2, 2, 2), mesh=(4, 4, 4),
+                       output_dir=tmp_path / "plain", progress=False)
+    assert not (tmp_path / "plain" / "projected_dos.dat").exists()
+    assert plain.summary["projected_dos"].startswith("not computed")
+    assert plain.summary["settings"]["pdos"] is False
+    assert plain.summary["group_velocity"]["mean_m_per_s"] is None  # group_velocities=False by default

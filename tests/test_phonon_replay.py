@@ -14,7 +14,8 @@ from workflows.phonon import run_phonon
 
 
 class ReplayCalculator(Calculator):
-    """Returns the recorded DFT forces of the one displaced atom; zero forces for the perfect supercell."""
+    """Returns the recorded DFT forces of the one displaced atom; zero forces for the perfect supercell
+    (and for the unit cell, from which run_phonon takes the perfect supercell's forces)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
@@ -26,6 +27,10 @@ class ReplayCalculator(Calculator):
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         self.calls += 1
+        if len(self.atoms) != len(self.ideal):  # the unit cell, for the perfect supercell's forces: at rest
+            n = len(self.atoms)
+            self.results = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((n, 3)), "stress": np.zeros(6)}
+            return
         frac = np.linalg.solve(self.cell.T, (self.atoms.positions - self.ideal).T).T
         disp = (frac - np.round(frac)) @ self.cell
         moved = np.flatnonzero(np.linalg.norm(disp, axis=1) > 1e-7)

@@ -13,7 +13,7 @@ use it for both their DFT references and the predictions.
 Steps (each one logged to ``phonon.log``):
 
 1. optional relaxation of positions and cell keeping the space group (:func:`mattersim.relax.relax`,
-   ``mode="full"``, ``symmetry=True``, at ``pressure`` GPa, ``fmax`` eV/Å);
+   ``mode="full"``, ``symmetry=True``, BFGS, at ``pressure`` GPa, ``fmax`` eV/Å);
 2. phonopy setup: the primitive cell is phonopy's ``primitive_matrix="auto"`` (or the given 3x3 axes, as
    in phonopy's ``PRIMITIVE_AXES``); the supercell is the given one or, when ``supercell`` is None,
    :func:`auto_supercell`: the (possibly non-diagonal) supercell of the unit cell with the fewest atoms
@@ -21,11 +21,11 @@ Steps (each one logged to ``phonon.log``):
    least ``min_length`` Å, by default ``max(10 Å, 2 x the model's cutoff)``; a supercell whose minimum
    image distance is below twice the cutoff is logged as a warning; symmetry-reduced displacements of ``displacement`` Å
    (``Phonopy.generate_displacements``, phonopy's defaults for plus/minus and diagonal displacements);
-3. forces of the perfect supercell and of all displaced supercells through
-   :func:`mattersim.calculator.evaluate_batch` (one batched model call per chunk for MatterSim
-   potentials), saved after every chunk to ``forces.npz`` so that an interrupted run resumes; nothing is
-   subtracted from the forces (the residual forces of the perfect supercell and the force drift are
-   reported in the summary);
+3. forces of all displaced supercells through :func:`mattersim.calculator.evaluate_batch` (one batched
+   model call per chunk for MatterSim potentials), saved after every chunk to ``forces.npz`` so that an
+   interrupted run resumes; the perfect supercell's forces are the unit cell's, repeated (one call on the
+   unit cell); nothing is subtracted from the forces (the residual forces of the perfect supercell and
+   the force drift are reported in the summary);
 4. force constants with phonopy (``produce_force_constants``, compact form as in phonopy's default),
    then phonopy's traditional translational-invariance symmetrisation
    (``symmetrize_force_constants()``, level 1), which enforces the acoustic sum rule;
@@ -698,11 +698,14 @@ def run_phonon(
     fmax: float = 0.01,
     pressure: float = 0.0,
     relax_steps: int = 500,
+    relax_optimizer: str = "BFGS",
     primitive: Any = "auto",
     supercell: Any = None,
     min_length: float | None = None,
     displacement: float = 0.01,
     mesh: Any = (20, 20, 20),
+    pdos: bool = False,
+    group_velocities: bool = False,
     tmax: float = 1000.0,
     tstep: float = 10.0,
     nac: bool = False,
@@ -723,10 +726,12 @@ def run_phonon(
         The crystal (unit cell); left untouched.
     calculator:
         Any ASE calculator; MatterSim calculators (with ``calculate_batch``) are evaluated in batches.
-    relax, fmax, pressure, relax_steps:
+    relax, fmax, pressure, relax_steps, relax_optimizer:
         Relax positions and cell first (``mattersim.relax.relax``, mode ``full``, keeping the space group
-        found with ``symprec``) to ``fmax`` eV/Å at ``pressure`` GPa, at most ``relax_steps`` steps.
-        ``relax=False`` uses the structure as given.
+        found with ``symprec``) to ``fmax`` eV/Å at ``pressure`` GPa, at most ``relax_steps`` steps of
+        ``relax_optimizer`` (``"BFGS"``: near a minimum, as phonon inputs are, it needs a quarter to a half
+        of FIRE's steps; ``"FIRE"`` is the more forgiving choice far from one). ``relax=False`` uses the
+        structure as given.
     primitive:
         ``"auto"`` (phonopy finds the primitive cell), a centring letter (``"F"``, ...), a 3x3 matrix
         or 9 numbers (phonopy's PRIMITIVE_AXES, relative to the unit cell), or None (the unit cell).
@@ -744,6 +749,12 @@ def run_phonon(
     mesh:
         q-point mesh (3 integers, Γ-centred) for DOS, projected DOS, thermal properties and group
         velocities, or one number: phonopy's length-based mesh density in Å.
+    pdos:
+        Also compute the projected DOS (``projected_dos.dat``, one column per primitive-cell atom; needs
+        the eigenvectors on the full mesh, the slowest part of the post-processing, so only when asked).
+    group_velocities:
+        Also compute the group velocities on the mesh (``summary.json`` ``group_velocity``: mean |v| over all
+        and over the acoustic branches, m/s); only when asked, since they cost more than the mesh itself.
     tmax, tstep:
         Thermal properties from 0 to ``tmax`` K in steps of ``tstep`` K.
     nac, born_file, predictor, nac_method:
@@ -772,6 +783,10 @@ def run_phonon(
     import phonopy
 
     _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_method, symprec)
+    from mattersim.relax import OPTIMIZERS
+
+    if str(relax_optimizer).strip().upper() not in OPTIMIZERS:
+        raise InputError(f"Unknown relax_optimizer {relax_optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
     if getattr(calculator, "property_only", False):
         from mattersim.composite import no_energy_message
 
@@ -819,6 +834,7 @@ def run_phonon(
         settings = {
             "relax": bool(relax), "fmax_eV_per_A": float(fmax), "pressure_GPa": float(pressure),
             "relax_steps": int(relax_steps), "relax_mode": "full", "relax_symmetry": True,
+            "relax_optimizer": str(relax_optimizer),
             "primitive": primitive_setting if isinstance(primitive_setting, (str, type(None))) else primitive_setting.tolist(),
             "supercell": None if supercell_setting is None else supercell_setting.tolist(),
             "min_length_A": auto_length if supercell_setting is None else None,
@@ -848,7 +864,7 @@ def run_phonon(
             t0 = time.perf_counter()
             log.info(f"relaxation: positions and cell, P = {pressure} GPa, fmax = {fmax} eV/Å, at most {relax_steps} steps")
             res = relax_structure(input_atoms, calculator, pressure=pressure, fmax=fmax, steps=relax_steps,
-                                  mode="full", symmetry=True, symprec=symprec)
+                                  mode="full", symmetry=True, symprec=symprec, optimizer=relax_optimizer)
             timings["relaxation"] = time.perf_counter() - t0
             unit = res.atoms.copy()
             unit.calc = None
@@ -950,12 +966,26 @@ def run_phonon(
                                "disp_vectors": disp_vectors})
         done = store.data["done"]
         todo = [i for i in range(n_struct) if not done[i]]
+        n_evaluated = len(todo)
         batched = hasattr(calculator, "calculate_batch")
         chunk = int(batch_size) if batch_size is not None else (max(1, 1024 // n_sc) if batched else 1)
         log.info(f"forces: {n_struct} supercells (perfect + {n_struct - 1} displaced), {n_struct - len(todo)} reused "
                  f"from forces.npz, {len(todo)} to evaluate in chunks of {chunk}"
                  f"{' (batched model calls)' if batched else ''}")
         t0 = time.perf_counter()
+        if todo and todo[0] == 0:
+            # the perfect supercell's forces are the unit cell's, repeated (exact for a periodic model): one
+            # call on the few atoms of the unit cell instead of one on the whole supercell
+            cell_atoms = _ase_atoms(ph.unitcell)
+            r = evaluate_batch(calculator, [cell_atoms], ("energy", "forces"))[0]
+            f = np.asarray(r["forces"], dtype=float).reshape(len(cell_atoms), 3)
+            if not np.all(np.isfinite(f)):
+                raise InputError("The calculator returned non-finite forces for the unit cell; check the structure and the model.")
+            sc = ph.supercell
+            store.data["forces"][0] = f[[sc.u2u_map[k] for k in sc.s2u_map]]
+            store.data["energies"][0] = float(r["energy"]) * n_sc / len(cell_atoms)
+            done[0] = True
+            todo = todo[1:]
         with progress_bar(progress, len(todo), f"forces ({n_sc}-atom supercells)") as bar:
             for start in range(0, len(todo), chunk):
                 idx = todo[start:start + chunk]
@@ -1011,7 +1041,7 @@ def run_phonon(
                  f"{info.get('name') or 'model'}" + (", NAC" if nac_summary.get("enabled") else ""))
         summary = _post_process(ph, out, log, mesh_setting=mesh_setting, tmax=tmax, tstep=tstep, nac_summary=nac_summary,
                                 primitive_atoms=primitive_atoms, born_charges=born_charges, member_charges=members_sym,
-                                title=title)
+                                title=title, pdos=pdos, group_velocities=group_velocities)
         timings["post_processing"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
 
@@ -1025,7 +1055,7 @@ def run_phonon(
             "model": info,
             "settings": {**settings, "mesh": mesh_setting, "mesh_gamma_centered": True,
                          "thermal_exclude_gamma_acoustic": True, "tmax_K": float(tmax),
-                         "tstep_K": float(tstep), "nac": bool(nac), "nac_method": nac_method if nac else None,
+                         "tstep_K": float(tstep), "pdos": bool(pdos), "group_velocities": bool(group_velocities), "nac": bool(nac), "nac_method": nac_method if nac else None,
                          "nac_range": None if window is None else window.to_dict(),
                          "born_file": None if born_file is None else str(born_file), "batch_size": chunk,
                          "force_constants": "phonopy finite displacements, compact, symmetrize_force_constants(level=1)"
@@ -1049,8 +1079,9 @@ def run_phonon(
             "relaxation": relax_summary,
             "forces": {
                 "n_supercells": n_struct - 1,
-                "evaluated_now": len(todo),
-                "reused": n_struct - len(todo),
+                "evaluated_now": n_evaluated,
+                "reused": n_struct - n_evaluated,
+                "perfect_supercell": "forces of the unit cell, repeated (exact for a periodic model)",
                 "residual_force_max_eV_per_A": residual,
                 "drift_max_eV_per_A": drift,
                 "correction": "none: forces are used as computed (no residual-force or drift subtraction); phonopy's "
@@ -1095,8 +1126,9 @@ def phonon_properties(ph, mesh_setting=(20, 20, 20)) -> dict:
     return _phonon_properties(ph, _mesh_setting(mesh_setting))[0]
 
 
-def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
-    """:func:`phonon_properties` and the band path it used (for the plots)."""
+def _phonon_properties(ph, mesh_setting, group_velocities: bool = True) -> tuple[dict, dict]:
+    """:func:`phonon_properties` and the band path it used (for the plots); ``group_velocities=False``
+    leaves them out (the ``group_velocity`` section then says so)."""
     # Γ and band structure
     ph.run_qpoints([[0.0, 0.0, 0.0]])
     gamma = np.asarray(ph.qpoints.frequencies[0], dtype=float)
@@ -1110,21 +1142,25 @@ def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
     for (a, b), q in zip(path["segments"], bs.qpoints):
         seg_names += [f"{a}-{b}"] * len(q)
 
-    # symmetry-reduced mesh with group velocities
-    ph.run_mesh(mesh_setting, with_group_velocities=True, is_gamma_center=True)
+    # symmetry-reduced mesh, with group velocities when asked
+    ph.run_mesh(mesh_setting, with_group_velocities=group_velocities, is_gamma_center=True)
     mesh = ph.mesh
     mesh_q = np.asarray(mesh.qpoints, dtype=float)
     mesh_f = np.asarray(mesh.frequencies, dtype=float)
     weights = np.asarray(mesh.weights, dtype=float)
-    gv = np.asarray(mesh.group_velocities, dtype=float)  # THz Å
-    speed = np.linalg.norm(gv, axis=2) * THZ_ANGSTROM_TO_M_PER_S
-    ok = np.isfinite(speed)
-    w = np.repeat(weights[:, None], speed.shape[1], axis=1)
-    gv_mean = float((speed * w)[ok].sum() / w[ok].sum())
-    acoustic = slice(0, 3)
-    sa, wa = speed[:, acoustic], w[:, acoustic]
-    oka = np.isfinite(sa)
-    gv_acoustic = float((sa * wa)[oka].sum() / wa[oka].sum())
+    if group_velocities:
+        gv = np.asarray(mesh.group_velocities, dtype=float)  # THz Å
+        speed = np.linalg.norm(gv, axis=2) * THZ_ANGSTROM_TO_M_PER_S
+        ok = np.isfinite(speed)
+        w = np.repeat(weights[:, None], speed.shape[1], axis=1)
+        sa, wa = speed[:, :3], w[:, :3]
+        oka = np.isfinite(sa)
+        gv_section = {"mean_m_per_s": float((speed * w)[ok].sum() / w[ok].sum()),
+                      "acoustic_mean_m_per_s": float((sa * wa)[oka].sum() / wa[oka].sum()),
+                      "note": "|v| averaged over the mesh (q-point weights) and over all branches / the 3 lowest branches"}
+    else:
+        gv_section = {"mean_m_per_s": None, "acoustic_mean_m_per_s": None,
+                      "note": "not computed (group_velocities=False; mattersim phonon --group-velocities)"}
 
     # the Γ-centred mesh contains the three acoustic modes at Γ (ν ≈ 0, whose ln ν term is an artefact)
     ph.run_thermal_properties(temperatures=[300.0], exclude_gamma_acoustic=True)
@@ -1149,8 +1185,7 @@ def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
         "imaginary_modes": imaginary,
         "mesh": {"numbers": np.asarray(mesh.mesh_numbers).tolist(), "gamma_centered": True,
                  "n_irreducible_q": len(mesh_q)},
-        "group_velocity": {"mean_m_per_s": gv_mean, "acoustic_mean_m_per_s": gv_acoustic,
-                           "note": "|v| averaged over the mesh (q-point weights) and over all branches / the 3 lowest branches"},
+        "group_velocity": gv_section,
         "thermal_300K": {
             "temperature_K": 300.0,
             "free_energy_kJ_per_mol": float(tp300_values["free_energy"]),
@@ -1165,12 +1200,13 @@ def _phonon_properties(ph, mesh_setting) -> tuple[dict, dict]:
 
 
 def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tstep, nac_summary, primitive_atoms,
-                  born_charges=None, member_charges=None, title: str = "") -> dict:
+                  born_charges=None, member_charges=None, title: str = "", pdos: bool = False,
+                  group_velocities: bool = False) -> dict:
     """Band structure, DOS, PDOS, thermal properties, group velocities, imaginary modes, files, plots
     (``title``: material and model, on every plot)."""
     # projected DOS: needs the full mesh with eigenvectors
-    pdos_note = None
-    if out is not None:
+    pdos_note = None if pdos else "not computed (pdos=False; mattersim phonon --pdos writes projected_dos.dat)"
+    if out is not None and pdos:
         n_prim = len(ph.primitive)
         if isinstance(mesh_setting, list):
             n_q = int(np.prod(mesh_setting))
@@ -1191,7 +1227,7 @@ def _post_process(ph, out: Path | None, log: RunLog, *, mesh_setting, tmax, tste
             log.warning(f"projected DOS {pdos_note}")
 
     # Γ, band structure, symmetry-reduced mesh with group velocities, thermal properties at 300 K, imaginary modes
-    properties, path = _phonon_properties(ph, mesh_setting)
+    properties, path = _phonon_properties(ph, mesh_setting, group_velocities)
     # DOS and thermal properties over the whole temperature range on the same mesh
     ph.run_total_dos()
     ph.run_thermal_properties(t_min=0, t_max=tmax, t_step=tstep, exclude_gamma_acoustic=True)
@@ -1276,9 +1312,10 @@ def _plot_band_dos(ph, path: dict, filename: Path, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5), constrained_layout=True)
+    fig = Figure(figsize=(9, 5))
     FigureCanvasAgg(fig)
     ax_b, ax_d = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.1, top=0.86 if title else 0.92, wspace=0.05)  # fixed: cheap
     bs = ph.band_structure
     for d, f in zip(bs.distances, bs.frequencies):
         ax_b.plot(d, f, color="tab:blue", lw=1.0)
@@ -1312,7 +1349,12 @@ def _plot_band_dos(ph, path: dict, filename: Path, title: str = "") -> None:
     ax_d.set_xlim(left=0)
     if title:
         fig.suptitle(title)
-    fig.savefig(filename, dpi=150, metadata={"Title": f"Phonon band structure and DOS: {title}"})
+    _save_png(fig, filename, f"Phonon band structure and DOS: {title}")
+
+
+def _save_png(fig, filename: Path, title: str) -> None:
+    """PNG at 150 dpi with a Title field; fast zlib level (the default level costs more than the drawing)."""
+    fig.savefig(filename, dpi=150, metadata={"Title": title}, pil_kwargs={"compress_level": 1})
 
 
 def _plot_thermal(ph, filename: Path, title: str = "") -> None:
@@ -1320,9 +1362,10 @@ def _plot_thermal(ph, filename: Path, title: str = "") -> None:
     from matplotlib.figure import Figure
 
     tp = {k: np.asarray(getattr(ph.thermal_properties, k)) for k in ("temperatures", "free_energy", "entropy", "heat_capacity")}
-    fig = Figure(figsize=(6, 4.5), constrained_layout=True)
+    fig = Figure(figsize=(6, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.84 if title else 0.9)
     ax.plot(tp["temperatures"], tp["free_energy"], label="F (kJ/mol)")
     ax.plot(tp["temperatures"], tp["entropy"], label="S (J/K/mol)")
     ax.plot(tp["temperatures"], tp["heat_capacity"], label="$C_v$ (J/K/mol)")
@@ -1332,4 +1375,4 @@ def _plot_thermal(ph, filename: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     ax.legend()
-    fig.savefig(filename, dpi=150, metadata={"Title": f"Harmonic thermal properties: {title}"})
+    _save_png(fig, filename, f"Harmonic thermal properties: {title}")
