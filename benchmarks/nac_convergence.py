@@ -60,7 +60,7 @@ def monotonic(values) -> bool:
 def dft_reference(folder: Path) -> dict:
     import phonopy
 
-    ref = phonopy.load(supercell_matrix=[2, 2, 2], primitive_matrix="auto", unitcell_filename=str(folder / "POSCAR-unitcell"),
+    ref = phonopy.load(supercell_matrix=[2, 2, 2], primitive_matrix="F", unitcell_filename=str(folder / "POSCAR-unitcell"),
                        force_sets_filename=str(folder / "FORCE_SETS"), born_filename=str(folder / "BORN"), log_level=0)
     return highest_branch(ref, ref.primitive_matrix)
 

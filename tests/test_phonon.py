@@ -244,6 +244,7 @@ def test_band_path_follows_a_non_standard_setting():
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:aP lattice")  # seekpath: a P1 cell with angles near 90 degrees
 def test_perfect_supercell_forces_are_the_unit_cells_repeated(small_checkpoint, tmp_path):
     """Away from equilibrium (an atom moved in the unit cell), the perfect supercell's forces taken from
     one unit-cell call equal a direct evaluation of the supercell (float64: to round-off)."""
