@@ -39,9 +39,13 @@ the same mesh: ω_max (THz, the maximum over the mesh and the seekpath band path
 |v| (m/s, mesh weights, all branches), the harmonic free energy F (kJ/mol), entropy S and heat capacity Cv
 (J/K/mol) at 300 K, all per mole of *primitive cells* (same primitive matrix on both sides), and the
 imaginary modes (below -0.01 THz on the mesh or the band path, the three acoustic modes at Γ excepted).
-Mesh: phonopy's length-based Γ-centred mesh of :data:`DEFAULT_MESH_LENGTH` Å (``length2mesh``) chosen on
-the reference primitive cell; the same mesh numbers are used for the prediction, so both sides sample the
-same q-points in reduced coordinates.
+Mesh: phonopy's length-based Γ-centred mesh of :data:`DEFAULT_MESH_LENGTH` Å, the same definition (the
+length) for the reference and the prediction, without and with NAC. For body-centred and other non-simple
+cells phonopy then builds a generalized regular grid and reports its diagonal (e.g. ``[1, 9, 72]``) as the
+mesh numbers; feeding those numbers back as a plain regular mesh samples another grid (a perfect model
+scored errors of 4 kJ/mol in F on mp-3527), so the length itself is passed every time. Each entry records
+the numbers phonopy used on both sides (``mesh``, ``mesh_prediction``) and the definition
+(``mesh_definition``).
 
 **Metrics** (``metrics.json``): MAEs of ω_max (THz), mean group velocity (m/s), F (kJ/mol), S and Cv
 (J/K/mol) without NAC (``omega_max_mae_THz``, ``group_velocity_mae_m_per_s``, ``free_energy_mae_kJ_per_mol``,
@@ -564,8 +568,12 @@ def _evaluate_entry(item, calculator, settings: dict, files=None) -> dict:
 
     t = time.perf_counter()
     ref = reference_phonopy(entry, nac=False, symprec=settings["symprec"])
-    ref_props = phonon_properties(ref, settings["mesh_length_A"] if settings["mesh"] is None else settings["mesh"])
-    mesh = [int(n) for n in ref_props["mesh"]["numbers"]]
+    # one mesh definition for all four evaluations (reference and prediction, without and with NAC): the
+    # length (or the given numbers). For a length phonopy may build a generalized regular grid (body-centred
+    # and other non-simple cells) whose diagonal it reports as the mesh numbers; those numbers fed back as a
+    # plain regular mesh would be another grid, so the length itself is passed every time.
+    mesh = settings["mesh_length_A"] if settings["mesh"] is None else settings["mesh"]
+    ref_props = phonon_properties(ref, mesh)
     reference = {"no_nac": _record(ref_props), "nac": None}
     if entry.has_born:
         ref.nac_params = _dft_born(entry, ref.primitive, settings["symprec"]).to_phonopy_nac_params(method=NAC_METHOD)
@@ -614,7 +622,9 @@ def _evaluate_entry(item, calculator, settings: dict, files=None) -> dict:
             "spacegroup_reference": ref.symmetry.get_international_table(),
             "spacegroup_prediction": result.summary["structure"]["spacegroup"],
         },
-        "mesh": mesh,
+        "mesh": [int(n) for n in ref_props["mesh"]["numbers"]],
+        "mesh_prediction": [int(n) for n in result.summary["mesh"]["numbers"]],
+        "mesh_definition": mesh,
         "has_born": entry.has_born,
         "nac": nac_info["source"],
         "nac_details": nac_info,
