@@ -692,6 +692,39 @@ def _mae_metrics(records: list[dict], variant: str, imaginary: bool) -> tuple[li
     return metrics, parity
 
 
+def read_entry_records(model_dir: Path) -> dict[str, dict]:
+    """``{entry id: record}`` of a model's results folder (``entries/<id>.json``); unreadable files skipped."""
+    out: dict[str, dict] = {}
+    for path in sorted((Path(model_dir) / "entries").glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def common_entry_metrics(records_by_model: dict[str, dict[str, dict]]) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """The MAEs of every model on the entries that **all** models count (succeeded, with BORN for the NAC
+    variant, no imaginary mode on either side of the variant), so that models are ranked on the same
+    entries: a model that fails or has imaginary modes on hard entries does not look better for it.
+
+    ``records_by_model``: ``{model: {entry id: record}}`` (:func:`read_entry_records`). Returns
+    ``({variant: common ids}, {model: metrics})`` with the metric keys of ``metrics.json`` (and
+    ``n_counted`` / ``n_counted_nac`` = the size of the common set)."""
+    common: dict[str, list[str]] = {}
+    for variant in ("no_nac", "nac"):
+        sets = [{eid for eid, rec in recs.items() if _selection([rec], variant, imaginary=False)}
+                for recs in records_by_model.values()]
+        common[variant] = sorted(set.intersection(*sets)) if sets else []
+    out: dict[str, list[dict]] = {}
+    for model, recs in records_by_model.items():
+        metrics: list[dict] = []
+        for variant in ("no_nac", "nac"):
+            metrics += _mae_metrics([recs[eid] for eid in common[variant]], variant, imaginary=False)[0]
+        out[model] = metrics
+    return common, out
+
+
 def _metrics(records: list[dict], n_entries: int, n_failed: int) -> tuple[list[dict], dict, dict]:
     """(metrics, groups, parity arrays) from the per-entry records."""
     ok = [r for r in records if r.get("status") == "ok"]

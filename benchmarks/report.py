@@ -651,6 +651,26 @@ def _metric_table(runs: list[ModelRun], lists: list[list[dict]], notes: list[str
     return Table(["Metric"] + [_model_header(r) for r in runs], rows, numeric=True)
 
 
+def _common_entries_section(body: list, runs: list[ModelRun], notes: list[str], bench: str) -> dict | None:
+    """PhononDB-type runs: the MAEs of every model on the entries all of them count (and how many); returns
+    ``{"ids": {variant: ids}, "metrics": {model: metrics}}`` for report.json (None without entry files)."""
+    from benchmarks.phonondb import common_entry_metrics, read_entry_records
+
+    records = {r.slug: read_entry_records(r.folder) for r in runs}
+    missing = [slug for slug, recs in records.items() if not recs]
+    if missing:
+        notes.append(f"{bench}: no entries/*.json for {', '.join(missing)}; no table on common entries.")
+        return None
+    common, metrics = common_entry_metrics(records)
+    body.append(Heading(3, "Metrics on the entries common to all models"))
+    body.append(Para(f"The same entries for every model: {len(common['no_nac'])} without NAC, "
+                     f"{len(common['nac'])} with NAC (succeeded for all models, no imaginary mode in the "
+                     "reference nor in any prediction). The table above counts each model's own entries.",
+                     css="small"))
+    body.append(_metric_table(runs, [metrics[r.slug] for r in runs], notes, f"{bench} / common entries"))
+    return {"ids": common, "metrics": metrics}
+
+
 def _software_line(sw: dict) -> str:
     parts = [f"{k} {v}" for k, v in (sw or {}).items() if v and k != "platform"]
     return ", ".join(parts) or "–"
@@ -676,6 +696,7 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
     figures: list[str] = []
     fig_notes: list[str] = []
     taken: set[str] = set()
+    common_docs: dict[str, dict | None] = {}
     for bench in benchmarks.values():
         runs = list(bench.models.values())
         body.append(Heading(2, f"Benchmark: {bench.name}"))
@@ -700,6 +721,9 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
             f"{r.metrics.get('n_failed', len(r.metrics.get('failures') or []))} failed, "
             f"wall time {_duration(r.metrics.get('wall_time_s'))}"
             for r in runs]))
+
+        if bench.kind == "phonon" and len(runs) >= 2:
+            common_docs[bench.name] = _common_entries_section(body, runs, notes, bench.name)
 
         group_names: list[str] = []
         for r in runs:
@@ -797,6 +821,7 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
                 "models": {slug: r.metrics for slug, r in b.models.items()},
                 "sources": {slug: str(r.folder) for slug, r in b.models.items()},
                 "in_progress": b.in_progress,
+                **({"common_entries": common_docs[b.name]} if common_docs.get(b.name) else {}),
             }
             for b in benchmarks.values()
         },

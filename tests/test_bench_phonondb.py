@@ -490,3 +490,42 @@ def test_non_simple_cell_reference_and_prediction_use_one_mesh(tmp_path):
             # the force constants go through forces and back (and the acoustic sum rule once more): round-off,
             # 1e-5 relative at most, against the 4 kJ/mol of two different grids
             assert p[key] == pytest.approx(r[key], rel=1e-5, abs=1e-4), (variant, key)
+
+
+class HarmonicDFTFailingOnAg(HarmonicDFT):
+    """The same model, except that it fails on every structure with silver (mp-3527)."""
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        if atoms is not None and "Ag" in atoms.get_chemical_symbols():
+            raise RuntimeError("no silver here")
+        super().calculate(atoms, properties, system_changes)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # phonopy's mesh fallback for mp-3527
+def test_report_ranks_models_on_their_common_entries(tmp_path):
+    from benchmarks.report import make_report
+
+    d = _entries_dir()
+    names = [SIC, NASBF6, "mp-3527-20180417"]
+    entries = [d / n for n in names]
+    out = tmp_path / "results"
+    run_phonondb(entries, HarmonicDFT(entries, scale=1.1), out, progress=False)
+    run_phonondb(entries, HarmonicDFTFailingOnAg(entries, scale=1.2), out, progress=False)
+    a = json.loads((out / "HarmonicDFT" / "metrics.json").read_text())
+    b = json.loads((out / "HarmonicDFTFailingOnAg" / "metrics.json").read_text())
+    count = lambda doc: {m["key"]: m["value"] for m in doc["metrics"]}["n_counted"]
+    assert (count(a), count(b)) == (2, 1)  # NaSbF6 has imaginary modes in DFT; B fails on mp-3527
+
+    doc = make_report([out], tmp_path / "report")
+    common = doc["benchmarks"]["phonondb"]["common_entries"]
+    assert common["ids"]["no_nac"] == [SIC]
+    # on the common entry each MAE is that model's error on 3C-SiC alone: (sqrt(s) - 1) * the DFT value
+    sic = json.loads((out / "HarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    w_ref = sic["reference"]["no_nac"]["omega_max_THz"]
+    for slug, scale in (("HarmonicDFT", 1.1), ("HarmonicDFTFailingOnAg", 1.2)):
+        values = {m["key"]: m["value"] for m in common["metrics"][slug]}
+        assert values["omega_max_mae_THz"] == pytest.approx((np.sqrt(scale) - 1) * w_ref, rel=1e-8)
+        assert values["n_counted"] == 1
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    assert "Metrics on the entries common to all models" in md and "1 without NAC" in md
