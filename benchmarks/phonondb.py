@@ -785,13 +785,14 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                  mesh: float | Sequence[int] = DEFAULT_MESH_LENGTH, progress: bool = True,
                  benchmark: str = "phonondb", max_entries: int | None = None, fmax: float = FMAX,
                  relax_steps: int = RELAX_STEPS, retry_failed: bool = False,
-                 dataset_path: str | os.PathLike | None = None) -> dict:
+                 dataset_path: str | os.PathLike | None = None, displacement: float = DISPLACEMENT) -> dict:
     """Benchmark ``calculator`` on PhononDB ``entries`` and write the results to ``output_dir``.
 
     ``entries``: entry folders / archives (e.g. from :func:`find_entries`) or :class:`PhononDBEntry`
     objects; ``max_entries`` keeps the first N. ``mesh``: phonopy's length-based mesh density in Å (the
     mesh numbers are chosen on each reference primitive cell and used for both sides) or 3 integers for
-    every entry. ``fmax`` / ``relax_steps``: the relaxation of the prediction. Returns the ``metrics.json``
+    every entry. ``fmax`` / ``relax_steps``: the relaxation of the prediction; ``displacement`` (Å): the
+    prediction's finite displacement (PhononDB's 0.01 Å by default, the same as the reference). Returns the ``metrics.json``
     document (see the module docstring for all files). A failing entry is recorded and listed in
     ``failures``; it never stops the run. Rerunning resumes (``retry_failed=True`` evaluates the failed
     entries again).
@@ -820,7 +821,7 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     entries_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "mesh_length_A": mesh_length, "mesh": mesh_numbers, "fmax_eV_per_A": float(fmax),
-        "relax_steps": int(relax_steps), "relax_mode": "full-symmetric", "displacement_A": DISPLACEMENT,
+        "relax_steps": int(relax_steps), "relax_mode": "full-symmetric", "displacement_A": float(displacement),
         "nac_method": NAC_METHOD, "symprec": SYMPREC, "temperature_K": 300.0,
     }
     model_id = _model_identity(info)
@@ -940,6 +941,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mesh", type=float, default=DEFAULT_MESH_LENGTH, help="length-based mesh density in Å")
     parser.add_argument("--fmax", type=float, default=FMAX, help="relaxation force threshold (eV/Å)")
     parser.add_argument("--relax-steps", type=int, default=RELAX_STEPS, help="maximum relaxation steps")
+    parser.add_argument("--displacement", type=float, default=DISPLACEMENT,
+                        help="finite displacement of the prediction in Å (PhononDB's 0.01 by default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--float64", action="store_true", help="evaluate MatterSim models in double precision")
     parser.add_argument("--no-progress", action="store_true")
@@ -956,7 +959,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.model:
             calc = load_calculator(name, device=args.device, dtype="float64" if args.float64 else "float32")
             doc = run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
-                               max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps)
+                               max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
+                               displacement=args.displacement)
             print(json.dumps({m["key"]: m["value"] for m in doc["metrics"]}, indent=1))
     except MatterSimError as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -39,10 +39,11 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
                   data: str | os.PathLike | None = None, subset: str | os.PathLike | None = None,
                   max_items: int | None = None, device: str = "cpu", dtype: str = "float32",
                   trust_pickle: bool = False, download: bool = True, progress: bool = True,
-                  allow_untrained_elements: bool = False) -> list[dict]:
+                  allow_untrained_elements: bool = False, displacement: float | None = None) -> list[dict]:
     """Run ``target`` for each of ``models`` (names, checkpoint paths or calculators); returns the
     ``metrics.json`` documents, one per (model, set). A structure with an element a model was not trained
-    on fails alone (listed in ``failures``) unless ``allow_untrained_elements``."""
+    on fails alone (listed in ``failures``) unless ``allow_untrained_elements``. ``displacement``: the
+    PhononDB prediction's finite displacement in Å (None: PhononDB's 0.01)."""
     from mattersim.registry import load_calculator
 
     if not models:
@@ -103,5 +104,6 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
             else:
                 from benchmarks.phonondb import run_phonondb
 
-                documents.append(run_phonondb(entries, calc, out, progress=progress, max_entries=max_items))
+                kw = {} if displacement is None else {"displacement": float(displacement)}
+                documents.append(run_phonondb(entries, calc, out, progress=progress, max_entries=max_items, **kw))
     return documents

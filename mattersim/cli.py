@@ -906,10 +906,13 @@ def bench_run_command(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that need full pickle (only files you trust)."),
     allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
     download: bool = typer.Option(True, "--download/--no-download", help="Download missing sets and MatterSim weights."),
+    displacement: Optional[float] = typer.Option(None, "--displacement", help="PhononDB: finite displacement of the prediction in Å (default PhononDB's 0.01)."),
 ) -> None:
     """Evaluate one or more models on a benchmark and write metrics, predictions, parity data and a log."""
     if max_items is not None and max_items < 1:
         raise InputError(f"--max must be a positive integer, not {max_items}.")
+    if displacement is not None and not (0 < displacement < 0.5):
+        raise InputError(f"--displacement must be a length in Å between 0 and 0.5 (PhononDB uses 0.01), not {displacement}.")
     from mattersim.io import ensure_writable_dir
 
     ensure_writable_dir(outdir)  # before any work
@@ -917,7 +920,7 @@ def bench_run_command(
 
     docs = run_benchmark(target, model, outdir, data=data, subset=subset, max_items=max_items, device=device,
                          dtype="float64" if float64 else "float32", trust_pickle=trust_pickle, download=download,
-                         progress=True, allow_untrained_elements=allow_untrained_elements)
+                         progress=True, allow_untrained_elements=allow_untrained_elements, displacement=displacement)
     from rich.markup import escape
 
     table = _table(escape(f"Benchmark results ({outdir})"))

@@ -529,3 +529,27 @@ def test_report_ranks_models_on_their_common_entries(tmp_path):
         assert values["n_counted"] == 1
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "Metrics on the entries common to all models" in md and "1 without NAC" in md
+
+
+def test_displacement_is_a_setting_of_the_run(tmp_path):
+    """--displacement reaches the prediction and is recorded; a harmonic model gives the same result."""
+    d = _entries_dir()
+    calc = HarmonicDFT([d / SIC], scale=1.1)
+    doc = run_phonondb([d / SIC], calc, tmp_path / "a", progress=False, displacement=0.03)
+    assert doc["settings"]["displacement_A"] == 0.03
+    ref = run_phonondb([d / SIC], calc, tmp_path / "b", progress=False)
+    assert ref["settings"]["displacement_A"] == 0.01
+    va = {m["key"]: m["value"] for m in doc["metrics"]}
+    vb = {m["key"]: m["value"] for m in ref["metrics"]}
+    assert va["omega_max_mae_THz"] == pytest.approx(vb["omega_max_mae_THz"], rel=1e-6)
+
+
+def test_cli_bench_run_rejects_a_bad_displacement(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import assert_user_error
+    from mattersim.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "run", "phonondb", "-m", "chgnet", "-o", str(tmp_path / "o"),
+                                      "--displacement", "-0.01"])
+    assert_user_error(result, "--displacement", "0.01")
