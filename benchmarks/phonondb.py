@@ -138,6 +138,9 @@ _FILES = ("POSCAR-unitcell", "settings", "FORCE_SETS", "BORN")
 QUANTITIES = (
     ("omega_max", "omega_max_THz", "THz", "THz", "ω_max MAE"),
     ("group_velocity", "group_velocity_m_per_s", "m_per_s", "m/s", "Mean group velocity MAE"),
+    ("group_velocity_max", "group_velocity_max_m_per_s", "m_per_s", "m/s", "Maximum group velocity MAE"),
+    ("free_energy_change", "free_energy_change_300_900_meV_per_atom", "meV_per_atom", "meV/atom",
+     "ΔF(300→900 K) MAE (harmonic, at the DFT / relaxed volume)"),
     ("free_energy", "free_energy_kJ_per_mol", "kJ_per_mol", "kJ/mol", "Free energy F(300 K) MAE"),
     ("entropy", "entropy_J_per_K_per_mol", "J_per_K_per_mol", "J/K/mol", "Entropy S(300 K) MAE"),
     ("heat_capacity", "heat_capacity_J_per_K_per_mol", "J_per_K_per_mol", "J/K/mol", "Heat capacity Cv(300 K) MAE"),
@@ -543,6 +546,8 @@ def _record(props: dict) -> dict:
     return {
         "omega_max_THz": props["frequencies"]["omega_max_THz"],
         "group_velocity_m_per_s": props["group_velocity"]["mean_m_per_s"],
+        "group_velocity_max_m_per_s": props["group_velocity"].get("max_m_per_s"),
+        "free_energy_change_300_900_meV_per_atom": props["free_energy_change"]["delta_meV_per_atom"],
         "free_energy_kJ_per_mol": thermal["free_energy_kJ_per_mol"],
         "entropy_J_per_K_per_mol": thermal["entropy_J_per_K_per_mol"],
         "heat_capacity_J_per_K_per_mol": thermal["heat_capacity_J_per_K_per_mol"],

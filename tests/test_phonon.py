@@ -742,3 +742,19 @@ def test_projected_dos_only_when_asked_and_summing_to_the_total(cu_run, tmp_path
     assert plain.summary["projected_dos"].startswith("not computed")
     assert plain.summary["settings"]["pdos"] is False
     assert plain.summary["group_velocity"]["mean_m_per_s"] is None  # group_velocities=False by default
+
+
+def test_max_group_velocity_and_free_energy_change(cu_run):
+    """Cu (EMT): the largest |v| on the mesh bounds the mean; F(900 K) - F(300 K) per atom in meV is
+    phonopy's own thermal properties converted (1 kJ/mol = 1/96.485 eV)."""
+    _, result = cu_run
+    s = result.summary
+    gv = s["group_velocity"]
+    assert gv["max_m_per_s"] > gv["mean_m_per_s"] > 0
+    ph = result.phonopy
+    ph.run_mesh(MESH, is_gamma_center=True)
+    ph.run_thermal_properties(temperatures=[300.0, 900.0], exclude_gamma_acoustic=True)
+    f300, f900 = np.ravel(ph.thermal_properties.free_energy)
+    expected = (f900 - f300) / 96.48533212331002 * 1e3 / len(ph.primitive)
+    assert s["free_energy_change"]["delta_meV_per_atom"] == pytest.approx(expected, rel=1e-10)
+    assert expected < 0  # F falls with T (entropy)

@@ -1157,15 +1157,21 @@ def _phonon_properties(ph, mesh_setting, group_velocities: bool = True) -> tuple
         oka = np.isfinite(sa)
         gv_section = {"mean_m_per_s": float((speed * w)[ok].sum() / w[ok].sum()),
                       "acoustic_mean_m_per_s": float((sa * wa)[oka].sum() / wa[oka].sum()),
-                      "note": "|v| averaged over the mesh (q-point weights) and over all branches / the 3 lowest branches"}
+                      "max_m_per_s": float(speed[ok].max()),
+                      "note": "|v| averaged over the mesh (q-point weights) and over all branches / the 3 lowest "
+                              "branches; max_m_per_s: the largest |v| on the mesh"}
     else:
-        gv_section = {"mean_m_per_s": None, "acoustic_mean_m_per_s": None,
+        gv_section = {"mean_m_per_s": None, "acoustic_mean_m_per_s": None, "max_m_per_s": None,
                       "note": "not computed (group_velocities=False; mattersim phonon --group-velocities)"}
 
     # the Γ-centred mesh contains the three acoustic modes at Γ (ν ≈ 0, whose ln ν term is an artefact)
-    ph.run_thermal_properties(temperatures=[300.0], exclude_gamma_acoustic=True)
+    ph.run_thermal_properties(temperatures=[300.0, 900.0], exclude_gamma_acoustic=True)
     tp300 = ph.thermal_properties
     tp300_values = {k: float(np.ravel(getattr(tp300, k))[0]) for k in ("free_energy", "entropy", "heat_capacity")}
+    f900 = float(np.ravel(tp300.free_energy)[1])
+    # kJ/mol of primitive cells -> meV per atom
+    kj_per_mol_to_mev = 1e3 / 96.48533212331002
+    delta_f = (f900 - tp300_values["free_energy"]) * kj_per_mol_to_mev / len(ph.primitive)
 
     # frequencies and imaginary modes
     omega_max = float(max(mesh_f.max(), band_f.max()))
@@ -1192,6 +1198,11 @@ def _phonon_properties(ph, mesh_setting, group_velocities: bool = True) -> tuple
             "entropy_J_per_K_per_mol": float(tp300_values["entropy"]),
             "heat_capacity_J_per_K_per_mol": float(tp300_values["heat_capacity"]),
             "per": f"mole of primitive cells ({len(ph.primitive)} atoms, {primitive_atoms.get_chemical_formula(mode='hill')})",
+        },
+        "free_energy_change": {
+            "from_K": 300.0, "to_K": 900.0,
+            "delta_meV_per_atom": float(delta_f),
+            "note": "harmonic F(900 K) - F(300 K) per atom, at this structure's volume",
         },
         "band_path": {"segments": [f"{a}-{b}" for a, b in path["segments"]], "bravais_lattice": path["bravais_lattice"],
                       "n_qpoints": int(len(band_q))},
