@@ -699,13 +699,8 @@ def _mae_metrics(records: list[dict], variant: str, imaginary: bool) -> tuple[li
 
 def read_entry_records(model_dir: Path) -> dict[str, dict]:
     """``{entry id: record}`` of a model's results folder (``entries/<id>.json``); unreadable files skipped."""
-    out: dict[str, dict] = {}
-    for path in sorted((Path(model_dir) / "entries").glob("*.json")):
-        try:
-            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-    return out
+    records = {path.stem: _load_json(path) for path in sorted((Path(model_dir) / "entries").glob("*.json"))}
+    return {eid: rec for eid, rec in records.items() if rec is not None}
 
 
 def common_entry_metrics(records_by_model: dict[str, dict[str, dict]]) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:

@@ -37,6 +37,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from benchmarks.common import REPO, software_versions, utc_now
+from workflows.phonon import _phonopy_atoms
 
 FMAX = 1e-3  # tight enough that the three relaxations agree (the bands then agree within 0.01 THz)
 DISPLACEMENT = 0.01
@@ -58,12 +59,6 @@ CASES = {
     "MgO": (lambda: bulk("MgO", "rocksalt", a=4.21), None),
     "BaTiO3": (batio3_tetragonal, None),
 }
-
-
-def _phonopy_atoms(atoms):
-    from phonopy.structure.atoms import PhonopyAtoms
-
-    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell), scaled_positions=atoms.get_scaled_positions())
 
 
 def _nac(ph, born):
@@ -137,18 +132,17 @@ def run_by_hand(atoms, calc, smat, born, work: Path, path) -> dict:
 
 def run_matcalc(atoms, calc, smat, born, work: Path, path) -> dict:
     import matcalc
-    from matcalc import backend
+
+    import matcalc._phonon as mp
 
     timing = {"force_evaluation": 0.0}
-    original = backend.run_pes_calc
+    original = mp.run_pes_calc
 
     def timed(structure, calculator, **kw):  # the per-supercell force calls (relaxation steps excluded)
         t = time.perf_counter()
         out = original(structure, calculator, **kw)
         timing["force_evaluation"] += time.perf_counter() - t
         return out
-
-    import matcalc._phonon as mp
 
     mp.run_pes_calc = timed
     try:
@@ -202,10 +196,11 @@ def _tools() -> tuple[str, ...]:
 
 
 def run(models, cases, repeats: int = 2, device: str = "cpu") -> dict:
+    from phonopy import Phonopy
     from phonopy.structure.symmetry import Symmetry
 
     from mattersim.registry import load_calculator
-    from workflows.phonon import DEFAULT_MIN_LENGTH_A, _phonopy_atoms as ph_atoms, auto_supercell, band_path, model_cutoff
+    from workflows.phonon import DEFAULT_MIN_LENGTH_A, auto_supercell, band_path, model_cutoff
 
     tools = _tools()
     report = {"benchmark": "speed_phonon", "date": utc_now(), "device": device, "software": software_versions(),
@@ -217,11 +212,9 @@ def run(models, cases, repeats: int = 2, device: str = "cpu") -> dict:
         for name in cases:
             build, born = CASES[name]
             atoms = build()
-            rotations = Symmetry(ph_atoms(atoms)).symmetry_operations["rotations"]
+            rotations = Symmetry(_phonopy_atoms(atoms)).symmetry_operations["rotations"]
             smat = auto_supercell(atoms.cell[:], max(DEFAULT_MIN_LENGTH_A, 2 * cutoff), rotations).tolist()
-            from phonopy import Phonopy
-
-            path = band_path(Phonopy(ph_atoms(atoms), supercell_matrix=smat, primitive_matrix=None).primitive)
+            path = band_path(Phonopy(_phonopy_atoms(atoms), supercell_matrix=smat, primitive_matrix=None).primitive)
             qpoints = np.concatenate([np.asarray(q) for q in path["qpoints"]])
             best: dict = {}
             for _ in range(repeats):

@@ -176,10 +176,9 @@ def dipole_force_constants(phonon, erfc_tolerance: float = 1e-10) -> np.ndarray:
 
 
 def _supercell_atoms(phonon):
-    from ase import Atoms
+    from workflows.nac import _to_ase
 
-    sc = phonon.supercell
-    return Atoms(numbers=sc.numbers, cell=sc.cell, scaled_positions=sc.scaled_positions, pbc=True)
+    return _to_ase(phonon.supercell)
 
 
 def _rows(phonon, fc_shape) -> np.ndarray:
@@ -209,11 +208,12 @@ def windowed_dipole_force_constants(phonon, window: DipoleWindow) -> np.ndarray:
     rows = _rows(phonon, shape)
     row_of = np.full(len(phonon.supercell), -1)
     row_of[rows] = np.arange(len(rows))
-    keep = (row_of[i] >= 0) & (window.weights(dist) > 0)
-    i, j, vec, dist = i[keep], j[keep], vec[keep], dist[keep]
+    weights = window.weights(dist)
+    keep = (row_of[i] >= 0) & (weights > 0)
+    i, j, vec, weights = i[keep], j[keep], vec[keep], weights[keep]
     prim_index = _primitive_index(phonon)
     phi = pair_dipole_force_constants(born[prim_index[i]], born[prim_index[j]], epsilon, vec, factor)
-    phi *= window.weights(dist)[:, None, None]
+    phi *= weights[:, None, None]
     np.add.at(out, (row_of[i], j), phi)
     np.add.at(out, (row_of[i], i), -phi)
     return out

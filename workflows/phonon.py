@@ -240,6 +240,9 @@ def min_image_distance(cell) -> float:
     return float(np.linalg.norm(reduced, axis=1).min())
 
 
+_ASSUMED_CUTOFF = "assumed: the calculator does not expose one"
+
+
 def model_cutoff(calculator) -> tuple[float, str]:
     """The calculator's interaction cutoff in Å and where it comes from (``(5.0, "from Potential.cutoff")``).
 
@@ -271,7 +274,7 @@ def model_cutoff(calculator) -> tuple[float, str]:
 
     found = find(calculator)
     if found is None:
-        return DEFAULT_CUTOFF_A, "assumed: the calculator does not expose one"
+        return DEFAULT_CUTOFF_A, _ASSUMED_CUTOFF
     return found
 
 
@@ -783,10 +786,9 @@ def run_phonon(
     import phonopy
 
     _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_method, symprec)
-    from mattersim.relax import OPTIMIZERS
+    from mattersim.relax import _optimizer_class
 
-    if str(relax_optimizer).strip().upper() not in OPTIMIZERS:
-        raise InputError(f"Unknown relax_optimizer {relax_optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+    _optimizer_class(relax_optimizer)  # an unknown name fails here, before any work
     if getattr(calculator, "property_only", False):
         from mattersim.composite import no_energy_message
 
@@ -1018,9 +1020,10 @@ def run_phonon(
         ph.symmetrize_force_constants(show_drift=False)
         window = None
         if nac:
-            window = (window_for_model(cutoff, cutoff_source)
-                      if range_setting == "auto" and not cutoff_source.startswith("assumed") else
-                      None if range_setting == "auto" else range_setting)
+            if range_setting == "auto":  # the model's cutoff, if it exposes one
+                window = None if cutoff_source == _ASSUMED_CUTOFF else window_for_model(cutoff, cutoff_source)
+            else:
+                window = range_setting
             if window is not None:
                 from workflows.dipole import complete_dipole_tail
 
@@ -1166,11 +1169,12 @@ def _phonon_properties(ph, mesh_setting, group_velocities: bool = True) -> tuple
 
     # the Γ-centred mesh contains the three acoustic modes at Γ (ν ≈ 0, whose ln ν term is an artefact)
     ph.run_thermal_properties(temperatures=[300.0, 900.0], exclude_gamma_acoustic=True)
-    tp300 = ph.thermal_properties
-    tp300_values = {k: float(np.ravel(getattr(tp300, k))[0]) for k in ("free_energy", "entropy", "heat_capacity")}
-    f900 = float(np.ravel(tp300.free_energy)[1])
-    # kJ/mol of primitive cells -> meV per atom
-    kj_per_mol_to_mev = 1e3 / 96.48533212331002
+    tp = ph.thermal_properties
+    tp300_values = {k: float(np.ravel(getattr(tp, k))[0]) for k in ("free_energy", "entropy", "heat_capacity")}
+    f900 = float(np.ravel(tp.free_energy)[1])
+    from scipy import constants
+
+    kj_per_mol_to_mev = 1e3 / (constants.e * constants.N_A / 1e3)  # kJ/mol (of primitive cells) -> meV
     delta_f = (f900 - tp300_values["free_energy"]) * kj_per_mol_to_mev / len(ph.primitive)
 
     # frequencies and imaginary modes
