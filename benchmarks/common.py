@@ -144,3 +144,13 @@ def model_folder(output_dir: str | Path, benchmark: str, info: dict[str, Any]) -
     out = root / slug
     out.mkdir(parents=True, exist_ok=True)
     return root, slug, out
+
+
+def parse_cases(parser, text: str, known) -> list[str]:
+    """A comma-separated ``--cases`` list checked against ``known``; an unknown name ends the script with
+    argparse's one-line usage error naming the known ones."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"--cases {text!r}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(known)}")
+    return names

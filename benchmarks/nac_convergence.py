@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, parse_cases
 
 CASES = {"3C-SiC": "mp-8062-20180417", "MgO": "mp-1265-20180417", "NaCl": "mp-22862-20180417"}
 #: directions in reduced coordinates of the conventional cubic cell's reciprocal lattice
@@ -136,17 +136,23 @@ def main(argv=None) -> dict:
     parser.add_argument("-o", "--output", type=Path, default=None, help="write the report (json) here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure (PNG) here")
     args = parser.parse_args(argv)
+    cases = parse_cases(parser, args.cases, CASES)
 
     from mattersim.registry import load_calculator
 
+    from mattersim.errors import MatterSimError
+
     model = args.model if args.charges == "dft" else f"{args.model}+mattersim-dielectric"
-    calc = load_calculator(model)
+    try:
+        calc = load_calculator(model)
+    except MatterSimError as exc:  # an unknown model, weights that are not here, ...: one line
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     report = {"benchmark": "nac_convergence", "model": args.model, "charges": args.charges,
               "charges_source": "PhononDB BORN (DFT)" if args.charges == "dft" else "mattersim-dielectric",
               "nac_range": args.nac_range,
               "supercells": [f"{d}x{d}x{d} conventional" for d in DIMS], "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.cases.split(","):
+        for name in cases:
             folder = _entries() / CASES[name]
             report["cases"][name] = case = run_case(name, folder, calc, args.charges, Path(tmp), args.nac_range)
             for mode in ("plain", "completed"):

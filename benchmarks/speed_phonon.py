@@ -36,7 +36,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk
 
-from benchmarks.common import REPO, software_versions, utc_now
+from benchmarks.common import REPO, parse_cases, software_versions, utc_now
 from workflows.phonon import _phonopy_atoms
 
 FMAX = 1e-3  # tight enough that the three relaxations agree (the bands then agree within 0.01 THz)
@@ -261,7 +261,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    report = run(args.models.split(","), args.cases.split(","), args.repeats, args.device)
+    from mattersim.errors import MatterSimError
+
+    try:
+        report = run(args.models.split(","), parse_cases(parser, args.cases, CASES), args.repeats, args.device)
+    except MatterSimError as exc:  # an unknown model, weights that are not here, ...: one line
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     text = json.dumps(report, indent=1)
     if args.output:
         args.output.write_text(text)
