@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "mattersim_v1_reference" / "m3gnet-1M-random.pth"
 
 SCHEMA = "mattersim-benchmark/1"
-_SOFTWARE = ("mattersim", "torch", "numpy", "ase", "phonopy", "spglib", "chgnet", "sevenn")
+_SOFTWARE = ("mattersim", "torch", "numpy", "ase", "phonopy", "spglib", "pymatgen", "chgnet", "sevenn")
 
 
 def write_report(report: dict, output: Path | None) -> None:
@@ -78,12 +79,15 @@ def metric(key: str, label: str, unit: str | None, value: float | None, better: 
 
 def metrics_document(*, benchmark: str, kind: str, dataset: dict, model: dict, metrics: list[dict],
                      n_items: int, n_done: int, failures: list[dict], wall_time_s: float,
-                     groups: dict[str, list[dict]] | None = None, extra: dict | None = None) -> dict:
+                     groups: dict[str, list[dict]] | None = None, extra: dict | None = None,
+                     definitions: dict | None = None) -> dict:
     """The content of ``<model-slug>/metrics.json``.
 
     ``dataset``: {"name", "path", "sha256", "n_items"}; ``model``: the calculator's ``model_info``;
     ``failures``: [{"index", "id", "error"}] (never dropped); ``groups``: named lists of metrics for
-    breakdowns (pressure bins, ...); ``extra``: runner-specific settings.
+    breakdowns (pressure bins, ...); ``extra``: runner-specific settings; ``definitions``: what the metrics
+    mean (force/stress definitions, energy convention, displacement, mesh rule, ...), so that a reader can
+    tell whether a number is comparable with a published one.
     """
     return {
         "schema": SCHEMA,
@@ -101,6 +105,7 @@ def metrics_document(*, benchmark: str, kind: str, dataset: dict, model: dict, m
         "metrics": metrics,
         "groups": groups or {},
         **({"settings": extra} if extra else {}),
+        **({"definitions": definitions} if definitions else {}),
     }
 
 
@@ -154,3 +159,29 @@ def parse_cases(parser, text: str, known) -> list[str]:
     if unknown or not names:
         parser.error(f"--cases {text!r}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(known)}")
     return names
+
+
+def _proc_status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_mib() -> float:
+    """Resident memory now (VmRSS), else the peak so far."""
+    now = _proc_status_mib("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process: VmHWM on Linux, else ``ru_maxrss``. Linux carries
+    ``ru_maxrss`` over from the parent through fork and exec, so in a subprocess it is at least the
+    parent's resident memory at the fork; VmHWM belongs to the new process image alone."""
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

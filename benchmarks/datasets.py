@@ -26,7 +26,10 @@ per structure with the DFT reference as
 - ``stress`` (3x3 or 6 Voigt numbers) in the comment line, ASE sign convention (negative = compressive),
   in eV/Å^3 unless ``stress_unit`` says ``GPa`` or ``kbar``; a ``virial`` (eV) is accepted instead,
 - optionally an id (``internal_id``, ``alexandria_id``, ``mptrj_snapshot_id``, ``id`` or ``label``) and
-  a ``pressure`` (GPa) used for pressure bins instead of -tr(stress)/3.
+  a ``pressure`` (GPa) used for pressure bins instead of -tr(stress)/3,
+- optionally ``energy_convention=raw`` or ``mp2020`` (the same in every frame; see
+  :mod:`mattersim.conventions`): whether the reference energies are raw DFT or carry the Materials Project
+  2020 corrections. Without it they are taken as ``raw``, which all the known sets are.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class Dataset:
     ids: list[str]
     pressure_GPa: np.ndarray
     notes: list[str] = dataclasses.field(default_factory=list)
+    energy_convention: str = "raw"  # of the reference energies (mattersim.conventions.ENERGY_CONVENTIONS)
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -120,7 +124,8 @@ class Dataset:
     def describe(self) -> dict[str, Any]:
         """The dataset record of ``metrics.json``."""
         return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "n_items": len(self),
-                "n_atoms": int(self.n_atoms.sum()), "notes": list(self.notes)}
+                "n_atoms": int(self.n_atoms.sum()), "energy_convention": self.energy_convention,
+                "notes": list(self.notes)}
 
     def subset(self, indices) -> "Dataset":
         idx = [int(i) for i in indices]
@@ -286,7 +291,24 @@ def read_reference_file(path: str | os.PathLike, name: str | None = None, *, exp
         pressures.append(float(atoms.info["pressure"]) if pressure_info else -np.trace(s) / 3 / GPa)
     return Dataset(name=name or path.stem, path=path, sha256=file_sha256(path), structures=structures,
                    energy=np.array(energies), forces=forces, stress=np.array(stresses), ids=ids,
-                   pressure_GPa=np.array(pressures))
+                   pressure_GPa=np.array(pressures), energy_convention=_energy_convention(frames, path))
+
+
+def _energy_convention(frames: list[Atoms], path: Path) -> str:
+    """The ``energy_convention`` the frames state (all the same), ``raw`` when none states one."""
+    from mattersim.conventions import ENERGY_CONVENTIONS
+
+    stated = {str(a.info["energy_convention"]).strip().lower() for a in frames if "energy_convention" in a.info}
+    if not stated:
+        return "raw"
+    unknown = sorted(stated - set(ENERGY_CONVENTIONS))
+    if unknown or len(stated) > 1:
+        problem = (f"energy_convention={unknown[0]!r} is not known" if unknown
+                   else f"frames state different energy conventions ({', '.join(sorted(stated))})")
+        raise InputError(f"'{path}': {problem}; write energy_convention=raw (DFT as computed) or "
+                         "energy_convention=mp2020 (Materials Project 2020 corrections added) in every frame, "
+                         "or leave it out for raw.")
+    return stated.pop()
 
 
 def load_set(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, download: bool = True,

@@ -30,10 +30,11 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.common import metric, metrics_document, model_folder, write_benchmark_json
+from benchmarks.common import metric, metrics_document, model_folder, peak_rss_mib, write_benchmark_json
 from benchmarks.datasets import Dataset
-from benchmarks.metrics import EV_A3_TO_GPA, efs_metrics
+from benchmarks.metrics import EFS_DEFINITIONS, EV_A3_TO_GPA, efs_metrics
 from mattersim.calculator import evaluate_batch, model_info
+from mattersim.conventions import ENERGY_CONVENTIONS, check_convention, convention_offsets
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, write_results
 from mattersim.memory import GB, calculator_memory
 
@@ -163,7 +164,8 @@ def _evaluate(calc, data: Dataset, idx: list[int], store: _Store) -> None:
             store.fail(i, _error_text(exc))
 
 
-def pressure_groups(data: Dataset, ok: np.ndarray, store: _Store, edges: Sequence[float]) -> dict[str, list[dict]]:
+def pressure_groups(data: Dataset, ok: np.ndarray, store: _Store, edges: Sequence[float],
+                    offset: np.ndarray | None = None) -> dict[str, list[dict]]:
     """The metrics per reference-pressure bin ``[edges[k], edges[k+1])`` (GPa); open bins below/above when used."""
     edges = [float(e) for e in edges]
     bounds = [(-np.inf, edges[0])] + list(zip(edges[:-1], edges[1:])) + [(edges[-1], np.inf)]
@@ -175,24 +177,53 @@ def pressure_groups(data: Dataset, ok: np.ndarray, store: _Store, edges: Sequenc
         name = (f"P < {lo if np.isfinite(lo) else hi:g} GPa" if not np.isfinite(lo) else
                 f"P ≥ {lo:g} GPa" if not np.isfinite(hi) else f"{lo:g}-{hi:g} GPa")
         sel = np.flatnonzero(members & ok)
-        groups[name] = _metrics(data, store, sel) + [
+        groups[name] = _metrics(data, store, sel, offset) + [
             metric("n_structures", "Structures in the bin", None, int(members.sum()), None),
             metric("n_failed", "Failed structures in the bin", None, int((members & ~ok).sum()), "lower"),
         ]
     return groups
 
 
-def _metrics(data: Dataset, store: _Store, sel: np.ndarray) -> list[dict]:
+def _metrics(data: Dataset, store: _Store, sel: np.ndarray, offset: np.ndarray | None = None) -> list[dict]:
     has_stress = bool(len(sel)) and np.all(np.isfinite(store.stress[sel]))
     return efs_metrics(data.n_atoms[sel], data.energy[sel], store.energy[sel], [data.forces[i] for i in sel],
                        [store.forces_of(i) for i in sel], data.stress[sel],
-                       store.stress[sel] if has_stress else None)
+                       store.stress[sel] if has_stress else None,
+                       energy_offset=None if offset is None else offset[sel])
 
 
-def _write_outputs(out: Path, data: Dataset, store: _Store, info: dict) -> None:
+def _energy_matching(data: Dataset, info: dict, override: str | None, log) -> tuple[np.ndarray | None, dict]:
+    """The per-structure offsets (eV) that put the model's energies into the reference's convention (None
+    when none is needed) and the ``definitions.energy_convention`` record of ``metrics.json``."""
+    reference = data.energy_convention
+    if override is not None:
+        model, source = check_convention(override, "energy_convention"), "given for this run"
+    elif info.get("energy_convention") is not None:
+        model, source = check_convention(info["energy_convention"], "the model's energy_convention"), "model registry"
+    else:
+        model, source = None, "not recorded by the model: taken to be the reference's"
+    record = {"reference": reference, "model": model, "model_source": source,
+              "meaning": {k: v for k, v in ENERGY_CONVENTIONS.items() if k in (reference, model)}}
+    if model is None or model == reference:
+        record["conversion"] = "none (same convention)" if model else "none"
+        return None, record
+    offsets, errors = convention_offsets(data.structures, model, reference)
+    record["conversion"] = (f"MP2020 corrections {'subtracted from' if reference == 'raw' else 'added to'} the "
+                            "predictions (pymatgen MaterialsProject2020Compatibility, GGA+U where MP's relax set "
+                            "uses it) before energy_mae/rmse/mean_error; energy_mae_as_predicted is unconverted")
+    record["n_not_convertible"] = len(errors)
+    record["not_convertible"] = [{"index": i, "id": data.ids[i], "reason": r} for i, r in sorted(errors.items())]
+    log.info(f"energies: model '{model}', reference '{reference}': predictions converted by the MP2020 "
+             f"corrections ({len(errors)} structure(s) the scheme rejects are left out of the converted energy "
+             "metrics)")
+    return offsets, record
+
+
+def _write_outputs(out: Path, data: Dataset, store: _Store, info: dict, offset: np.ndarray | None) -> None:
     ok = np.flatnonzero(store.status == _DONE)
-    parity = {
-        "energy__ref": data.energy[ok] / data.n_atoms[ok], "energy__pred": store.energy[ok] / data.n_atoms[ok],
+    matched = store.energy[ok] if offset is None else store.energy[ok] + offset[ok]
+    parity = {  # energies in the reference's convention; NaN where a conversion is undefined
+        "energy__ref": data.energy[ok] / data.n_atoms[ok], "energy__pred": matched / data.n_atoms[ok],
         "force__ref": np.concatenate([data.forces[i].ravel() for i in ok]) if len(ok) else np.zeros(0),
         "force__pred": np.concatenate([store.forces_of(i).ravel() for i in ok]) if len(ok) else np.zeros(0),
         "stress__ref": data.stress[ok].ravel() * EV_A3_TO_GPA, "stress__pred": store.stress[ok].ravel() * EV_A3_TO_GPA,
@@ -207,7 +238,7 @@ def _write_outputs(out: Path, data: Dataset, store: _Store, info: dict) -> None:
 
 def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchmark: str | None = None,
             chunk_atoms: int | None = None, pressure_bins: Sequence[float] | None = None, progress: bool = True,
-            kind: str = "efs") -> dict:
+            kind: str = "efs", energy_convention: str | None = None) -> dict:
     """Evaluate ``calculator`` on every structure of ``data`` and write the results to ``output_dir``.
 
     Chunks of structures (one ``evaluate_batch`` call each) stay within the calculator's memory budget by
@@ -218,7 +249,13 @@ def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchma
     reference-pressure bin. Rerunning with the same output folder, model and dataset resumes; a
     different model goes to its own subfolder; the same model on another dataset version starts afresh
     (the old predictions are kept as ``predictions.npz.old``).
+
+    Energies are compared in the reference's convention (``raw`` or ``mp2020``, :mod:`mattersim.conventions`):
+    the model's convention comes from its ``model_info`` (the registry records it) or ``energy_convention``
+    (for any other calculator); a model without one is taken to share the reference's.
     """
+    if energy_convention is not None:
+        check_convention(energy_convention, "energy_convention")
     benchmark = benchmark or data.name
     info = model_info(calculator)
     root, slug, out = model_folder(output_dir, benchmark, info)
@@ -259,21 +296,24 @@ def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchma
                     for i in np.flatnonzero(store.status == _FAILED)]
         for f in failures:
             log.warning(f"failed: structure {f['index']} ({f['id']}): {f['error']}")
-        metrics = _metrics(data, store, np.flatnonzero(ok_mask)) + [
+        offset, convention = _energy_matching(data, info, energy_convention, log)
+        metrics = _metrics(data, store, np.flatnonzero(ok_mask), offset) + [
             metric("n_structures", "Structures", None, len(data), None),
             metric("n_failed", "Failed structures", None, len(failures), "lower"),
             metric("time_ms_per_atom", "Compute time per atom", "ms",
                    1e3 * store.elapsed / max(1, int(data.n_atoms[ok_mask].sum())), None),
         ]
-        groups = pressure_groups(data, ok_mask, store, pressure_bins) if pressure_bins else None
+        groups = pressure_groups(data, ok_mask, store, pressure_bins, offset) if pressure_bins else None
         doc = metrics_document(benchmark=benchmark, kind=kind, dataset=dataset, model=info, metrics=metrics,
                                n_items=len(data), n_done=int(ok_mask.sum()), failures=failures,
                                wall_time_s=store.elapsed, groups=groups,
                                extra={"chunk_atoms": None if math.isinf(max_atoms) else int(max_atoms),
                                       "memory_budget_gb": None if plan is None else budget / GB,
                                       "pressure_bins_GPa": list(pressure_bins) if pressure_bins else None,
-                                      "batched": hasattr(calculator, "calculate_batch")})
-        _write_outputs(out, data, store, info)
+                                      "batched": hasattr(calculator, "calculate_batch"),
+                                      "peak_rss_mib": peak_rss_mib()},
+                               definitions={**EFS_DEFINITIONS, "energy_convention": convention})
+        _write_outputs(out, data, store, info, offset)
         atomic_write_json(out / "metrics.json", doc)
         write_benchmark_json(root, benchmark=benchmark, kind=kind, dataset=dataset, slug=slug)
         summary = ", ".join(f"{m['key']} {m['value']:.4g}" for m in metrics[:8] if m["value"] is not None)

@@ -92,7 +92,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from ase import Atoms
 
-from benchmarks.common import metric, metrics_document, model_folder, utc_now, write_benchmark_json
+from benchmarks.common import metric, metrics_document, model_folder, peak_rss_mib, utc_now, write_benchmark_json
 from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
@@ -751,6 +751,36 @@ def _write_parity(path: Path, parity: dict[str, np.ndarray]) -> None:
         np.savez(tmp, **{k: np.asarray(v, dtype=float).ravel() for k, v in parity.items()})
 
 
+def definitions(settings: dict) -> dict:
+    """What the PhononDB numbers mean (``definitions`` of ``metrics.json``, shown by the report), so that they
+    can be set beside a published table: displacement, mesh rule, NAC, relaxation and each quantity."""
+    mesh = (f"phonopy's length-based Γ-centred mesh of {settings['mesh_length_A']:g} Å, the same length passed "
+            "for the reference and the prediction (a generalized regular grid for non-simple cells; the numbers "
+            "used are in each entry's json)" if settings.get("mesh") is None
+            else f"the regular Γ-centred mesh {settings['mesh']} for the reference and the prediction")
+    return {
+        "reference": "phonopy on PhononDB's DFT (VASP PBEsol) FORCE_SETS at the DFT structure and volume, "
+                     "symmetrized compact force constants; BORN for the NAC variant",
+        "prediction": f"the model relaxes the DFT unit cell (positions and cell, fmax {settings['fmax_eV_per_A']:g} "
+                      f"eV/Å, at most {settings['relax_steps']} steps), then finite displacements in the entry's "
+                      "supercell (DIM) and primitive cell (PRIMITIVE_AXIS)",
+        "displacement": f"{settings['displacement_A']:g} Å for the prediction; PhononDB's DFT used 0.01 Å",
+        "mesh_rule": mesh,
+        "nac": f"{settings['nac_method']} (phonopy); Z*/eps_inf from the model when it predicts them, else the "
+               "entry's DFT BORN; the same force constants as without NAC",
+        "omega_max": "highest phonon frequency over the mesh and the seekpath band path (THz)",
+        "group_velocity": "mean |v| over the mesh (q-point weights, all branches), m/s",
+        "group_velocity_max": "maximum |v| over the mesh (all branches), m/s",
+        "free_energy_change": "harmonic F(900 K) − F(300 K) per atom (meV/atom), each side at its own volume "
+                              "(DFT for the reference, relaxed for the prediction); QHA not yet",
+        "thermal": f"harmonic F (kJ/mol), S and Cv (J/K/mol) at {settings['temperature_K']:g} K per mole of "
+                   "primitive cells (the same primitive matrix on both sides)",
+        "counted": "succeeded entries without imaginary modes (below -0.01 THz, acoustic Γ modes excepted) in the "
+                   "reference and the prediction of the variant; the others in the group 'with imaginary modes'",
+        "energy_convention": "not used: phonons depend on force constants only",
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the runner
 # ---------------------------------------------------------------------------------------------------------
@@ -870,6 +900,7 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                                     "traceback": traceback.format_exc(limit=20),
                                     "timings_s": {"total": time.perf_counter() - t0}})
                     n_evaluated += 1
+                    rec["peak_rss_mib"] = peak_rss_mib()  # of the process so far (it only grows)
                     atomic_write_json(json_path, rec)
                     rec = _load_json(json_path) or rec  # the metrics come from what is on disk (JSON types)
                 rec["index"] = index
@@ -879,7 +910,8 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                     log.info(f"[{index + 1}/{len(items)}] {eid} {rec.get('formula', '')}: "
                              f"{'reused' if rec is old else 'done in %.1f s' % rec['timings_s']['total']}; ω_max "
                              f"ref {r['omega_max_THz']:.3f} / pred {p['omega_max_THz']:.3f} THz, imaginary modes "
-                             f"{r['imaginary_modes']} / {p['imaginary_modes']}, NAC: {rec.get('nac')}")
+                             f"{r['imaginary_modes']} / {p['imaginary_modes']}, NAC: {rec.get('nac')}; "
+                             f"peak RSS {peak_rss_mib():.0f} MiB")
                 else:
                     err = rec.get("error") or {}
                     message = f"{err.get('type', 'Error')}: {str(err.get('message', ''))[:500]}"
@@ -901,11 +933,13 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
             n_done=sum(r.get("status") == "ok" for r in records), failures=failures,
             wall_time_s=time.perf_counter() - t_start, groups=groups,
             extra={**settings, "compute_time_s": compute, "evaluated_now": n_evaluated, "reused": n_reused,
+                   "peak_rss_mib": peak_rss_mib(),
                    "imaginary_threshold_THz": -0.01,
                    "counted": "succeeded entries without imaginary modes in the reference and the prediction of "
                               "the variant; the NAC variant only for entries with BORN",
                    "nac_sources": {s: sum(r.get("nac") == s for r in records if r.get("status") == "ok")
                                    for s in ("model", "dft-born", "no BORN")}},
+            definitions=definitions(settings),
         )
         _write_parity(out / "parity.npz", parity)
         atomic_write_json(out / "metrics.json", doc)

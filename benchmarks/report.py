@@ -671,6 +671,35 @@ def _common_entries_section(body: list, runs: list[ModelRun], notes: list[str], 
     return {"ids": common, "metrics": metrics}
 
 
+def _definition_text(value: Any) -> str:
+    """One line for a ``definitions`` value; the energy-convention record is spelled out."""
+    if isinstance(value, dict) and "reference" in value and "conversion" in value:
+        model = value.get("model") or "not recorded"
+        text = (f"reference {value.get('reference')}, model {model} ({value.get('model_source', '–')}); "
+                f"conversion: {value.get('conversion')}")
+        if value.get("n_not_convertible"):
+            text += f"; {value['n_not_convertible']} structure(s) not convertible, left out of the converted MAE"
+        return text
+    return _one_line(value, 600)
+
+
+def _definitions_block(runs: list[ModelRun]) -> list[str]:
+    """The ``definitions`` of the runs' metrics.json, one bullet per key; a key whose value differs between
+    models gets one clause per model. Runs written before definitions existed contribute nothing."""
+    keys: list[str] = []
+    for r in runs:
+        for k in (r.metrics.get("definitions") or {}):
+            if k not in keys:
+                keys.append(k)
+    items = []
+    for k in keys:
+        texts = {_model_header(r): _definition_text((r.metrics.get("definitions") or {}).get(k, "–")) for r in runs}
+        distinct = set(texts.values())
+        body = distinct.pop() if len(distinct) == 1 else "; ".join(f"{m}: {t}" for m, t in texts.items())
+        items.append(f"{k.replace('_', ' ')}: {body}")
+    return items
+
+
 def _software_line(sw: dict) -> str:
     parts = [f"{k} {v}" for k, v in (sw or {}).items() if v and k != "platform"]
     return ", ".join(parts) or "–"
@@ -721,6 +750,13 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
             f"{r.metrics.get('n_failed', len(r.metrics.get('failures') or []))} failed, "
             f"wall time {_duration(r.metrics.get('wall_time_s'))}"
             for r in runs]))
+        defs = _definitions_block(runs)
+        if defs:
+            body.append(Heading(3, "Definitions"))
+            body.append(Para("What each number means, as recorded in each model's metrics.json (force/stress "
+                             "definitions, energy convention, displacement, mesh rule); software versions are in "
+                             "the Runs table.", css="small"))
+            body.append(Bullets(defs, css="small"))
 
         if bench.kind == "phonon" and len(runs) >= 2:
             common_docs[bench.name] = _common_entries_section(body, runs, notes, bench.name)
@@ -781,8 +817,9 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
             idents.setdefault(key, info)
             seen.setdefault(key, []).append(bench.name)
     tail.append(Table(
-        ["Model", "Version", "Kind", "Source", "sha256", "Package", "Benchmarks"],
+        ["Model", "Version", "Kind", "Energy convention", "Source", "sha256", "Package", "Benchmarks"],
         [[Cell(str(k[0])), Cell(str(info.get("version") or "–")), Cell(str(info.get("kind") or "–")),
+          Cell(str(info.get("energy_convention") or "–")),
           Cell(str(info.get("source") or "–")), Cell(_short_hash(info.get("sha256"))),
           Cell(str(info.get("package") or "–")), Cell(", ".join(seen[k]))]
          for k, info in idents.items()]))

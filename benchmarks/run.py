@@ -39,13 +39,20 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
                   data: str | os.PathLike | None = None, subset: str | os.PathLike | None = None,
                   max_items: int | None = None, device: str = "cpu", dtype: str = "float32",
                   trust_pickle: bool = False, download: bool = True, progress: bool = True,
-                  allow_untrained_elements: bool = False, displacement: float | None = None) -> list[dict]:
+                  allow_untrained_elements: bool = False, displacement: float | None = None,
+                  energy_convention: str | None = None) -> list[dict]:
     """Run ``target`` for each of ``models`` (names, checkpoint paths or calculators); returns the
     ``metrics.json`` documents, one per (model, set). A structure with an element a model was not trained
     on fails alone (listed in ``failures``) unless ``allow_untrained_elements``. ``displacement``: the
-    PhononDB prediction's finite displacement in Å (None: PhononDB's 0.01)."""
+    PhononDB prediction's finite displacement in Å (None: PhononDB's 0.01). ``energy_convention``
+    (``raw``/``mp2020``): the energies of models that record none (checkpoint files, other calculators);
+    registry models keep their own."""
+    from mattersim.calculator import model_info
+    from mattersim.conventions import check_convention
     from mattersim.registry import load_calculator
 
+    if energy_convention is not None:
+        check_convention(energy_convention, "--energy-convention")
     if not models:
         raise InputError("Give at least one model (--model NAME or a checkpoint path).")
     text = str(target).strip()
@@ -91,16 +98,18 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
     for model in models:
         calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
                                allow_untrained_elements=allow_untrained_elements)
+        convention = energy_convention if model_info(calc).get("energy_convention") is None else None
         for kind, arg in jobs:
             if kind == "efs":
                 from benchmarks.efs import run_efs
 
                 dataset, folder = arg
-                documents.append(run_efs(dataset, calc, folder, progress=progress))
+                documents.append(run_efs(dataset, calc, folder, progress=progress, energy_convention=convention))
             elif kind == "hex":
                 from benchmarks.hex import run_hex
 
-                documents.append(run_hex(data, calc, out, max_items=max_items, progress=progress))
+                documents.append(run_hex(data, calc, out, max_items=max_items, progress=progress,
+                                         energy_convention=convention))
             else:
                 from benchmarks.phonondb import run_phonondb
 

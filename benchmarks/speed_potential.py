@@ -12,7 +12,7 @@ Measures, with one checkpoint (default: the 1M-architecture fixture in ../shared
   (the reference run, in this process);
 - peak resident memory of each case of :data:`MEMORY_CASES` (up to a 2000-atom cell, the goal of issue
   #11 being <= 1.5 GB), each measured in a fresh subprocess so that peaks are separable: ``peak_rss_mib``
-  of the whole process (Python, torch and the weights included; VmHWM, see :func:`_peak_mib`, with
+  of the whole process (Python, torch and the weights included; VmHWM, see :func:`benchmarks.common.peak_rss_mib`, with
   ``ru_maxrss`` beside it), ``working_mib`` = peak minus the resident memory just before
   ``Potential.predict``, the memory mode the budget chose, and the
   estimate of :meth:`Potential.memory_estimate` with its ratio to ``working_mib`` (the check of the
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from ase.build import bulk
 
-from benchmarks.common import DEFAULT_CHECKPOINT, REPO, write_report
+from benchmarks.common import DEFAULT_CHECKPOINT, REPO, peak_rss_mib as _peak_mib, rss_mib as _rss_mib, write_report
 from mattersim.graph import build_structure_graph
 from mattersim.memory import GB
 from mattersim.potential import Potential
@@ -142,32 +142,6 @@ def memory_structures(spec: str):
             cells.append(a)
         return cells
     raise ValueError(f"unknown memory case {spec!r}")
-
-
-def _proc_status_mib(field: str) -> float | None:
-    """A memory field of /proc/self/status (Linux) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _rss_mib() -> float:
-    """Resident memory now (VmRSS), else the peak so far."""
-    now = _proc_status_mib("VmRSS")
-    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_mib() -> float:
-    """Peak resident memory of this process: VmHWM on Linux, else ``ru_maxrss``. Linux carries
-    ``ru_maxrss`` over from the parent through fork and exec, so in a subprocess it is at least the
-    parent's resident memory at the fork; VmHWM belongs to the new process image alone."""
-    peak = _proc_status_mib("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_case(checkpoint: Path, spec: str, budget_gb: float | None) -> dict:

@@ -315,6 +315,7 @@ def models_command() -> None:
     table.add_column("kind", no_wrap=True)
     table.add_column("offline", no_wrap=True)
     table.add_column("default", no_wrap=True)
+    table.add_column("energies", no_wrap=True)
     table.add_column("weights", overflow="fold")
     if wide:
         table.add_column("description", overflow="fold")
@@ -326,6 +327,7 @@ def models_command() -> None:
             str(m.get("kind", "")),
             "[green]yes[/green]" if available else "[dim]no[/dim]",
             "*" if m.get("name") in default_parts else "",
+            str(m.get("energy_convention") or "-"),
             _weights_location(m.get("path")),
         ]
         if wide:
@@ -336,6 +338,8 @@ def models_command() -> None:
         console.print(f"Default model: {default}", markup=False)
     else:
         console.print("No model is available offline; download one (see 'mattersim models') or pass a checkpoint path.", markup=False)
+    console.print("energies: raw = DFT energies as computed; mp2020 = with the Materials Project 2020 corrections "
+                  "(see mattersim.conventions).", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -907,8 +911,13 @@ def bench_run_command(
     allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
     download: bool = typer.Option(True, "--download/--no-download", help="Download missing sets and MatterSim weights."),
     displacement: Optional[float] = typer.Option(None, "--displacement", help="PhononDB: finite displacement of the prediction in Å (default PhononDB's 0.01)."),
+    energy_convention: Optional[str] = typer.Option(None, "--energy-convention", help="raw or mp2020: the energies of models that record none (checkpoint files); registry models keep their own. Energies are compared in the reference's convention."),
 ) -> None:
     """Evaluate one or more models on a benchmark and write metrics, predictions, parity data and a log."""
+    if energy_convention is not None:
+        from mattersim.conventions import check_convention
+
+        check_convention(energy_convention, "--energy-convention")
     if max_items is not None and max_items < 1:
         raise InputError(f"--max must be a positive integer, not {max_items}.")
     if displacement is not None and not (0 < displacement < 0.5):
@@ -920,7 +929,8 @@ def bench_run_command(
 
     docs = run_benchmark(target, model, outdir, data=data, subset=subset, max_items=max_items, device=device,
                          dtype="float64" if float64 else "float32", trust_pickle=trust_pickle, download=download,
-                         progress=True, allow_untrained_elements=allow_untrained_elements, displacement=displacement)
+                         progress=True, allow_untrained_elements=allow_untrained_elements, displacement=displacement,
+                         energy_convention=energy_convention)
     from rich.markup import escape
 
     table = _table(escape(f"Benchmark results ({outdir})"))

@@ -376,6 +376,7 @@ class CompositeCalculator(Calculator):
             "version": None,
             "sha256": None,
             "source": None,
+            "energy_convention": info_a.get("energy_convention"),
             "potential": info_a,
             "properties": info_b,
         }

@@ -99,6 +99,9 @@ class ModelSpec:
     # atomic numbers of the elements its training set holds (documented; see docs/models.md), or None where
     # the model itself says (SevenNet's type map, the dielectric model's elements.json)
     elements: tuple[int, ...] | None = None
+    # the DFT energy convention it was trained on (mattersim.conventions.ENERGY_CONVENTIONS); None for a
+    # model that predicts no energies
+    energy_convention: str | None = "raw"
 
 
 #: The 89 elements of MPtrj (the Materials Project relaxation trajectories that CHGNet 0.3.0 and SevenNet-0
@@ -155,6 +158,8 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             package="chgnet",
             aliases=("chgnet-0.3.0",),
             elements=MPTRJ_ELEMENTS,
+            # trained on MPtrj's corrected_total_energy (the MP2020 compatibility corrections added)
+            energy_convention="mp2020",
         ),
         ModelSpec(
             name="mattersim-dielectric",
@@ -163,6 +168,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
                         "PhononDB); combine it with a potential: <potential>+mattersim-dielectric",
             version="see card.json",
             license="model MIT; training data PhononDB by A. Togo, CC BY 4.0",
+            energy_convention=None,
         ),
     )
 }
@@ -312,7 +318,8 @@ def _available_text() -> str:
 
 def list_models() -> list[dict[str, Any]]:
     """One dict per known model: ``name``, ``kind``, ``description``, ``version``, ``license``,
-    ``available`` (loadable offline now), ``path`` (weights file on this machine, or None; the members'
+    ``energy_convention`` (``raw`` or ``mp2020``, see :mod:`mattersim.conventions`), ``available``
+    (loadable offline now), ``path`` (weights file on this machine, or None; the members'
     folder for ``mattersim-dielectric``) and ``source`` (download URL, package name or folder)."""
     rows = []
     for spec in KNOWN_MODELS.values():
@@ -330,6 +337,7 @@ def list_models() -> list[dict[str, Any]]:
                 "description": spec.description,
                 "version": version,
                 "license": spec.license,
+                "energy_convention": spec.energy_convention,
                 "available": path is not None,
                 "path": str(path) if path is not None else None,
                 "source": source,
@@ -622,7 +630,8 @@ def _load_mattersim(spec: ModelSpec, *, device: str, dtype: str, trust_pickle: b
     )
     return _from_potential(
         potential, kind="mattersim-v1", name=spec.name, version=spec.version, path=path,
-        sha256=sha, device=device, dtype=dtype, extra={"license": spec.license, "url": spec.url},
+        sha256=sha, device=device, dtype=dtype,
+        extra={"license": spec.license, "url": spec.url, "energy_convention": spec.energy_convention},
     )
 
 
@@ -656,6 +665,7 @@ def _load_chgnet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
         "kind": "chgnet",
         "package": f"chgnet {_package_version('chgnet')}",
         "license": spec.license,
+        "energy_convention": spec.energy_convention,
         "device": device,
         "dtype": "float32",
     })
@@ -679,6 +689,7 @@ def _load_sevennet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
         "kind": "sevennet",
         "package": f"sevenn {_package_version('sevenn')}",
         "license": spec.license,
+        "energy_convention": spec.energy_convention,
         "device": device,
         "dtype": "float32",
     })

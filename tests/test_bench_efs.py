@@ -371,4 +371,6 @@ def test_cli_bench_user_errors(tmp_path):
                       "--max")
     assert_user_error(runner.invoke(app, ["bench", "report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r.md")]),
                       "nothing")
+    assert_user_error(runner.invoke(app, ["bench", "run", "mpf-TP", "-m", "chgnet", "--energy-convention", "MP2021",
+                                          "-o", str(tmp_path / "o")]), "--energy-convention='MP2021'", "raw, mp2020")
     shutil.rmtree(tmp_path / "o", ignore_errors=True)

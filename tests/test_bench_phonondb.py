@@ -530,6 +530,7 @@ def test_report_ranks_models_on_their_common_entries(tmp_path):
         assert values["n_counted"] == 1
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "Metrics on the entries common to all models" in md and "1 without NAC" in md
+    assert "### Definitions" in md and "displacement: 0.01 Å for the prediction" in md
 
 
 def test_displacement_is_a_setting_of_the_run(tmp_path):
@@ -538,8 +539,10 @@ def test_displacement_is_a_setting_of_the_run(tmp_path):
     calc = HarmonicDFT([d / SIC], scale=1.1)
     doc = run_phonondb([d / SIC], calc, tmp_path / "a", progress=False, displacement=0.03)
     assert doc["settings"]["displacement_A"] == 0.03
+    assert doc["definitions"]["displacement"].startswith("0.03 Å for the prediction")  # stated for the reader
     ref = run_phonondb([d / SIC], calc, tmp_path / "b", progress=False)
     assert ref["settings"]["displacement_A"] == 0.01
+    assert "50 Å, the same length" in ref["definitions"]["mesh_rule"]
     va = {m["key"]: m["value"] for m in doc["metrics"]}
     vb = {m["key"]: m["value"] for m in ref["metrics"]}
     assert va["omega_max_mae_THz"] == pytest.approx(vb["omega_max_mae_THz"], rel=1e-6)

@@ -253,7 +253,8 @@ def test_json_round_trip_with_identities(report):
     # the md shows the short hash and the dataset/model/software sections
     md = report["md"]
     models = _table_rows(md, "## Models")
-    assert models["model-a"][:5] == ["1.0", "mattersim", "/weights/model-a.pth", MODEL_A["sha256"][:12], "mattersim 1.0"]
+    assert models["model-a"][:6] == ["1.0", "mattersim", "–", "/weights/model-a.pth", MODEL_A["sha256"][:12],
+                                     "mattersim 1.0"]  # "–": model-a records no energy convention
     assert MODEL_A["sha256"] not in md
     datasets = _table_rows(md, "## Datasets")
     assert datasets["hex"][:4] == ["HEX", "/data/hex.extxyz", HEX_DATASET["sha256"][:12], "30"]
