@@ -59,7 +59,10 @@ imaginary modes in the reference, in the prediction. ``parity.npz``: ``<quantity
 
 **Files** (layout of :mod:`benchmarks.common`): ``OUT/benchmark.json``; ``OUT/<model-slug>/metrics.json``,
 ``parity.npz``, ``run.log`` and ``entries/<id>.json`` (one per entry: reference and predicted properties of
-both variants, relaxation, timings, or the error). A rerun with the same output folder resumes: entries
+both variants, relaxation, timings, or the error); ``OUT/reference/<id>.json``: the DFT reference's
+properties, which do not depend on the model, kept for the next model run into the same folder (keyed on the
+entry's input files, the mesh, symprec, the NAC method and phonopy's version). A rerun with the same output
+folder resumes: entries
 whose json was computed with the same model (name, version, sha256), settings and input files are not
 evaluated again (failed ones neither, unless ``retry_failed=True``). A failing entry never stops the run: it
 is listed in ``failures`` with its exception type and message.
@@ -127,6 +130,8 @@ NAC_METHOD = "gonze"
 SYMPREC = 1e-5
 #: layout version of ``entries/<id>.json``
 ENTRY_SCHEMA = "mattersim-benchmark/phonondb-entry/1"
+#: schema of the model-independent reference properties kept in ``OUT/reference/<id>.json``
+REFERENCE_SCHEMA = "mattersim-benchmark/phonondb-reference/1"
 #: archive suffixes accepted as entries
 ARCHIVE_SUFFIXES = (".tar.lzma", ".tar.xz", ".tlz", ".txz")
 #: largest archive member read (bytes)
@@ -561,9 +566,35 @@ def _record(props: dict) -> dict:
     }
 
 
-def _evaluate_entry(item, calculator, settings: dict, files=None) -> dict:
+def _reference_key(entry: "PhononDBEntry", settings: dict) -> str:
+    """What the reference properties depend on: the entry's input files, the mesh, symprec, the NAC method
+    and phonopy's version (not the model)."""
+    import phonopy
+
+    doc = {"schema": REFERENCE_SCHEMA, "input_sha256": entry.input_sha256, "phonopy": phonopy.__version__,
+           **{k: settings.get(k) for k in ("mesh_length_A", "mesh", "symprec", "nac_method", "temperature_K")}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _load_reference(folder: Path | None, entry: "PhononDBEntry", settings: dict) -> dict | None:
+    """The reference properties another model's run stored for this entry and these settings, or None."""
+    if folder is None or not entry.input_sha256:
+        return None
+    old = _load_json(folder / f"{_safe(entry.id)}.json")
+    return old if old is not None and old.get("key") == _reference_key(entry, settings) else None
+
+
+def _save_reference(folder: Path | None, entry: "PhononDBEntry", settings: dict, reference: dict, mesh: list) -> None:
+    if folder is not None and entry.input_sha256:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / f"{_safe(entry.id)}.json", {"key": _reference_key(entry, settings), "id": entry.id,
+                                                              "reference": reference, "mesh": mesh})
+
+
+def _evaluate_entry(item, calculator, settings: dict, files=None, reference_cache: Path | None = None) -> dict:
     """Reference and prediction of one entry (``files``: what :func:`_read_entry_files` read for a path
-    ``item``); exceptions propagate to the caller."""
+    ``item``); exceptions propagate to the caller. ``reference_cache``: a folder where the DFT reference's
+    properties are kept for the next model (they do not depend on the model)."""
     from workflows.phonon import run_phonon
 
     timings: dict[str, float] = {}
@@ -578,12 +609,18 @@ def _evaluate_entry(item, calculator, settings: dict, files=None) -> dict:
     # and other non-simple cells) whose diagonal it reports as the mesh numbers; those numbers fed back as a
     # plain regular mesh would be another grid, so the length itself is passed every time.
     mesh = settings["mesh_length_A"] if settings["mesh"] is None else settings["mesh"]
-    ref_props = phonon_properties(ref, mesh)
-    reference = {"no_nac": _record(ref_props), "nac": None}
-    if entry.has_born:
-        ref.nac_params = _dft_born(entry, ref.primitive, settings["symprec"]).to_phonopy_nac_params(method=NAC_METHOD)
-        reference["nac"] = _record(phonon_properties(ref, mesh))
+    cached = _load_reference(reference_cache, entry, settings)
+    if cached is not None:
+        reference, ref_mesh = cached["reference"], cached["mesh"]
+    else:
+        ref_props = phonon_properties(ref, mesh)
+        reference, ref_mesh = {"no_nac": _record(ref_props), "nac": None}, [int(n) for n in ref_props["mesh"]["numbers"]]
+        if entry.has_born:
+            ref.nac_params = _dft_born(entry, ref.primitive, settings["symprec"]).to_phonopy_nac_params(method=NAC_METHOD)
+            reference["nac"] = _record(phonon_properties(ref, mesh))
+        _save_reference(reference_cache, entry, settings, reference, ref_mesh)
     timings["reference"] = time.perf_counter() - t
+    timings["reference_cached"] = float(cached is not None)
 
     t = time.perf_counter()
     result = run_phonon(entry.unitcell, calculator, relax=True, fmax=settings["fmax_eV_per_A"],
@@ -627,7 +664,7 @@ def _evaluate_entry(item, calculator, settings: dict, files=None) -> dict:
             "spacegroup_reference": ref.symmetry.get_international_table(),
             "spacegroup_prediction": result.summary["structure"]["spacegroup"],
         },
-        "mesh": [int(n) for n in ref_props["mesh"]["numbers"]],
+        "mesh": ref_mesh,
         "mesh_prediction": [int(n) for n in result.summary["mesh"]["numbers"]],
         "mesh_definition": mesh,
         "has_born": entry.has_born,
@@ -894,7 +931,7 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                     try:
                         if read_error is not None:
                             raise read_error
-                        rec.update(_evaluate_entry(item, calculator, settings, files))
+                        rec.update(_evaluate_entry(item, calculator, settings, files, root / "reference"))
                     except Exception as exc:
                         rec.update({"status": "failed", "error": {"type": type(exc).__name__, "message": str(exc)},
                                     "traceback": traceback.format_exc(limit=20),

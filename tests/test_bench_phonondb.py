@@ -425,6 +425,36 @@ def test_run_phonondb_end_to_end(tmp_path):
     assert "reused" in (folder / "run.log").read_text()
 
 
+def test_second_model_takes_the_reference_from_the_first(tmp_path):
+    """The DFT reference does not depend on the model: a second model run into the same folder reads it from
+    OUT/reference/ (identical values), and a stale or foreign cache file is recomputed, not trusted."""
+    d = _entries_dir()
+    out = tmp_path / "results"
+
+    class Other(HarmonicDFT):
+        pass
+
+    run_phonondb([d / SIC], HarmonicDFT([d / SIC], scale=1.1), out, progress=False)
+    first = json.loads((out / "HarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    assert (out / "reference" / f"{SIC}.json").is_file() and first["timings_s"]["reference_cached"] == 0.0
+    run_phonondb([d / SIC], Other([d / SIC], scale=1.2), out, progress=False)
+    second = json.loads((out / "Other" / "entries" / f"{SIC}.json").read_text())
+    assert second["timings_s"]["reference_cached"] == 1.0
+    assert second["reference"] == first["reference"] and second["mesh"] == first["mesh"]
+    # a cache written for other settings (here: a tampered key) is not used
+    cache = out / "reference" / f"{SIC}.json"
+    doc = json.loads(cache.read_text())
+    doc["key"], doc["reference"]["no_nac"]["omega_max_THz"] = "0" * 64, -1.0
+    cache.write_text(json.dumps(doc))
+
+    class Third(HarmonicDFT):
+        pass
+
+    run_phonondb([d / SIC], Third([d / SIC], scale=1.3), out, progress=False)
+    third = json.loads((out / "Third" / "entries" / f"{SIC}.json").read_text())
+    assert third["timings_s"]["reference_cached"] == 0.0 and third["reference"] == first["reference"]
+
+
 def test_model_born_charges_and_identity(tmp_path):
     """A 'model' that reproduces the DFT force constants and Z*/ε∞: prediction = reference, NAC source 'model'."""
     entry_path = _entries_dir() / SIC
