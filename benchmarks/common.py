@@ -17,24 +17,21 @@ None); ``value`` is None when it cannot be computed (e.g. no successful item).
 from __future__ import annotations
 
 import json
-import platform
 import resource
-import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mattersim.io import atomic_write_json, safe_filename
+from workflows.outputs import software_versions  # noqa: F401  (re-exported: the benchmarks record it)
 
 REPO = Path(__file__).resolve().parents[1]
 #: the 1M-architecture checkpoint with random weights in the read-only ../shared folder
 DEFAULT_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "mattersim_v1_reference" / "m3gnet-1M-random.pth"
 
 SCHEMA = "mattersim-benchmark/1"
-_SOFTWARE = ("mattersim", "torch", "numpy", "ase", "phonopy", "spglib", "pymatgen", "chgnet", "sevenn")
 
 
 def write_report(report: dict, output: Path | None) -> None:
@@ -43,17 +40,6 @@ def write_report(report: dict, output: Path | None) -> None:
     print(text)
     if output:
         Path(output).write_text(text)
-
-
-def software_versions() -> dict[str, str | None]:
-    """Versions of Python, the platform and the packages that shape the numbers."""
-    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in _SOFTWARE:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def utc_now() -> str:

@@ -37,6 +37,7 @@ from mattersim.calculator import evaluate_batch, model_info
 from mattersim.conventions import ENERGY_CONVENTIONS, check_convention, convention_offsets
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, write_results
 from mattersim.memory import GB, calculator_memory
+from workflows.outputs import ArrayStore
 
 __all__ = ["run_efs", "pressure_groups"]
 
@@ -53,7 +54,7 @@ class _Store:
     """``predictions.npz`` of one model on one dataset."""
 
     def __init__(self, path: Path, key: str, data: Dataset):
-        self.path, self.key = path, key
+        self.path, self._file = path, ArrayStore(path, key)
         n, n_at = len(data), int(data.n_atoms.sum())
         self.offsets = np.concatenate([[0], np.cumsum(data.n_atoms)])
         self.energy = np.full(n, np.nan)
@@ -64,33 +65,27 @@ class _Store:
         self.elapsed = 0.0
 
     def load(self, log: RunLog) -> bool:
-        if not self.path.exists():
+        """Read the predictions of this model and dataset (the store's key); anything else starts afresh."""
+        if not self._file.load(log):
             return False
+        f = self._file.data
         try:
-            with np.load(self.path, allow_pickle=False) as f:
-                key = str(f["key"])
-                if key != self.key:
-                    backup = self.path.with_name(self.path.name + ".old")
-                    os.replace(self.path, backup)
-                    log.warning(f"{self.path} belongs to another model or dataset version; moved it to {backup.name} "
-                                "and starting afresh.")
-                    return False
-                if f["status"].shape != self.status.shape or f["forces"].shape != self.forces.shape:
-                    raise ValueError("array shapes do not match the dataset")
-                self.energy, self.forces, self.stress = f["energy"], f["forces"], f["stress"]
-                self.status = f["status"]
-                self.errors = {int(k): v for k, v in json.loads(str(f["errors"])).items()}
-                self.elapsed = float(f["elapsed"])
-        except Exception as exc:  # half-written by another program, foreign file
+            if f["status"].shape != self.status.shape or f["forces"].shape != self.forces.shape:
+                raise ValueError("array shapes do not match the dataset")
+            self.energy, self.forces, self.stress = f["energy"], f["forces"], f["stress"]
+            self.status = f["status"]
+            self.errors = {int(k): v for k, v in json.loads(str(f["errors"])).items()}
+            self.elapsed = float(f["elapsed"])
+        except Exception as exc:  # a foreign file with the right key but not our arrays
             log.warning(f"{self.path} is unreadable ({type(exc).__name__}: {exc}); starting afresh.")
             return False
         return True
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp:
-            np.savez(tmp, key=np.array(self.key), energy=self.energy, forces=self.forces, stress=self.stress,
-                     status=self.status, errors=np.array(json.dumps({str(k): v for k, v in self.errors.items()})),
-                     elapsed=np.array(self.elapsed))
+        self._file.data = {"energy": self.energy, "forces": self.forces, "stress": self.stress, "status": self.status,
+                           "errors": np.array(json.dumps({str(k): v for k, v in self.errors.items()})),
+                           "elapsed": np.array(self.elapsed)}
+        self._file.save()
 
     def forces_of(self, i: int) -> np.ndarray:
         return self.forces[self.offsets[i]:self.offsets[i + 1]]

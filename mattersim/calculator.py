@@ -12,6 +12,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
+from mattersim.errors import InputError, no_energy_message
 from mattersim.potential import Potential
 
 
@@ -68,9 +69,6 @@ def evaluate_batch(calc: Calculator, structures: Sequence[Atoms], properties=("e
     (``calc.property_only``, e.g. :class:`mattersim.composite.DielectricModel`) raises :class:`InputError`.
     """
     if getattr(calc, "property_only", False):
-        from mattersim.composite import no_energy_message
-        from mattersim.errors import InputError
-
         raise InputError(no_energy_message(str(model_info(calc).get("name")), ", ".join(properties)))
     if hasattr(calc, "calculate_batch"):
         if _takes_properties(calc.calculate_batch):  # ours do: a model skips what is not asked (stress)

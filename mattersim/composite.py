@@ -31,7 +31,10 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError
+from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError, no_energy_message
+
+# mattersim.calculator and mattersim.potential (below this module) are imported where they are used: the
+# registry lists the installed models through this module without loading torch.
 
 __all__ = [
     "DIELECTRIC_PROPERTIES",
@@ -54,12 +57,6 @@ ENV_DIELECTRIC_DIR = "MATTERSIM_DIELECTRIC_DIR"
 LICENSE_NOTE = "model MIT; training data PhononDB by A. Togo, CC BY 4.0"
 
 _MEMBER_RE = re.compile(r"^member_(\d+)\.pth$")
-
-
-def no_energy_message(name: str, what: str) -> str:
-    """The error for asking a property-only model for energies, forces or stress."""
-    return (f"{name} predicts Z* and eps_inf only; combine it with a potential, e.g. --model sevennet-0+{name} "
-            f"(asked for {what}).")
 
 
 def _potential_of(member: Any):

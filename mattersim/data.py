@@ -358,7 +358,7 @@ def read_phonondb(root: str | os.PathLike, ids: str | os.PathLike | Sequence[str
 
 def data_hash(paths: Iterable[str | os.PathLike]) -> str:
     """sha256 over the contents of ``paths`` (sorted by path; each file's own sha256 is hashed in)."""
-    from mattersim.registry import file_sha256
+    from mattersim.io import file_sha256
 
     total = hashlib.sha256()
     for path in sorted({os.fspath(p) for p in paths}):

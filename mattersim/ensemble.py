@@ -1,7 +1,9 @@
 """Ensembles of models: mean predictions with an uncertainty on every output.
 
 ``EnsembleCalculator(members)`` averages any number of calculators (ours, loaded checkpoints, or any ASE
-calculator; ours are evaluated in batched model calls) and reports their spread:
+calculator; ours are evaluated in batched model calls) and reports their spread. Members given as model
+names or checkpoint paths are loaded by the caller's ``loader``; :func:`mattersim.registry.load_ensemble`
+does that with :func:`~mattersim.registry.load_calculator`.
 
 - ``energy``, ``forces``, ``stress`` and every property all members predict (``magmoms``, ``charges``,
   ``born_effective_charges``, ``dielectric_tensor``): the member mean;
@@ -16,12 +18,11 @@ As a :class:`workflows.nac.DielectricPredictor` (``predict_dielectric``) it also
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import BaseCalculator, Calculator, all_changes
 
 from mattersim.calculator import evaluate_batch, model_info, to_ase_results
 from mattersim.errors import InputError
@@ -57,15 +58,18 @@ def combine(member_results: Sequence[dict]) -> dict:
 
 
 class EnsembleCalculator(Calculator):
-    """The mean of several calculators, with the members' spread as uncertainty (see the module doc)."""
+    """The mean of several calculators, with the members' spread as uncertainty (see the module doc).
 
-    def __init__(self, members: Sequence[Any], *, name: str | None = None, **kwargs):
+    ``members``: ASE calculators; with ``loader`` (e.g. :func:`mattersim.registry.load_calculator`), anything
+    ``loader`` turns into one (model names, checkpoint paths). ``name``: the ensemble's ``model_info`` name.
+    """
+
+    def __init__(self, members: Sequence[Any], *, name: str | None = None,
+                 loader: Callable[[Any], Any] | None = None, **kwargs):
         super().__init__(**kwargs)
-        from mattersim.registry import load_calculator
-
         if len(members) < 2:
             raise InputError(f"An ensemble needs at least two members; got {len(members)}.")
-        self.members = [load_calculator(m) for m in members]
+        self.members = [_member(m, loader) for m in members]
         props = [set(getattr(m, "implemented_properties", ()) or ()) for m in self.members]
         common = set.intersection(*props) if props else set()
         self.implemented_properties = [p for p in ("energy", "free_energy", "forces", "stress", *AVERAGED[3:])
@@ -101,8 +105,10 @@ class EnsembleCalculator(Calculator):
         return res["born_effective_charges"], res["dielectric_tensor"]
 
 
-def load_ensemble(paths: Sequence[str | Path], **kwargs) -> EnsembleCalculator:
-    """An :class:`EnsembleCalculator` of checkpoint files or registry names (``load_calculator`` each)."""
-    from mattersim.registry import load_calculator
-
-    return EnsembleCalculator([load_calculator(p, **kwargs) for p in paths])
+def _member(member: Any, loader: Callable[[Any], Any] | None) -> Any:
+    if loader is not None:
+        return loader(member)
+    if isinstance(member, BaseCalculator):
+        return member
+    raise InputError(f"Ensemble member {member!r} is not a calculator; pass loaded calculators, or model names and "
+                     "checkpoint paths to mattersim.registry.load_ensemble.")

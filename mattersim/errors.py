@@ -29,3 +29,9 @@ class UntrainedElementError(InputError):
 
 class UntrainedElementWarning(UserWarning):
     """A model runs on an element it was not trained on because the caller allowed it."""
+
+
+def no_energy_message(name: str, what: str) -> str:
+    """The error for asking a property-only model (Z* and eps_inf only) for energies, forces or stress."""
+    return (f"{name} predicts Z* and eps_inf only; combine it with a potential, e.g. --model sevennet-0+{name} "
+            f"(asked for {what}).")

@@ -16,6 +16,8 @@ Units: energies in eV, forces in eV/Å, stress in eV/Å^3 with ASE's sign conven
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -34,6 +36,7 @@ __all__ = [
     "MIN_DISTANCE",
     "RESULT_FORMATS",
     "check_result_path",
+    "file_sha256",
     "read_structures",
     "validate_structure",
     "write_results",
@@ -262,6 +265,27 @@ def _closest_pair_below(atoms: Atoms, cutoff: float) -> tuple[int, int, float] |
     k = int(np.argmin(d))
     a, b = sorted((int(i[k]), int(j[k])))
     return a, b, float(d[k])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# file identity
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file, memoised on (path, size, mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ase.data import chemical_symbols
 from mattersim.errors import InputError
 from mattersim.graph import GraphBatch, StructureGraph, build_structure_graph, collate
 from mattersim.heads import ATOM_TASKS
+from mattersim.io import file_sha256
 from mattersim.m3gnet import MEMORY_MODES, memory_mode, twice_differentiable
 from mattersim.memory import GB, MemoryModel, budget_batches, resolve_budget
 
@@ -152,7 +153,6 @@ class Potential(torch.nn.Module):
         """Load an official-format MatterSim v1 checkpoint (``mattersim-v1.0.0-1M.pth`` or a fine-tuned
         one) or one of our multi-task checkpoints (:func:`mattersim.checkpoint.save_model`)."""
         from mattersim.checkpoint import build_m3gnet, build_multitask, is_multitask_checkpoint, read_checkpoint
-        from mattersim.registry import file_sha256
 
         path = Path(path)
         ckpt = read_checkpoint(path, trust_pickle=trust_pickle)

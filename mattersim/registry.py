@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import hashlib
 import importlib.util
 import io
@@ -43,12 +42,13 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 from urllib.error import URLError
 from urllib.request import Request, urlopen
 
 from mattersim.adapters import batched_chgnet_calculator, batched_sevennet_calculator
 from mattersim.errors import CheckpointError, InputError, ModelNotAvailableError
+from mattersim.io import file_sha256  # public here too (registry.file_sha256)
 
 __all__ = [
     "DIELECTRIC_MODEL",
@@ -65,6 +65,7 @@ __all__ = [
     "is_available",
     "list_models",
     "load_calculator",
+    "load_ensemble",
     "model_path",
     "models_dir",
     "resolve_name",
@@ -365,22 +366,6 @@ def default_model() -> str:
 # --------------------------------------------------------------------------------------------------
 # Hashes and downloads
 # --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of a file, memoised on (path, size, mtime)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
 
 
 def _sidecar(path: Path) -> Path:
@@ -1019,6 +1004,14 @@ def load_calculator(
     calc = _load(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
                  allow=allow_untrained_elements)
     return _with_elements(calc, allow=allow_untrained_elements)
+
+
+def load_ensemble(paths: Sequence[Any], **kwargs) -> Any:
+    """An :class:`~mattersim.ensemble.EnsembleCalculator` of checkpoint files, registry names or calculators
+    (:func:`load_calculator` with ``kwargs`` each)."""
+    from mattersim.ensemble import EnsembleCalculator
+
+    return EnsembleCalculator([load_calculator(p, **kwargs) for p in paths])
 
 
 def _load(model: Any, *, device: str, dtype: str, trust_pickle: bool, download: bool, allow: bool) -> Any:

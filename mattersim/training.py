@@ -504,7 +504,7 @@ def build_model(config: TrainConfig):
         torch.manual_seed(config.seed)
         model = MultiTaskModel.from_config(config.model)
         return model, {"from": "scratch"}, list(model.tasks)
-    from mattersim.registry import file_sha256
+    from mattersim.io import file_sha256
 
     path = _resolve_init(config.init_from, config.source)
     model, ckpt = load_model(path)

@@ -350,12 +350,12 @@ def test_chgnet_composite_by_name(installed):
 
 
 def test_phonon_forces_key_follows_the_potential(installed):
-    from workflows.phonon import _run_key
+    from workflows.outputs import run_key
 
     potential_info = {"name": "EMT", "version": None, "kind": "ase", "source": "ase.calculators.emt", "sha256": None}
     composite = CompositeCalculator(registry.load_calculator(EMT()), load_dielectric())
     atoms = _rocksalt()
-    assert _run_key(atoms, {}, composite.model_info) == _run_key(atoms, {}, potential_info)
+    assert run_key(atoms.get_chemical_formula(), {}, composite.model_info) == run_key(atoms.get_chemical_formula(), {}, potential_info)
 
 
 # ---------------------------------------------------------------------------------------------------------

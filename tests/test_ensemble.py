@@ -78,3 +78,16 @@ def test_ensemble_of_any_ase_calculators():
         ens.predict_dielectric(atoms)
     with pytest.raises(InputError, match="at least two"):
         EnsembleCalculator([EMT()])
+
+
+def test_members_by_name_are_loaded_by_the_callers_loader(small_checkpoint):
+    from mattersim.registry import load_ensemble
+
+    with pytest.raises(InputError, match="load_ensemble"):
+        EnsembleCalculator(["a.pth", "b.pth"])  # the ensemble itself loads nothing
+    loaded = EnsembleCalculator(["emt", "lj"], loader=lambda m: EMT() if m == "emt" else LennardJones(rc=6.0))
+    assert [type(m).__name__ for m in loaded.members] == ["EMT", "LennardJones"]
+    ens = load_ensemble([small_checkpoint, str(small_checkpoint)], dtype="float64")
+    assert [i["kind"] for i in ens.model_info["members"]] == ["checkpoint", "checkpoint"]
+    atoms = bulk("Si", "diamond", a=5.43)
+    assert ens.calculate_batch([atoms])[0]["energy_std"] == pytest.approx(0.0, abs=1e-9)  # the same model twice

@@ -53,14 +53,12 @@ three acoustic modes exactly at Γ are excluded, and only when ``|f| <`` :data:`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import itertools
 import json
 import logging
 import math
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -74,6 +72,7 @@ from ase import Atoms
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
+from workflows.outputs import ArrayStore, run_key, summary_header
 
 __all__ = [
     "DEFAULT_CUTOFF_A",
@@ -105,6 +104,8 @@ DEFAULT_CUTOFF_A = 5.0
 THZ_ANGSTROM_TO_M_PER_S = 100.0
 #: Version of the forces.npz layout.
 _FORCES_FORMAT = 1
+#: Version of the workflow's outputs (summary.json layout), in every summary header.
+WORKFLOW_VERSION = 1
 _FORCES_FILE = "forces.npz"
 
 UNITS = {
@@ -516,55 +517,10 @@ def _describe_mode(mode: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _run_key(atoms: Atoms, settings: dict, info: dict) -> str:
-    if info.get("kind") == "composite" and isinstance(info.get("potential"), dict):
-        info = info["potential"]  # the forces come from the potential alone
-    model = {k: info.get(k) for k in ("name", "version", "kind", "sha256", "dtype", "model_args")}
-    if model.get("sha256") is None:  # ASE calculators: their class and parameters
-        model["source"] = info.get("source")
-    doc = {"format": _FORCES_FORMAT, "structure": _structure_record(atoms), "settings": settings, "model": model}
-    return hashlib.sha256(json.dumps(to_builtin(doc), sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _displacement_table(dataset: dict) -> tuple[np.ndarray, np.ndarray]:
     first = dataset["first_atoms"]
     return (np.array([int(d["number"]) for d in first], dtype=int),
             np.array([d["displacement"] for d in first], dtype=float).reshape(-1, 3))
-
-
-class _ForceStore:
-    """``forces.npz``: forces (eV/Å) of the perfect (index 0) and displaced supercells, written atomically."""
-
-    def __init__(self, path: Path | None, key: str):
-        self.path = path
-        self.key = key
-        self.data: dict[str, np.ndarray] = {}
-
-    def load(self, log: RunLog) -> bool:
-        """Read the file when it belongs to this run; True if it did."""
-        if self.path is None or not self.path.exists():
-            return False
-        try:
-            with np.load(self.path, allow_pickle=False) as f:
-                data = {k: f[k] for k in f.files}
-        except Exception as exc:  # unreadable (partial write by another program, ...)
-            log.warning(f"{self.path} is unreadable ({type(exc).__name__}: {exc}); starting afresh.")
-            return False
-        if str(data.get("key", "")) != self.key:
-            backup = self.path.with_name(self.path.name + ".old")
-            os.replace(self.path, backup)
-            log.warning(f"{self.path} was computed for a different structure, settings or model; moved it to "
-                        f"{backup.name} and starting afresh.")
-            return False
-        data.pop("key", None)
-        self.data = data
-        return True
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        with atomic_path(self.path) as tmp:
-            np.savez(tmp, key=np.array(self.key), **self.data)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -842,8 +798,8 @@ def run_phonon(
             "min_length_A": auto_length if supercell_setting is None else None,
             "displacement_A": float(displacement), "symprec": float(symprec),
         }
-        key = _run_key(input_atoms, settings, info)
-        store = _ForceStore(out / _FORCES_FILE if out is not None else None, key)
+        key = run_key(_structure_record(input_atoms), settings, info, fmt=_FORCES_FORMAT)
+        store = ArrayStore(out / _FORCES_FILE if out is not None else None, key)
         resumed = store.load(log)
         log.info(f"run_phonon: {input_atoms.get_chemical_formula()} ({len(input_atoms)} atoms), model "
                  f"{info.get('name')} (sha256 {info.get('sha256')}), output {out}")
@@ -1048,22 +1004,16 @@ def run_phonon(
         timings["post_processing"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
 
-        import mattersim
-
         summary = {
-            "workflow": "phonon",
-            "mattersim_version": getattr(mattersim, "__version__", None),
-            "phonopy_version": phonopy.__version__,
-            "platform": platform.platform(),
-            "model": info,
-            "settings": {**settings, "mesh": mesh_setting, "mesh_gamma_centered": True,
+            **summary_header("phonon", WORKFLOW_VERSION, info, {**settings, "mesh": mesh_setting, "mesh_gamma_centered": True,
                          "thermal_exclude_gamma_acoustic": True, "tmax_K": float(tmax),
                          "tstep_K": float(tstep), "pdos": bool(pdos), "group_velocities": bool(group_velocities), "nac": bool(nac), "nac_method": nac_method if nac else None,
                          "nac_range": None if window is None else window.to_dict(),
                          "born_file": None if born_file is None else str(born_file), "batch_size": chunk,
                          "force_constants": "phonopy finite displacements, compact, symmetrize_force_constants(level=1)"
                                             + ("; dipole-dipole tail beyond the window added (nac.dipole_tail)" if window else "")},
-            "units": UNITS,
+                             UNITS),
+            "phonopy_version": phonopy.__version__,
             "structure": {
                 "formula": unit.get_chemical_formula(mode="hill", empirical=False),
                 "spacegroup": spacegroup,
