@@ -100,6 +100,7 @@ from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar
+from mattersim.settings import parse_mesh
 from workflows.phonon import phonon_properties
 
 __all__ = [
@@ -870,15 +871,8 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
         if int(max_entries) < 0:
             raise InputError(f"max_entries must be >= 0, not {max_entries!r}.")
         items = items[: int(max_entries)]
-    if isinstance(mesh, (int, float, np.integer, np.floating)) and not isinstance(mesh, bool):
-        if not float(mesh) > 0:
-            raise InputError(f"mesh must be a positive length in Å or 3 positive integers, not {mesh!r}.")
-        mesh_length, mesh_numbers = float(mesh), None
-    else:
-        arr = np.asarray(mesh).ravel()
-        if arr.size != 3 or not np.all(arr >= 1) or not np.allclose(arr, np.rint(arr)):
-            raise InputError(f"mesh must be a positive length in Å or 3 positive integers, not {mesh!r}.")
-        mesh_length, mesh_numbers = None, [int(x) for x in np.rint(arr)]
+    parsed = parse_mesh(mesh, "mesh")
+    mesh_length, mesh_numbers = (parsed, None) if isinstance(parsed, float) else (None, parsed)
     if not fmax > 0 or int(relax_steps) < 0:
         raise InputError(f"fmax must be > 0 eV/Å and relax_steps >= 0, not {fmax!r} and {relax_steps!r}.")
 

@@ -491,30 +491,16 @@ def relax_command(
 
     Exit code 1 when any structure did not converge within --steps.
     """
-    import ase.io
-    import numpy as np
+    from mattersim.io import ensure_writable_dir, read_structures
 
-    from mattersim.io import atomic_write_json, ensure_writable_dir, read_structures, safe_filename, write_results
-    from mattersim.relax import BatchRelaxer
-
-    mode_name = mode.value.replace("-", "_")
     ensure_writable_dir(outdir)  # before any work
     structures = read_structures([str(f) for f in files])
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(structures, _max_z(calc))
     _check_trained_elements(calc, structures, allow_untrained_elements, properties=False)  # energies only
 
-    relaxer = BatchRelaxer(
-        calc,
-        fmax=fmax,
-        steps=steps,
-        pressure=pressure,
-        mode=mode_name,
-        optimizer=optimizer.value,
-        max_atoms_per_batch=max_atoms_per_batch,
-        show_progress=sys.stderr.isatty(),
-    )
-    outdir.mkdir(parents=True, exist_ok=True)
+    from workflows.relax import run_relax  # lazily: the core never imports workflows at module level
+
     # the table and one summary line report non-convergence; no per-structure log lines on screen
     import logging
 
@@ -522,70 +508,14 @@ def relax_command(
     relax_logger = logging.getLogger("mattersim.relax")
     relax_logger.addHandler(quiet)
     try:
-        results = relaxer.relax(structures, trajectory_dir=(outdir / "trajectories") if trajectory else None)
+        run = run_relax(structures, calc, pressure=pressure, fmax=fmax, steps=steps, mode=mode.value,
+                        optimizer=optimizer.value, max_atoms_per_batch=max_atoms_per_batch, trajectory=trajectory,
+                        structure_format=structure_format.value, output_dir=outdir, progress=sys.stderr.isatty())
     finally:
         relax_logger.removeHandler(quiet)
-    info = _model_info(calc)
-
-    # per-structure files
-    struct_dir = outdir / "structures"
-    struct_dir.mkdir(exist_ok=True)
-    taken: set[str] = set()
-    entries = []
-    shown = _display_labels([label for label, _ in structures])
-    for (label, atoms), res, label_shown in zip(structures, results, shown):
-        name = safe_filename(_file_stem(label), taken)
-        periodic = bool(np.asarray(res.atoms.pbc).all())
-        if periodic and structure_format == StructureFormat.poscar:
-            fname = struct_dir / f"{name}.vasp"
-            ase.io.write(fname, res.atoms, format="vasp", direct=True, sort=False)
-        elif periodic:
-            fname = struct_dir / f"{name}.cif"
-            ase.io.write(fname, res.atoms, format="cif")
-        else:
-            fname = struct_dir / f"{name}.xyz"
-            ase.io.write(fname, res.atoms, format="xyz")
-        d = res.to_dict()
-        d["label"] = label
-        d["file"] = str(fname.relative_to(outdir))
-        entries.append(d)
-
-    # all relaxed structures with their final energy/forces/stress
-    final_results = []
-    for res in results:
-        r = {"energy": res.energy, "forces": res.atoms.get_forces()}
-        if res.stress is not None:
-            r["stress"] = res.stress
-        final_results.append(r)
-    relaxed_atoms = []
-    for (label, _), res in zip(structures, results):
-        a = res.atoms.copy()
-        a.info["converged"] = bool(res.converged)
-        a.info["relax_steps"] = int(res.steps)
-        a.info["enthalpy"] = float(res.enthalpy)
-        relaxed_atoms.append(a)
-    write_results(outdir / "relaxed.extxyz", relaxed_atoms, final_results, info, labels=[label for label, _ in structures])
-
-    not_converged = [label_shown for e, label_shown in zip(entries, shown) if not e["converged"]]
-    summary = {
-        "model": info,
-        "settings": {
-            "mode": mode.value,
-            "pressure_GPa": pressure,
-            "fmax": fmax,
-            "steps": steps,
-            "optimizer": optimizer.value,
-            "max_atoms_per_batch": max_atoms_per_batch,
-            "device": device,
-            "dtype": "float64" if float64 else "float32",
-        },
-        "units": {"energy": "eV", "enthalpy": "eV", "volume": "Å^3", "pressure": "GPa", "stress": "eV/Å^3 (ASE sign)", "fmax": "eV/Å"},
-        "n_structures": len(entries),
-        "n_converged": len(entries) - len(not_converged),
-        "structures": entries,
-    }
-    atomic_write_json(outdir / "summary.json", summary)
-
+    info = run.summary["model"]
+    shown = _display_labels(run.labels)
+    not_converged = [label for label, row in zip(shown, run.rows()) if not row["converged"]]
     show_enthalpy = pressure != 0.0
     table = _table(f"Relaxation ({mode.value}, P = {pressure:g} GPa, fmax = {fmax:g} eV/Å, {info.get('name', 'model')})")
     table.add_column("structure", overflow="fold", max_width=30)
@@ -598,29 +528,22 @@ def relax_command(
     table.add_column("V (Å^3)", justify="right", no_wrap=True)
     table.add_column("ΔV", justify="right", no_wrap=True)
     table.add_column("P (GPa)", justify="right", no_wrap=True)
-    for e, label_shown in zip(entries, shown):
-        if e["volume"] is None:
-            vol, dvol = "-", "-"
-        else:
-            vol = f"{e['volume']:.2f}"
-            dvol = f"{100.0 * (e['volume'] / e['initial_volume'] - 1.0):+.1f}%"
-        row = [
-            label_shown,
-            e["formula"],
-            "[green]yes[/green]" if e["converged"] else "[red]NO[/red]",
-            str(e["steps"]),
-            f"{e['energy']:.4f}",
-        ]
+    for row, label_shown in zip(run.rows(), shown):
+        vol = "-" if row["volume"] is None else f"{row['volume']:.2f}"
+        dvol = "-" if row["volume_change_percent"] is None else f"{row['volume_change_percent']:+.1f}%"
+        cells = [label_shown, row["formula"], "[green]yes[/green]" if row["converged"] else "[red]NO[/red]",
+                 str(row["steps"]), f"{row['energy']:.4f}"]
         if show_enthalpy:
-            row.append(f"{e['enthalpy']:.4f}")
-        row += [vol, dvol, _fmt(e["pressure"], ".2f")]
-        table.add_row(*row)
+            cells.append(f"{row['enthalpy']:.4f}")
+        cells += [vol, dvol, _fmt(row["pressure"], ".2f")]
+        table.add_row(*cells)
     console = _stdout_console()
     _print_table(console, table)
-    console.print(f"Wrote {len(entries)} relaxed structures, relaxed.extxyz and summary.json to {outdir}", markup=False)
+    n = len(run.results)
+    console.print(f"Wrote {n} relaxed structures, relaxed.extxyz and summary.json to {outdir}", markup=False)
     if not_converged:
         names = ", ".join(not_converged[:5]) + (", ..." if len(not_converged) > 5 else "")
-        print_error(f"{len(not_converged)} of {len(entries)} structures did not converge within {steps} steps (fmax {fmax} eV/Å): {names}.")
+        print_error(f"{len(not_converged)} of {n} structures did not converge within {steps} steps (fmax {fmax} eV/Å): {names}.")
         raise typer.Exit(EXIT_NOT_CONVERGED)
 
 
@@ -632,50 +555,6 @@ def relax_command(
 class NacMethod(str, Enum):
     gonze = "gonze"
     wang = "wang"
-
-
-def _parse_supercell(text: Optional[str]):
-    """'2 2 2' / '2' / 9 integers -> list, or None; InputError for anything else."""
-    if text is None:
-        return None
-    parts = text.replace(",", " ").split()
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 3, 9) or len(values) != len(parts) or (len(values) < 9 and min(values) < 1):
-        raise InputError(f"--supercell {text!r} is not understood; give 3 positive integers (\"2 2 2\") or 9 integers (a 3x3 matrix, row by row).")
-    return values[0] if len(values) == 1 else values
-
-
-def _parse_mesh(text: str):
-    parts = text.replace(",", " ").split()
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1 and values[0] > 0:
-        return values[0]
-    if len(values) == 3 and all(v >= 1 and v == int(v) for v in values):
-        return [int(v) for v in values]
-    raise InputError(f"--mesh {text!r} is not understood; give 3 positive integers (\"20 20 20\") or one length in Å (a mesh density).")
-
-
-def _parse_primitive_axis(text: str):
-    if text.strip().lower() == "auto":
-        return "auto"
-    if text.strip().upper() in ("P", "F", "I", "A", "C", "R"):
-        return text.strip().upper()
-    from fractions import Fraction
-
-    parts = text.replace(",", " ").split()
-    try:
-        values = [float(Fraction(p)) for p in parts]
-    except (ValueError, ZeroDivisionError):
-        values = []
-    if len(values) != 9:
-        raise InputError(f"--primitive-axis {text!r} is not understood; give 'auto' or 9 numbers (fractions like 1/2 allowed), row by row.")
-    return [values[0:3], values[3:6], values[6:9]]
 
 
 @app.command("phonon")
@@ -713,10 +592,11 @@ def phonon_command(
     thermal_properties.yaml, BORN (with NAC), plots, phonon.log and summary.json to OUTDIR.
     """
     from mattersim.io import read_structures
+    from mattersim.settings import parse_mesh, parse_primitive, parse_supercell
 
-    supercell_value = _parse_supercell(supercell)
-    mesh_value = _parse_mesh(mesh)
-    primitive_value = _parse_primitive_axis(primitive_axis)
+    supercell_value = parse_supercell(supercell, "--supercell")
+    mesh_value = parse_mesh(mesh, "--mesh")
+    primitive_value = parse_primitive(primitive_axis, "--primitive-axis")
     from workflows.dipole import parse_nac_range
 
     range_value = parse_nac_range(nac_range)  # a typo fails before the model loads
@@ -752,69 +632,19 @@ def phonon_command(
         )
     finally:
         phonon_logger.removeHandler(warning_lines)
-    import numpy as np
     from rich.markup import escape
 
     s = result.summary
-    freq = s["frequencies"]
-    imag = s["imaginary_modes"]
-    th = s["thermal_300K"]
     st = s["structure"]
     table = _table(escape(f"Phonons of {st['formula']} ({st['spacegroup']}, {s['model'].get('name', 'model')})"))
     table.add_column("quantity", no_wrap=True)
     table.add_column("value", no_wrap=True)
-    smat = st["supercell_matrix"]
-    diagonal = all(smat[i][j] == 0 for i in range(3) for j in range(3) if i != j)
-    shape = "x".join(str(smat[i][i]) for i in range(3)) if diagonal else str(smat)
-    distance = st.get("supercell_min_image_distance_A")
-    distance = f", min. image distance {distance:.2f} Å" if distance is not None else ""
-    table.add_row("supercell", escape(f"{shape} ({st['n_atoms_supercell']} atoms{distance}), {s['forces']['n_supercells']} displaced supercells"))
-    table.add_row("ω_max", f"{freq['omega_max_THz']:.4f} THz")
-    table.add_row("lowest frequency", f"{freq['lowest_THz']:.4f} THz")
-    if imag["count"]:
-        worst = imag["most_negative_at"]
-        q = " ".join(f"{x:.3f}" for x in worst["q"])
-        where = worst.get("segment") or worst["where"]
-        table.add_row("imaginary modes", f"[red]{imag['count']}[/red], " + escape(f"most negative {imag['most_negative_THz']:.4f} THz at q = ({q}) ({where})"))
-    else:
-        table.add_row("imaginary modes", f"[green]none[/green] (below {imag['threshold_THz']} THz)")
-    nac_s = s.get("nac") or {}
-    if nac_s.get("born") is not None and nac_s.get("symbols"):
-        # Z* (isotropic part, tr/3) of each species' first atom and eps_inf (tr/3), with the ensemble spread
-        born = np.asarray(nac_s["born"], dtype=float)
-        born_std = (nac_s.get("uncertainty") or {}).get("born_std")
-        eps_std = (nac_s.get("uncertainty") or {}).get("epsilon_std")
-        parts, seen = [], set()
-        for k, sym in enumerate(nac_s["symbols"]):
-            if sym not in seen:
-                seen.add(sym)
-                err = f" ± {np.trace(np.asarray(born_std[k])) / 3:.3f}" if born_std is not None else ""
-                parts.append(f"{sym} {np.trace(born[k]) / 3:+.3f}{err}")
-        table.add_row("Z* (tr/3)", escape(", ".join(parts) + " e"))
-        eps = np.trace(np.asarray(nac_s["epsilon"], dtype=float)) / 3
-        err = f" ± {np.trace(np.asarray(eps_std)) / 3:.3f}" if eps_std is not None else ""
-        table.add_row("ε∞ (tr/3)", f"{eps:.3f}{err}")
-    lo_to = nac_s.get("gamma_lo_to")
-    if lo_to:
-        for entry in lo_to.get("directions", []):
-            d = "".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x in entry["direction"])
-            lo_std = entry.get("lo_frequencies_std")
-            if lo_std is not None and len(lo_std) == len(entry.get("lo_frequencies", [])):
-                lo = ", ".join(f"{x:.3f} ± {e:.3f}" for x, e in zip(entry["lo_frequencies"], lo_std)) or "-"
-            else:
-                lo = ", ".join(f"{x:.3f}" for x in entry.get("lo_frequencies", [])) or "-"
-            others = sorted(entry.get("to_frequencies", []), key=abs)[3:]  # drop the 3 acoustic modes
-            to = ", ".join(f"{x:.3f}" for x in sorted(set(round(v, 3) for v in others))) or "-"
-            table.add_row(escape(f"Γ [{d}] LO / TO"), f"{lo} / {to} THz")
-    unc = (s.get("nac") or {}).get("uncertainty")
-    if unc and (unc.get("born_std_max") is not None or unc.get("epsilon_std_max") is not None):
-        members = f" ({unc['n_members']} members)" if unc.get("n_members") else ""
-        table.add_row("σ(Z*) / σ(ε∞) max", f"{_fmt(unc.get('born_std_max'), '.3f')} e / {_fmt(unc.get('epsilon_std_max'), '.3f')}{members}")
-    table.add_row("F (300 K)", f"{th['free_energy_kJ_per_mol']:.4f} kJ/mol")
-    table.add_row("S (300 K)", f"{th['entropy_J_per_K_per_mol']:.4f} J/K/mol")
-    table.add_row("Cv (300 K)", f"{th['heat_capacity_J_per_K_per_mol']:.4f} J/K/mol")
-    table.add_row("", f"per mole of primitive cells ({st['n_atoms_primitive']} atoms)")
-    table.add_row("output", escape(str(outdir)))
+    for quantity, value in result.rows():
+        if quantity == "imaginary modes":
+            value = f"[green]{escape(value)}[/green]" if value.startswith("none") else f"[red]{escape(value)}[/red]"
+        else:
+            value = escape(value)
+        table.add_row(escape(quantity), value)
     console = _stdout_console()
     _print_table(console, table)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -47,6 +46,7 @@ import numpy as np
 from ase import Atoms
 
 from mattersim.errors import InputError
+from mattersim.settings import parse_primitive, parse_supercell
 
 __all__ = ["LABELS", "STRESS_UNITS", "Sample", "SampleList", "data_hash", "read_extxyz", "read_phonondb"]
 
@@ -223,40 +223,15 @@ def parse_phonopy_conf(text: str, label: str, n_unit: int) -> tuple[np.ndarray, 
         raise InputError(f"'{label}' has no DIM line; add the supercell, e.g. \"DIM = 2 2 2\" (3 integers) or "
                          "\"DIM = 2 0 0 0 2 0 0 0 2\" (9).")
     lineno, value = tags["DIM"]
-    parts = value.split()
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        raise InputError(f"'{label}' line {lineno}: DIM = {value!r} is not a list of integers; write 3 integers "
-                         "(\"DIM = 2 2 2\") or 9 (a 3x3 supercell matrix, row by row).") from None
-    if len(numbers) == 3:
-        smat = np.diag(numbers)
-    elif len(numbers) == 9:
-        smat = np.array(numbers).reshape(3, 3)
-    else:
-        raise InputError(f"'{label}' line {lineno}: DIM has {len(numbers)} integers; write 3 (\"DIM = 2 2 2\") "
-                         "or 9 (a 3x3 supercell matrix, row by row).")
-    det = round(float(np.linalg.det(smat)))
-    if det <= 0:
-        raise InputError(f"'{label}' line {lineno}: DIM = {value} has determinant {det}; the supercell matrix "
-                         "must have a positive determinant (three independent, right-handed rows).")
-    smat = smat.astype(int)
+    smat = parse_supercell(value, f"'{label}' line {lineno}: DIM")
 
     key = "PRIMITIVE_AXIS" if "PRIMITIVE_AXIS" in tags else "PRIMITIVE_AXES"
     if key not in tags:
         return smat, np.eye(3)  # phonopy's traditional default: the unit cell is the primitive cell
     lineno, value = tags[key]
-    if value.strip().lower() == "auto":
-        return smat, "auto"
-    parts = value.split()
-    try:
-        numbers_f = [float(Fraction(p)) for p in parts]
-    except (ValueError, ZeroDivisionError):
-        numbers_f = None
-    if numbers_f is None or len(numbers_f) != 9:
-        raise InputError(f"'{label}' line {lineno}: {key} = {value!r} cannot be read; write 9 numbers (fractions "
-                         "like 1/2 allowed, row by row) or 'auto'.")
-    pmat = np.array(numbers_f).reshape(3, 3)
+    pmat = parse_primitive(value, f"'{label}' line {lineno}: {key}")
+    if isinstance(pmat, str):  # "auto" or a centring letter: phonopy derives the axes
+        return smat, pmat
     det_p = abs(float(np.linalg.det(pmat)))
     n_prim = n_unit * det_p
     if det_p < 1e-8 or abs(n_prim - round(n_prim)) > 1e-6 or round(n_prim) < 1:

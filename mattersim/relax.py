@@ -40,7 +40,7 @@ from ase.units import GPa
 from mattersim.calculator import evaluate_batch
 from mattersim.errors import InputError
 
-__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "relax"]
+__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "normalise_mode", "relax"]
 
 logger = logging.getLogger("mattersim.relax")
 
@@ -114,7 +114,7 @@ class RelaxResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _normalise_mode(mode: str) -> str:
+def normalise_mode(mode: str) -> str:
     m = str(mode).strip().lower().replace("-", "_")
     if m not in MODES:
         raise InputError(f"Unknown relaxation mode {mode!r}; use one of full, fixed-cell, fixed-volume.")
@@ -281,7 +281,7 @@ def relax(
         crystal's own primitive cell needs (a tiny symmetry-breaking drift of a free relaxation would
         make that primitive cell inexact).
     """
-    mode = _normalise_mode(mode)
+    mode = normalise_mode(mode)
     opt_cls = _optimizer_class(optimizer)
     _check_settings(fmax, steps, pressure)
     label = label if label is not None else atoms.info.get("label")
@@ -421,7 +421,7 @@ class BatchRelaxer:
         show_progress: bool = False,
     ):
         self.calculator = calculator
-        self.mode = _normalise_mode(mode)
+        self.mode = normalise_mode(mode)
         self.optimizer_class = _optimizer_class(optimizer)
         self.optimizer = str(optimizer).upper()
         _check_settings(fmax, steps, pressure)

@@ -570,7 +570,8 @@ def test_default_min_length_follows_the_cutoff(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"supercell": (2, 0, 2)}, "singular"),
+    ({"supercell": (2, 0, 2)}, "below 1"),
+    ({"supercell": (1, 0, 0, 0, 1, 0, 0, 0, 0)}, "singular"),
     ({"supercell": "a b c"}, "supercell"),
     ({"mesh": (4, 4)}, "mesh"),
     ({"nac_method": "ewald"}, "nac_method"),

@@ -108,8 +108,8 @@ class ArrayStore:
 class RunFolder:
     """The output folder of one workflow run (or none: ``path=None`` writes nothing).
 
-    ``RunFolder.check(path)`` before any work (a file in the way, or a folder that cannot be written, is an
-    :class:`InputError` naming it and ``option``); ``open()`` creates it and starts ``<workflow>.log``;
+    ``RunFolder.check(path)`` before any work, creating nothing (a file in the way, or a folder that cannot be
+    written, is an :class:`InputError` naming it and ``option``); ``open()`` creates it and starts ``<workflow>.log``;
     ``write_json`` / ``write_with`` write atomically and remember the names for :attr:`files`; ``close()`` (or
     the ``with`` block) closes the log. ``log`` works without a folder too (to ``logger`` only).
     """
@@ -125,14 +125,24 @@ class RunFolder:
 
     @staticmethod
     def check(path: str | os.PathLike | None, option: str = "output_dir") -> Path | None:
-        """Create ``path`` if needed and check that it accepts files (before any work); None passes."""
+        """Check, before any work and without creating anything, that ``path`` is or can become a folder
+        that accepts files (None passes): a file in the way or an unwritable parent is an InputError."""
         if path is None:
             return None
-        return ensure_writable_dir(path, option=option)
+        folder = Path(os.fspath(path))
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"Output folder '{folder}' exists and is not a folder; choose another {option}.")
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"Output folder '{folder}' cannot be created or written ('{existing}' is not a writable "
+                             f"folder); choose another {option}.")
+        return folder
 
     def open(self) -> "RunFolder":
         if self.path is not None:
-            self.check(self.path, self.option)
+            ensure_writable_dir(self.path, option=self.option)
             self.log = RunLog(self.path / f"{self.workflow}.log", self._logger)
             self._written.add(f"{self.workflow}.log")
         return self
@@ -173,10 +183,8 @@ class RunFolder:
 
     @property
     def files(self) -> list[str]:
-        """Names of the files written so far, sorted (relative to the folder)."""
-        if self.path is None:
-            return []
-        return sorted(n for n in self._written if (self.path / n).exists())
+        """Names of the files written (or being written: the summary lists itself), sorted, relative to the folder."""
+        return sorted(self._written) if self.path is not None else []
 
 
 def summary_header(workflow: str, version: int | str, info: dict, settings: dict, units: dict,

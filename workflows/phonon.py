@@ -62,7 +62,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -72,7 +71,8 @@ from ase import Atoms
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
-from workflows.outputs import ArrayStore, run_key, summary_header
+from mattersim.settings import parse_mesh, parse_primitive, parse_supercell
+from workflows.outputs import ArrayStore, RunFolder, run_key, summary_header
 
 __all__ = [
     "DEFAULT_CUTOFF_A",
@@ -146,6 +146,65 @@ class PhononResult:
         self.phonopy.run_qpoints(np.asarray(q, dtype=float).reshape(1, 3))
         return np.asarray(self.phonopy.qpoints.frequencies[0], dtype=float)
 
+    def rows(self) -> list[tuple[str, str]]:
+        """(quantity, value) lines of the printed summary (``mattersim phonon`` shows them as a table)."""
+        s = self.summary
+        freq, imag, th, st = s["frequencies"], s["imaginary_modes"], s["thermal_300K"], s["structure"]
+        smat = st["supercell_matrix"]
+        diagonal = all(smat[i][j] == 0 for i in range(3) for j in range(3) if i != j)
+        shape = "x".join(str(smat[i][i]) for i in range(3)) if diagonal else str(smat)
+        distance = st.get("supercell_min_image_distance_A")
+        distance = f", min. image distance {distance:.2f} Å" if distance is not None else ""
+        rows = [("supercell", f"{shape} ({st['n_atoms_supercell']} atoms{distance}), "
+                              f"{s['forces']['n_supercells']} displaced supercells"),
+                ("ω_max", f"{freq['omega_max_THz']:.4f} THz"),
+                ("lowest frequency", f"{freq['lowest_THz']:.4f} THz")]
+        if imag["count"]:
+            worst = imag["most_negative_at"]
+            q = " ".join(f"{x:.3f}" for x in worst["q"])
+            where = worst.get("segment") or worst["where"]
+            rows.append(("imaginary modes", f"{imag['count']}, most negative {imag['most_negative_THz']:.4f} THz at "
+                                            f"q = ({q}) ({where})"))
+        else:
+            rows.append(("imaginary modes", f"none (below {imag['threshold_THz']} THz)"))
+        nac_s = s.get("nac") or {}
+        unc = nac_s.get("uncertainty") or {}
+        if nac_s.get("born") is not None and nac_s.get("symbols"):
+            # Z* (isotropic part, tr/3) of each species' first atom and eps_inf (tr/3), with the ensemble spread
+            born = np.asarray(nac_s["born"], dtype=float)
+            born_std, eps_std = unc.get("born_std"), unc.get("epsilon_std")
+            parts, seen = [], set()
+            for k, sym in enumerate(nac_s["symbols"]):
+                if sym not in seen:
+                    seen.add(sym)
+                    err = f" ± {np.trace(np.asarray(born_std[k])) / 3:.3f}" if born_std is not None else ""
+                    parts.append(f"{sym} {np.trace(born[k]) / 3:+.3f}{err}")
+            rows.append(("Z* (tr/3)", ", ".join(parts) + " e"))
+            eps = np.trace(np.asarray(nac_s["epsilon"], dtype=float)) / 3
+            err = f" ± {np.trace(np.asarray(eps_std)) / 3:.3f}" if eps_std is not None else ""
+            rows.append(("ε∞ (tr/3)", f"{eps:.3f}{err}"))
+        for entry in (nac_s.get("gamma_lo_to") or {}).get("directions", []):
+            d = "".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x in entry["direction"])
+            lo_std = entry.get("lo_frequencies_std")
+            if lo_std is not None and len(lo_std) == len(entry.get("lo_frequencies", [])):
+                lo = ", ".join(f"{x:.3f} ± {e:.3f}" for x, e in zip(entry["lo_frequencies"], lo_std)) or "-"
+            else:
+                lo = ", ".join(f"{x:.3f}" for x in entry.get("lo_frequencies", [])) or "-"
+            others = sorted(entry.get("to_frequencies", []), key=abs)[3:]  # drop the 3 acoustic modes
+            to = ", ".join(f"{x:.3f}" for x in sorted(set(round(v, 3) for v in others))) or "-"
+            rows.append((f"Γ [{d}] LO / TO", f"{lo} / {to} THz"))
+        if unc.get("born_std_max") is not None or unc.get("epsilon_std_max") is not None:
+            members = f" ({unc['n_members']} members)" if unc.get("n_members") else ""
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            rows.append(("σ(Z*) / σ(ε∞) max", f"{fmt(unc.get('born_std_max'))} e / {fmt(unc.get('epsilon_std_max'))}{members}"))
+        rows += [("F (300 K)", f"{th['free_energy_kJ_per_mol']:.4f} kJ/mol"),
+                 ("S (300 K)", f"{th['entropy_J_per_K_per_mol']:.4f} J/K/mol"),
+                 ("Cv (300 K)", f"{th['heat_capacity_J_per_K_per_mol']:.4f} J/K/mol"),
+                 ("", f"per mole of primitive cells ({st['n_atoms_primitive']} atoms)")]
+        if self.output_dir is not None:
+            rows.append(("output", str(self.output_dir)))
+        return rows
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``phonopy.yaml`` (with force constants and NAC parameters) and ``summary.json`` to ``directory``."""
         directory = Path(directory)
@@ -188,40 +247,6 @@ def _save_phonopy_yaml(ph, path: Path) -> None:
     with atomic_path(path) as tmp:
         ph.save(str(tmp), settings={"force_constants": True, "force_sets": True, "displacements": True,
                                     "born_effective_charge": True, "dielectric_constant": True})
-
-
-def _as_matrix(value, name: str, *, integer: bool) -> np.ndarray:
-    """1 number -> n*I; 3 numbers -> diagonal matrix; 9 numbers or 3x3 -> matrix; else InputError."""
-    try:
-        arr = np.array(value, dtype=float)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be 3 numbers or a 3x3 matrix, not {value!r}.") from None
-    if arr.shape in ((), (1,)):
-        arr = np.eye(3) * float(arr.reshape(-1)[0])
-    elif arr.shape == (3,):
-        arr = np.diag(arr)
-    elif arr.shape == (9,):
-        arr = arr.reshape(3, 3)
-    if arr.shape != (3, 3) or not np.all(np.isfinite(arr)):
-        raise InputError(f"{name} must be 3 numbers or a 3x3 matrix, not {value!r}.")
-    if integer:
-        if not np.allclose(arr, np.rint(arr), atol=1e-8):
-            raise InputError(f"{name} must contain integers, not {value!r}.")
-        arr = np.rint(arr).astype(int)
-    if abs(np.linalg.det(arr)) < 1e-8:
-        raise InputError(f"{name} {np.asarray(value).tolist()} is singular (determinant 0); give three independent rows.")
-    if integer and np.linalg.det(arr) < 0:
-        raise InputError(f"{name} {np.asarray(value).tolist()} has a negative determinant; use a right-handed supercell matrix.")
-    return arr
-
-
-def parse_numbers(text: str, name: str) -> list[float]:
-    """'2 2 2', '0 1/2 1/2 ...' or '2,2,2' -> numbers (fractions allowed); InputError otherwise."""
-    parts = str(text).replace(",", " ").split()
-    try:
-        return [float(Fraction(p)) for p in parts]
-    except (ValueError, ZeroDivisionError):
-        raise InputError(f"{name} {text!r} is not a list of numbers; write e.g. \"2 2 2\".") from None
 
 
 def perpendicular_widths(cell) -> np.ndarray:
@@ -549,35 +574,6 @@ def _check_inputs(atoms, fmax, relax_steps, displacement, tmax, tstep, nac_metho
         raise InputError(f"symprec must be a positive tolerance in Å, not {symprec!r}.")
 
 
-def _mesh_setting(mesh):
-    if isinstance(mesh, (int, float, np.integer, np.floating)) and not isinstance(mesh, bool):
-        if not mesh > 0:
-            raise InputError(f"mesh must be 3 positive integers or a positive length in Å (a density), not {mesh!r}.")
-        return float(mesh)
-    try:
-        arr = np.array(mesh, dtype=float).ravel()
-    except (TypeError, ValueError):
-        arr = np.array([])
-    if arr.size == 1 and arr[0] > 0:
-        return float(arr[0])
-    if arr.size != 3 or not np.all(arr >= 1) or not np.allclose(arr, np.rint(arr)):
-        raise InputError(f"mesh must be 3 positive integers (e.g. 20 20 20) or one length in Å (phonopy's mesh density), not {mesh!r}.")
-    return [int(x) for x in np.rint(arr)]
-
-
-def _primitive_setting(primitive):
-    if primitive is None:
-        return "P"  # the unit cell (phonopy 4 reads primitive_matrix=None as "auto")
-    if isinstance(primitive, str):
-        p = primitive.strip()
-        if p.lower() == "auto":
-            return "auto"
-        if p.upper() in ("P", "F", "I", "A", "C", "R"):
-            return p.upper()
-        return _as_matrix(parse_numbers(p, "primitive"), "primitive", integer=False)
-    return _as_matrix(primitive, "primitive", integer=False)
-
-
 def _describe_axes(setting) -> str:
     return repr(setting) if isinstance(setting, str) else str(np.round(np.asarray(setting, dtype=float), 6).tolist())
 
@@ -754,9 +750,9 @@ def run_phonon(
     from mattersim.registry import check_trained_elements  # elements the model was not trained on: before any work
 
     check_trained_elements(calculator, [atoms], properties=nac and born_file is None and predictor is None)
-    mesh_setting = _mesh_setting(mesh)
-    primitive_setting = _primitive_setting(primitive)
-    supercell_setting = None if supercell is None else _as_matrix(supercell, "supercell", integer=True)
+    mesh_setting = parse_mesh(mesh, "mesh")
+    primitive_setting = parse_primitive(primitive, "primitive")
+    supercell_setting = parse_supercell(supercell, "supercell")
     if min_length is not None and not (isinstance(min_length, (int, float, np.integer, np.floating))
                                        and min_length > 0 and math.isfinite(min_length)):
         raise InputError(f"min_length must be a positive length in Å (or None: automatic), not {min_length!r}.")
@@ -768,9 +764,7 @@ def run_phonon(
 
     range_setting = parse_nac_range(nac_range)
 
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"Output directory '{out}' exists and is not a directory; choose another output_dir.")
+    out = RunFolder.check(output_dir)  # a file in the way, or a folder that cannot be written: before any work
     cutoff, cutoff_source = model_cutoff(calculator)
     auto_length = float(min_length) if min_length is not None else max(DEFAULT_MIN_LENGTH_A, 2.0 * cutoff)
     # the cells of the input structure, before the relaxation and before anything is written: primitive axes
@@ -780,9 +774,8 @@ def run_phonon(
     ph_input = _build_phonopy(atoms, np.eye(3, dtype=int), primitive_setting, symprec)
     if nac:
         _check_nac_source(born_file, predictor, calculator, _ase_atoms(ph_input.primitive), symprec)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out / "phonon.log" if out is not None else None, logger)
+    folder = RunFolder(out, "phonon", logger).open()
+    log = folder.log
     t_start = time.perf_counter()
     timings = {"relaxation": 0.0, "force_evaluation": 0.0, "post_processing": 0.0}
     info = model_info(calculator)
@@ -1053,7 +1046,7 @@ def run_phonon(
                      f"{timings['force_evaluation']:.1f} s, post-processing {timings['post_processing']:.1f} s)")
         return result
     finally:
-        log.close()
+        folder.close()
 
 
 def phonon_properties(ph, mesh_setting=(20, 20, 20)) -> dict:
@@ -1076,7 +1069,7 @@ def phonon_properties(ph, mesh_setting=(20, 20, 20)) -> dict:
     :data:`UNITS`; thermal properties per mole of primitive cells). Afterwards ``ph.mesh`` is that mesh,
     ``ph.band_structure`` the band path and ``ph.thermal_properties`` holds 300 K only.
     """
-    return _phonon_properties(ph, _mesh_setting(mesh_setting))[0]
+    return _phonon_properties(ph, parse_mesh(mesh_setting, "mesh"))[0]
 
 
 def _phonon_properties(ph, mesh_setting, group_velocities: bool = True) -> tuple[dict, dict]:

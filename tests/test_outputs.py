@@ -1,0 +1,75 @@
+"""The plumbing every workflow shares (workflows.outputs): run folder, resumable array store, summary header."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from mattersim.errors import InputError
+from workflows.outputs import ArrayStore, RunFolder, model_identity, run_key, summary_header
+
+LOG = logging.getLogger("test.outputs")
+
+
+def test_array_store_round_trip_and_foreign_files(tmp_path, caplog):
+    path = tmp_path / "store.npz"
+    store = ArrayStore(path, "key-1")
+    assert store.load(LOG) is False  # nothing yet
+    store.data = {"forces": np.arange(6.0).reshape(2, 3), "done": np.array([True, False])}
+    store.save()
+    again = ArrayStore(path, "key-1")
+    assert again.load(LOG) is True
+    assert np.array_equal(again.data["forces"], store.data["forces"]) and "key" not in again.data
+    # another run's file is moved aside, never reused
+    other = ArrayStore(path, "key-2")
+    assert other.load(LOG) is False and other.data == {}
+    assert (tmp_path / "store.npz.old").is_file() and not path.exists()
+    # an unreadable file is reported and treated as absent
+    path.write_bytes(b"not a zip")
+    with caplog.at_level(logging.WARNING, logger="test.outputs"):
+        assert ArrayStore(path, "key-1").load(LOG) is False
+    assert "unreadable" in caplog.text
+    # without a path: a no-op store
+    none = ArrayStore(None, "k")
+    none.data = {"x": np.zeros(1)}
+    none.save()
+    assert none.load(LOG) is False
+
+
+def test_run_key_follows_structure_settings_and_model():
+    si = bulk("Si", "diamond", a=5.43)
+    info = {"name": "m", "version": "1", "kind": "x", "sha256": "abc", "device": "cpu"}
+    key = run_key(si.get_chemical_formula(), {"a": 1}, info)
+    assert key == run_key(si.get_chemical_formula(), {"a": 1}, {**info, "device": "cuda"})  # not an identity field
+    assert key != run_key(si.get_chemical_formula(), {"a": 2}, info)
+    assert key != run_key("Ge2", {"a": 1}, info)
+    assert key != run_key(si.get_chemical_formula(), {"a": 1}, {**info, "sha256": "abd"})
+    composite = {"kind": "composite", "potential": info, "properties": {"name": "dielectric"}}
+    assert model_identity(composite) == model_identity(info)
+
+
+def test_run_folder(tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(InputError, match="blocker' exists and is not a folder; choose another -o"):
+        RunFolder.check(tmp_path / "blocker", "-o")
+    assert RunFolder.check(None) is None
+    with RunFolder(tmp_path / "run", "demo", LOG) as folder:
+        folder.log.info("hello")
+        folder.write_json("summary.json", {"a": np.float64(1.5)})
+        folder.write_with("data.txt", lambda p: p.write_text("1 2 3"))
+        assert folder.files == ["data.txt", "demo.log", "summary.json"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"a": 1.5}
+    assert "hello" in (tmp_path / "run" / "demo.log").read_text()
+    with RunFolder(None, "demo", LOG) as nowhere:
+        assert nowhere.write_json("x.json", {}) is None and nowhere.files == []
+
+
+def test_summary_header():
+    head = summary_header("demo", 3, {"name": "m"}, {"fmax_eV_per_A": 0.01}, {"force": "eV/Å"}, {"total": 1.0}, ["a"])
+    assert list(head)[:4] == ["workflow", "workflow_version", "mattersim_version", "software"]
+    assert head["workflow"] == "demo" and head["workflow_version"] == 3 and head["files"] == ["a"]
+    assert {"python", "numpy", "ase", "phonopy", "pymatgen", "torch"} <= set(head["software"])
