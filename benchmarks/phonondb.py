@@ -101,6 +101,7 @@ from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar
 from mattersim.settings import parse_mesh
+from workflows.cells import to_phonopy_atoms
 from workflows.phonon import phonon_properties
 
 __all__ = [
@@ -470,14 +471,6 @@ def find_entries(root_or_list: str | os.PathLike | Iterable[str | os.PathLike],
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _phonopy_atoms(atoms: Atoms):
-    from phonopy.structure.atoms import PhonopyAtoms
-
-    kwargs = {"masses": atoms.get_masses()} if atoms.has("masses") else {}
-    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell[:], dtype=float),
-                        scaled_positions=atoms.get_scaled_positions(wrap=False), **kwargs)
-
-
 def _dft_born(entry: PhononDBEntry, primitive, symprec: float = SYMPREC):
     """The entry's BORN expanded by phonopy's parser on ``primitive`` (:func:`workflows.nac.read_born`)."""
     from workflows.nac import read_born
@@ -507,7 +500,7 @@ def reference_phonopy(entry: PhononDBEntry, nac: bool = False, *, symprec: float
 
     if nac and entry.born_text is None:
         raise InputError(f"PhononDB entry '{entry.source}' has no BORN file; NAC needs eps_inf and Z*, use nac=False.")
-    ph = Phonopy(_phonopy_atoms(entry.unitcell), supercell_matrix=entry.supercell_matrix,
+    ph = Phonopy(to_phonopy_atoms(entry.unitcell), supercell_matrix=entry.supercell_matrix,
                  primitive_matrix=entry.primitive_matrix, symprec=symprec, log_level=0)
     if len(ph.supercell) != entry.force_sets["natom"]:  # pragma: no cover - checked by load_entry
         raise InputError(f"'{entry.force_sets_path}' is for {entry.force_sets['natom']}-atom supercells, not {len(ph.supercell)}.")

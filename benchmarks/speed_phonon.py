@@ -37,7 +37,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from benchmarks.common import REPO, parse_cases, software_versions, utc_now
-from workflows.phonon import _phonopy_atoms
+from workflows.cells import to_phonopy_atoms
 
 FMAX = 1e-3  # tight enough that the three relaxations agree (the bands then agree within 0.01 THz)
 DISPLACEMENT = 0.01
@@ -113,7 +113,7 @@ def run_by_hand(atoms, calc, smat, born, work: Path, path) -> dict:
     t0 = time.perf_counter()
     relaxed, steps = _ase_relax(atoms, calc)
     t1 = time.perf_counter()
-    ph = Phonopy(_phonopy_atoms(relaxed), supercell_matrix=smat, primitive_matrix=None)
+    ph = Phonopy(to_phonopy_atoms(relaxed), supercell_matrix=smat, primitive_matrix=None)
     ph.generate_displacements(distance=DISPLACEMENT)
     forces = []
     for sc in ph.supercells_with_displacements:
@@ -212,9 +212,9 @@ def run(models, cases, repeats: int = 2, device: str = "cpu") -> dict:
         for name in cases:
             build, born = CASES[name]
             atoms = build()
-            rotations = Symmetry(_phonopy_atoms(atoms)).symmetry_operations["rotations"]
+            rotations = Symmetry(to_phonopy_atoms(atoms)).symmetry_operations["rotations"]
             smat = auto_supercell(atoms.cell[:], max(DEFAULT_MIN_LENGTH_A, 2 * cutoff), rotations).tolist()
-            path = band_path(Phonopy(_phonopy_atoms(atoms), supercell_matrix=smat, primitive_matrix=None).primitive)
+            path = band_path(Phonopy(to_phonopy_atoms(atoms), supercell_matrix=smat, primitive_matrix=None).primitive)
             qpoints = np.concatenate([np.asarray(q) for q in path["qpoints"]])
             best: dict = {}
             for _ in range(repeats):

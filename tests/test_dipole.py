@@ -146,9 +146,9 @@ def test_dipole_force_constants_are_pymatgen_ewald_force_constants():
     from pymatgen.analysis.ewald import EwaldSummation
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from workflows.phonon import _ase_atoms
+    from workflows.cells import to_ase_atoms
 
-    sc = _ase_atoms(ph.supercell)
+    sc = to_ase_atoms(ph.supercell)
     p2s = ph.primitive.p2s_map
     h = 1e-3
     for row, atom in enumerate(p2s):

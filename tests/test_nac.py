@@ -33,6 +33,7 @@ from phonopy.structure.atoms import PhonopyAtoms  # noqa: E402
 from mattersim.errors import InputError  # noqa: E402
 from tests.conftest import shared_path  # noqa: E402
 from workflows import nac  # noqa: E402
+from workflows.cells import to_phonopy_atoms  # noqa: E402
 
 TOL = 1e-6  # THz
 DIRECTIONS = ((1, 0, 0), (1, 1, 0), (1, 1, 1))
@@ -41,14 +42,6 @@ DIRECTIONS = ((1, 0, 0), (1, 1, 0), (1, 1, 1))
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _phonopy_atoms(atoms: Atoms) -> PhonopyAtoms:
-    return PhonopyAtoms(
-        symbols=atoms.get_chemical_symbols(),
-        cell=np.array(atoms.cell),
-        scaled_positions=atoms.get_scaled_positions(),
-    )
-
-
 def _spring_force_constants(supercell: PhonopyAtoms, k: float, cutoff: float) -> np.ndarray:
     """Central springs of stiffness k (eV/A^2) between all pairs closer than cutoff: a PSD, ASR-obeying FC."""
     atoms = Atoms(symbols=list(supercell.symbols), cell=supercell.cell, scaled_positions=supercell.scaled_positions, pbc=True)
@@ -243,7 +236,7 @@ def test_phonondb_sic_gamma_matches_phonopy(method):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["gonze", "wang"])
 def test_rocksalt_lo_to_matches_analytic_formula(method):
-    unit = _phonopy_atoms(bulk("NaCl", "rocksalt", a=5.69))  # 2-atom primitive cell
+    unit = to_phonopy_atoms(bulk("NaCl", "rocksalt", a=5.69))  # 2-atom primitive cell
     ph = _spring_phonon(unit, dim=2, k=1.5, cutoff=3.0)  # 6 nearest neighbours, d = 2.845 A
     z, eps = 1.1, 2.4
     born = nac.BornCharges([z, -z], eps, source="arrays")
@@ -374,7 +367,7 @@ def test_transposed_born_changes_lo_along_110():
 
 
 def test_gamma_lo_to_reduced_directions_and_no_nac():
-    unit = _phonopy_atoms(bulk("NaCl", "rocksalt", a=5.69))
+    unit = to_phonopy_atoms(bulk("NaCl", "rocksalt", a=5.69))
     ph = _spring_phonon(unit, dim=2, k=1.5, cutoff=3.0)
     plain = nac.gamma_lo_to(ph)  # no nac_params: no LO modes anywhere
     assert plain["method"] is None
@@ -394,7 +387,7 @@ def test_gamma_lo_to_reduced_directions_and_no_nac():
 # symmetrisation and charge neutrality
 # --------------------------------------------------------------------------------------------------
 def _nacl_prim() -> PhonopyAtoms:
-    return _phonopy_atoms(bulk("NaCl", "rocksalt", a=5.69))
+    return to_phonopy_atoms(bulk("NaCl", "rocksalt", a=5.69))
 
 
 def test_neutrality_violation_is_corrected_and_reported(caplog):

@@ -176,9 +176,9 @@ def dipole_force_constants(phonon, erfc_tolerance: float = 1e-10) -> np.ndarray:
 
 
 def _supercell_atoms(phonon):
-    from workflows.nac import _to_ase
+    from workflows.cells import to_ase_atoms
 
-    return _to_ase(phonon.supercell)
+    return to_ase_atoms(phonon.supercell)
 
 
 def _rows(phonon, fc_shape) -> np.ndarray:

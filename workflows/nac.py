@@ -32,6 +32,7 @@ import numpy as np
 
 from mattersim.errors import InputError
 from mattersim.io import atomic_write_bytes
+from workflows.cells import to_ase_atoms, to_phonopy_atoms
 
 logger = logging.getLogger(__name__)
 
@@ -198,34 +199,6 @@ def find_predictor(calculator) -> DielectricPredictor | None:
 # --------------------------------------------------------------------------------------------------
 # Structures
 # --------------------------------------------------------------------------------------------------
-def _to_phonopy_atoms(atoms):
-    from phonopy.structure.atoms import PhonopyAtoms
-
-    if isinstance(atoms, PhonopyAtoms):
-        return atoms
-    return PhonopyAtoms(
-        symbols=list(atoms.get_chemical_symbols()),
-        cell=np.array(atoms.cell),
-        scaled_positions=atoms.get_scaled_positions(wrap=False),
-        masses=atoms.get_masses(),
-    )
-
-
-def _to_ase(atoms):
-    from ase import Atoms
-    from phonopy.structure.atoms import PhonopyAtoms
-
-    if isinstance(atoms, PhonopyAtoms):
-        return Atoms(
-            symbols=list(atoms.symbols),
-            cell=np.array(atoms.cell),
-            scaled_positions=np.array(atoms.scaled_positions),
-            masses=None if atoms.masses is None else np.array(atoms.masses),
-            pbc=True,
-        )
-    return atoms
-
-
 def _formula(prim) -> str:
     from collections import Counter
 
@@ -283,7 +256,7 @@ def read_born(path, primitive, symprec: float = 1e-5) -> BornCharges:
     from phonopy.file_IO import parse_BORN_from_strings
 
     path = Path(path)
-    prim = _to_phonopy_atoms(primitive)
+    prim = to_phonopy_atoms(primitive)
     if not path.is_file():
         raise InputError(f"BORN file {path} does not exist; pass the path of a phonopy BORN file (eps_inf and Z*).")
     try:
@@ -314,7 +287,7 @@ def born_file_text(born: BornCharges, primitive, symprec: float = 1e-5) -> str:
     """
     from phonopy.file_IO import parse_BORN_from_strings
 
-    prim = _to_phonopy_atoms(primitive)
+    prim = to_phonopy_atoms(primitive)
     if len(born.born) != len(prim):
         raise InputError(
             f"Born charges ({born.source}) are given for {len(born.born)} atoms but the primitive cell has "
@@ -374,7 +347,7 @@ def symmetrize(
     """
     from phonopy.structure.symmetry import symmetrize_borns_and_epsilon
 
-    prim = _to_phonopy_atoms(primitive)
+    prim = to_phonopy_atoms(primitive)
     if len(born.born) != len(prim):
         raise InputError(
             f"Born charges ({born.source}) are given for {len(born.born)} atoms but the primitive cell "
@@ -438,7 +411,7 @@ def _predictor_source(predictor, calculator=None) -> str:
 
 
 def _from_predictor(predictor, prim, source: str) -> BornCharges:
-    atoms = _to_ase(prim)
+    atoms = to_ase_atoms(prim)
     out = predictor.predict_dielectric(atoms)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(f"{type(predictor).__name__}.predict_dielectric must return (born, epsilon)")
@@ -469,7 +442,7 @@ def resolve_born(
     Raises :class:`InputError` saying how to provide one when there is none. The result is not yet
     symmetrised: pass it through :func:`symmetrize`.
     """
-    prim = _to_phonopy_atoms(primitive_atoms)
+    prim = to_phonopy_atoms(primitive_atoms)
     if born_file is not None:
         return read_born(born_file, prim, symprec=symprec)
     if predictor is not None:

@@ -72,6 +72,7 @@ from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
 from mattersim.settings import parse_mesh, parse_primitive, parse_supercell
+from workflows.cells import to_ase_atoms, to_phonopy_atoms
 from workflows.outputs import ArrayStore, RunFolder, run_key, summary_header
 
 __all__ = [
@@ -380,21 +381,6 @@ def auto_supercell(cell, min_length: float = DEFAULT_MIN_LENGTH_A, rotations=Non
     return np.ascontiguousarray(best()[2].T)
 
 
-def _phonopy_atoms(atoms: Atoms):
-    from phonopy.structure.atoms import PhonopyAtoms
-
-    kwargs = {}
-    if atoms.has("masses"):  # masses set explicitly (isotopes): honour them; else phonopy's table
-        kwargs["masses"] = atoms.get_masses()
-    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell[:], dtype=float),
-                        scaled_positions=atoms.get_scaled_positions(wrap=False), **kwargs)
-
-
-def _ase_atoms(cell) -> Atoms:
-    return Atoms(symbols=list(cell.symbols), cell=np.array(cell.cell, dtype=float),
-                 scaled_positions=np.array(cell.scaled_positions, dtype=float), masses=np.array(cell.masses), pbc=True)
-
-
 def _round_list(arr) -> list:
     return np.round(np.asarray(arr, dtype=float), 10).tolist()
 
@@ -616,7 +602,7 @@ def _build_phonopy(atoms: Atoms, smat, primitive_setting, symprec: float):
     crystal raise :class:`InputError` naming them."""
     from phonopy import Phonopy
 
-    unit = _phonopy_atoms(atoms)
+    unit = to_phonopy_atoms(atoms)
     _check_primitive_axes(unit, primitive_setting, symprec)
     try:
         with warnings.catch_warnings():
@@ -770,10 +756,10 @@ def run_phonon(
     # the cells of the input structure, before the relaxation and before anything is written: primitive axes
     # that do not fit this crystal, a supercell phonopy cannot use, or (with NAC) no or an unreadable source
     # of Born charges stop here (the relaxation keeps the space group, so the checks hold for the relaxed cell)
-    _check_primitive_axes(_phonopy_atoms(atoms), primitive_setting, symprec, supercell_setting)
+    _check_primitive_axes(to_phonopy_atoms(atoms), primitive_setting, symprec, supercell_setting)
     ph_input = _build_phonopy(atoms, np.eye(3, dtype=int), primitive_setting, symprec)
     if nac:
-        _check_nac_source(born_file, predictor, calculator, _ase_atoms(ph_input.primitive), symprec)
+        _check_nac_source(born_file, predictor, calculator, to_ase_atoms(ph_input.primitive), symprec)
     folder = RunFolder(out, "phonon", logger).open()
     log = folder.log
     t_start = time.perf_counter()
@@ -843,14 +829,14 @@ def run_phonon(
         else:
             from phonopy.structure.symmetry import Symmetry
 
-            rotations = Symmetry(_phonopy_atoms(unit), symprec=symprec).symmetry_operations["rotations"]
+            rotations = Symmetry(to_phonopy_atoms(unit), symprec=symprec).symmetry_operations["rotations"]
             smat = auto_supercell(unit.cell[:], auto_length, rotations)
             choice = (f"automatic: the fewest atoms with a minimum image distance >= {auto_length:g} Å"
                       + (" (min_length)" if min_length is not None else
                          f" (max({DEFAULT_MIN_LENGTH_A:g} Å, 2 x cutoff {cutoff:g} Å))") + " keeping the point group")
         ph = _build_phonopy(unit, smat, primitive_setting, symprec)
         ph.generate_displacements(distance=displacement)
-        primitive_atoms = _ase_atoms(ph.primitive)
+        primitive_atoms = to_ase_atoms(ph.primitive)
         sc_widths = perpendicular_widths(ph.supercell.cell)
         sc_distance = min_image_distance(ph.supercell.cell)
         n_sc = len(ph.supercell)
@@ -899,7 +885,7 @@ def run_phonon(
                          f"{unc.get('epsilon_std_max')} ({len(members_sym) or 'no'} ensemble members)")
 
         # 3. forces -----------------------------------------------------------------------------------
-        supercells = [_ase_atoms(ph.supercell)] + [_ase_atoms(s) for s in ph.supercells_with_displacements]
+        supercells = [to_ase_atoms(ph.supercell)] + [to_ase_atoms(s) for s in ph.supercells_with_displacements]
         disp_atoms, disp_vectors = _displacement_table(ph.dataset)
         n_struct = len(supercells)
         if resumed and "done" in store.data:
@@ -927,7 +913,7 @@ def run_phonon(
         if todo and todo[0] == 0:
             # the perfect supercell's forces are the unit cell's, repeated (exact for a periodic model): one
             # call on the few atoms of the unit cell instead of one on the whole supercell
-            cell_atoms = _ase_atoms(ph.unitcell)
+            cell_atoms = to_ase_atoms(ph.unitcell)
             r = evaluate_batch(calculator, [cell_atoms], ("energy", "forces"))[0]
             f = np.asarray(r["forces"], dtype=float).reshape(len(cell_atoms), 3)
             if not np.all(np.isfinite(f)):
@@ -1126,7 +1112,7 @@ def _phonon_properties(ph, mesh_setting, group_velocities: bool = True) -> tuple
     band_modes = find_imaginary_modes(band_q, band_f, where="band", segments=seg_names)
     imaginary = _imaginary_report(mesh_modes, band_modes)
     lowest = _lowest_mode(mesh_q, mesh_f, band_q, band_f, seg_names)
-    primitive_atoms = _ase_atoms(ph.primitive)
+    primitive_atoms = to_ase_atoms(ph.primitive)
 
     properties = {
         "frequencies": {

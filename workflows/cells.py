@@ -1,0 +1,35 @@
+"""ASE <-> phonopy cells, one converter each way for every workflow and benchmark.
+
+- :func:`to_phonopy_atoms`: an ``ase.Atoms`` (or a ``PhonopyAtoms``, returned as is) as ``PhonopyAtoms``;
+  masses are passed only when set explicitly on the Atoms (isotopes), otherwise phonopy uses its own table,
+  as phonopy does for a POSCAR;
+- :func:`to_ase_atoms`: a ``PhonopyAtoms`` (or an ``ase.Atoms``, returned as is) as a periodic
+  ``ase.Atoms`` with phonopy's masses.
+
+Scaled positions are kept as they are (not wrapped), so atom order and images match phonopy's cells.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+
+__all__ = ["to_ase_atoms", "to_phonopy_atoms"]
+
+
+def to_phonopy_atoms(atoms):
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    if isinstance(atoms, PhonopyAtoms):
+        return atoms
+    kwargs = {"masses": atoms.get_masses()} if atoms.has("masses") else {}
+    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell[:], dtype=float),
+                        scaled_positions=atoms.get_scaled_positions(wrap=False), **kwargs)
+
+
+def to_ase_atoms(cell) -> Atoms:
+    if isinstance(cell, Atoms):
+        return cell
+    masses = None if cell.masses is None else np.array(cell.masses, dtype=float)
+    return Atoms(symbols=list(cell.symbols), cell=np.array(cell.cell, dtype=float),
+                 scaled_positions=np.array(cell.scaled_positions, dtype=float), masses=masses, pbc=True)
