@@ -650,6 +650,61 @@ def phonon_command(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# elastic
+# ---------------------------------------------------------------------------------------------------------
+
+
+@app.command("elastic")
+def elastic_command(
+    file: Path = typer.Argument(..., help="Structure file with one crystal (POSCAR, CIF, ...)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure in GPa (relaxation and the Birch coefficients)."),
+    strains: str = typer.Option("0.005,0.01", "--strains", help="Strain magnitudes, each applied as + and - to the 6 Voigt directions (0 < s <= 0.05)."),
+    relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax positions and cell first (space group kept)."),
+    clamped_ion: bool = typer.Option(False, "--clamped-ion", help="Do not relax the ions of the strained cells (default: relaxed-ion, the physical answer)."),
+    fmax: float = typer.Option(0.005, "--fmax", help="Force threshold of all relaxations, eV/Å."),
+    relax_steps: int = typer.Option(500, "--relax-steps", help="Maximum steps of each relaxation."),
+    symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
+    outdir: Path = typer.Option(Path("elastic"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
+) -> None:
+    """Elastic tensor of the crystal in FILE from stress-strain relations: C_ij (IEEE setting), bulk/shear/
+    Young's moduli, Poisson ratio, anisotropy, Born stability. Writes elastic.json, stress_strain.png,
+    strained.extxyz and elastic.log to OUTDIR."""
+    from mattersim.io import ensure_writable_dir, read_structures
+    from mattersim.settings import parse_numbers
+
+    magnitudes = parse_numbers(strains, "--strains")
+    ensure_writable_dir(outdir)  # before any work
+    structures = read_structures([str(file)])
+    if len(structures) != 1:
+        raise InputError(f"'{file}' holds {len(structures)} structures; 'mattersim elastic' takes a file with one crystal.")
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements(structures, _max_z(calc))
+    _check_trained_elements(calc, structures, allow_untrained_elements, properties=False)
+
+    from workflows.elastic import run_elastic  # lazily: the core never imports workflows at module level
+
+    result = run_elastic(structures[0][1], calc, relax=relax, relax_ions=not clamped_ion, pressure=pressure,
+                         strains=magnitudes, fmax=fmax, relax_steps=relax_steps, symprec=symprec, output_dir=outdir,
+                         progress=sys.stderr.isatty())
+    from rich.markup import escape
+
+    s = result.summary
+    table = _table(escape(f"Elastic constants of {s['structure']['formula']} ({s['structure']['spacegroup']}, "
+                          f"{s['model'].get('name', 'model')}), GPa"))
+    table.add_column("quantity", no_wrap=True)
+    table.add_column("value", no_wrap=True)
+    for quantity, value in result.rows():
+        style = "red" if quantity == "Born stability" and not result.stable else None
+        table.add_row(escape(quantity), f"[{style}]{escape(value)}[/{style}]" if style else escape(value))
+    _print_table(_stdout_console(), table)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # train / finetune
 # ---------------------------------------------------------------------------------------------------------
 

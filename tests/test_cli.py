@@ -445,3 +445,32 @@ def test_output_under_a_file_is_a_clean_error(emt_registry, inputs, tmp_path):
     assert_user_error(_invoke("predict", poscar, "-o", blocker / "out.json"), "exists and is not a folder")
     assert_user_error(_invoke("relax", poscar, "-o", blocker), "exists and is not a folder")
     assert emt_registry == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# elastic
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_elastic_writes_and_prints(tmp_path, emt_registry):
+    poscar = tmp_path / "POSCAR"
+    bulk("Cu", "fcc", a=3.6, cubic=True).write(poscar, format="vasp")
+    out = tmp_path / "el"
+    result = _invoke("elastic", poscar, "--strains", "0.002,0.004", "--fmax", "0.001", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "elastic.json").read_text())
+    assert summary["settings"]["strains"] == [0.002, 0.004] and summary["settings"]["ions"] == "relaxed-ion"
+    assert "C1j (IEEE)" in result.output and "stable (cubic)" in result.output
+    assert (out / "stress_strain.png").is_file()
+    clamped = _invoke("elastic", poscar, "--clamped-ion", "--no-relax", "-o", tmp_path / "el2")
+    assert clamped.exit_code == 0 and "clamped-ion" in clamped.output
+
+
+def test_cli_elastic_user_errors(tmp_path, emt_registry):
+    poscar = tmp_path / "POSCAR"
+    bulk("Cu", "fcc", a=3.6, cubic=True).write(poscar, format="vasp")
+    assert_user_error(_invoke("elastic", poscar, "--strains", "0.1", "-o", tmp_path / "o"), "at most 0.05")
+    assert_user_error(_invoke("elastic", poscar, "--strains", "a,b", "-o", tmp_path / "o"), "--strains")
+    xyz = tmp_path / "water.xyz"
+    Atoms("H2O", positions=[[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]]).write(xyz)
+    assert_user_error(_invoke("elastic", xyz, "-o", tmp_path / "o"), "3D-periodic")

@@ -6,6 +6,9 @@
 - :func:`to_ase_atoms`: a ``PhonopyAtoms`` (or an ``ase.Atoms``, returned as is) as a periodic
   ``ase.Atoms`` with phonopy's masses.
 
+- :func:`structure_record`: the JSON record of a structure (numbers, cell, positions, explicit masses),
+  rounded to 1e-10, as summaries and the resumable stores' keys hold it.
+
 Scaled positions are kept as they are (not wrapped), so atom order and images match phonopy's cells.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms
 
-__all__ = ["to_ase_atoms", "to_phonopy_atoms"]
+__all__ = ["structure_record", "to_ase_atoms", "to_phonopy_atoms"]
 
 
 def to_phonopy_atoms(atoms):
@@ -33,3 +36,17 @@ def to_ase_atoms(cell) -> Atoms:
     masses = None if cell.masses is None else np.array(cell.masses, dtype=float)
     return Atoms(symbols=list(cell.symbols), cell=np.array(cell.cell, dtype=float),
                  scaled_positions=np.array(cell.scaled_positions, dtype=float), masses=masses, pbc=True)
+
+
+def _rounded(arr) -> list:
+    return np.round(np.asarray(arr, dtype=float), 10).tolist()
+
+
+def structure_record(atoms: Atoms) -> dict:
+    """Atomic numbers, cell and positions (Å, rounded to 1e-10) and explicitly set masses (else None)."""
+    return {
+        "numbers": [int(z) for z in atoms.numbers],
+        "cell": _rounded(atoms.cell[:]),
+        "positions": _rounded(atoms.positions),
+        "masses": _rounded(atoms.get_masses()) if atoms.has("masses") else None,
+    }

@@ -72,7 +72,7 @@ from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
 from mattersim.settings import parse_mesh, parse_primitive, parse_supercell
-from workflows.cells import to_ase_atoms, to_phonopy_atoms
+from workflows.cells import structure_record, to_ase_atoms, to_phonopy_atoms
 from workflows.outputs import ArrayStore, RunFolder, run_key, summary_header
 
 __all__ = [
@@ -379,19 +379,6 @@ def auto_supercell(cell, min_length: float = DEFAULT_MIN_LENGTH_A, rotations=Non
         if best()[0] <= n:
             break
     return np.ascontiguousarray(best()[2].T)
-
-
-def _round_list(arr) -> list:
-    return np.round(np.asarray(arr, dtype=float), 10).tolist()
-
-
-def _structure_record(atoms: Atoms) -> dict:
-    return {
-        "numbers": [int(z) for z in atoms.numbers],
-        "cell": _round_list(atoms.cell[:]),
-        "positions": _round_list(atoms.positions),
-        "masses": _round_list(atoms.get_masses()) if atoms.has("masses") else None,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -777,7 +764,7 @@ def run_phonon(
             "min_length_A": auto_length if supercell_setting is None else None,
             "displacement_A": float(displacement), "symprec": float(symprec),
         }
-        key = run_key(_structure_record(input_atoms), settings, info, fmt=_FORCES_FORMAT)
+        key = run_key(structure_record(input_atoms), settings, info, fmt=_FORCES_FORMAT)
         store = ArrayStore(out / _FORCES_FILE if out is not None else None, key)
         resumed = store.load(log)
         log.info(f"run_phonon: {input_atoms.get_chemical_formula()} ({len(input_atoms)} atoms), model "
@@ -1006,7 +993,7 @@ def run_phonon(
                 "supercell_choice": choice,
                 "model_cutoff_A": cutoff,
                 "model_cutoff_source": cutoff_source,
-                "unitcell": _structure_record(unit),
+                "unitcell": structure_record(unit),
             },
             "relaxation": relax_summary,
             "forces": {

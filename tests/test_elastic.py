@@ -1,0 +1,201 @@
+"""Elastic constants (workflows.elastic): against an independent energy route, symmetry, rotation, internal
+relaxation, mechanical stability, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.calculator import all_changes
+from ase.calculators.emt import EMT
+from ase.units import GPa
+from pymatgen.analysis.elasticity import ElasticTensor
+
+from mattersim.calculator import model_info
+from mattersim.errors import InputError
+from workflows.elastic import ElasticResult, born_stability, run_elastic, strained_cell, voigt_strain
+
+TIGHT = {"fmax": 1e-4, "relax_steps": 2000}
+
+
+def _cu():
+    return bulk("Cu", "fcc", a=3.61, cubic=True)
+
+
+def _curvature(atoms, strain_of) -> float:
+    """d²E/dδ² / V (GPa) of EMT at δ = 0 from a quadratic fit of E(δ), δ in ±0.4 %."""
+    deltas = np.linspace(-0.004, 0.004, 9)
+    energies = []
+    for d in deltas:
+        a = strained_cell(atoms, strain_of(d))
+        a.calc = EMT()
+        energies.append(a.get_potential_energy())
+    a2 = np.polyfit(deltas, energies, 4)[2]
+    return 2 * a2 / atoms.get_volume() / GPa
+
+
+@pytest.fixture(scope="module")
+def cu_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("elastic") / "cu"
+    return run_elastic(_cu(), EMT(), output_dir=out, **TIGHT), out
+
+
+def test_cubic_constants_match_the_energy_curvature(cu_result):
+    """C11, C12, C44 from stress-strain agree within 1 % with the curvature of E(strain) fitted here by hand."""
+    result, _ = cu_result
+    c = result.c
+    relaxed = result.atoms
+    c11 = _curvature(relaxed, lambda d: voigt_strain(0, d))
+    c11_plus_c12 = 0.5 * _curvature(relaxed, lambda d: voigt_strain(0, d) + voigt_strain(1, d))  # E = V(C11+C12)δ²
+    c44 = _curvature(relaxed, lambda d: voigt_strain(3, d))
+    assert c[0, 0] == pytest.approx(c11, rel=0.01)
+    assert c[0, 1] == pytest.approx(c11_plus_c12 - c11, rel=0.01)
+    assert c[3, 3] == pytest.approx(c44, rel=0.01)
+    m = result.summary["moduli"]
+    assert m["k_vrh_GPa"] == pytest.approx((c[0, 0] + 2 * c[0, 1]) / 3, rel=1e-9)  # cubic: K_V = K_R
+    assert result.stable and result.summary["stability"]["crystal_class"] == "cubic"
+    assert result.summary["strain_set"]["computed_directions"] == [1, 4]  # symmetry: 2 of 6 directions
+
+
+def _assert_cubic(c, tol):
+    for i, j in ((1, 1), (2, 2)):
+        assert c[i, j] == pytest.approx(c[0, 0], abs=tol)
+    for i, j in ((0, 2), (1, 2)):
+        assert c[i, j] == pytest.approx(c[0, 1], abs=tol)
+    for i in (4, 5):
+        assert c[i, i] == pytest.approx(c[3, 3], abs=tol)
+    zero = np.ones((6, 6), dtype=bool)
+    zero[:3, :3] = False
+    zero[3, 3] = zero[4, 4] = zero[5, 5] = False
+    assert np.abs(c[zero]).max() < tol
+
+
+def test_all_six_directions_give_the_cubic_pattern_and_the_symmetry_shortcut(cu_result):
+    """Computed without symmetry (all 6 directions), the raw slopes have the cubic zeros and equalities to
+    1e-3 GPa, and the tensor equals the symmetry-reduced one."""
+    full = run_elastic(_cu(), EMT(), use_symmetry=False, **TIGHT)
+    assert full.summary["strain_set"]["computed_directions"] == [1, 2, 3, 4, 5, 6]
+    _assert_cubic(np.array(full.summary["elastic_tensor"]["raw_slopes_GPa"]), 1e-3)
+    _assert_cubic(full.c, 1e-3)
+    assert np.abs(full.c - cu_result[0].c).max() < 1e-3
+
+
+def test_hexagonal_pattern():
+    """hcp Cu, all six directions computed and the ions relaxed: the raw slopes already have the hexagonal
+    zeros and equalities (to 2e-3 GPa: x and y strains relax the ions separately), and the reported tensor,
+    averaged over the point group, has them exactly; the averaging changed it by no more than that."""
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    result = run_elastic(hcp, EMT(), use_symmetry=False, fmax=1e-6, relax_steps=4000)
+    raw = np.array(result.summary["elastic_tensor"]["raw_slopes_GPa"])
+    for c, tol in ((raw, 2e-3), (result.c, 1e-6)):
+        assert c[1, 1] == pytest.approx(c[0, 0], abs=tol) and c[1, 2] == pytest.approx(c[0, 2], abs=tol)
+        assert c[4, 4] == pytest.approx(c[3, 3], abs=tol)
+        assert c[5, 5] == pytest.approx(0.5 * (c[0, 0] - c[0, 1]), abs=tol)
+        zero = [(0, 3), (0, 4), (0, 5), (1, 3), (1, 4), (1, 5), (2, 3), (2, 4), (2, 5), (3, 4), (3, 5), (4, 5)]
+        assert max(abs(c[i, j]) for i, j in zero) < tol
+    assert result.summary["elastic_tensor"]["symmetrization_max_change_GPa"] < 2e-3
+    assert result.summary["stability"]["crystal_class"] == "hexagonal"
+
+
+def test_rotated_cell_gives_the_rotated_tensor(cu_result):
+    angle = np.radians(30.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    turned = _cu()
+    turned.set_cell(np.array(turned.cell[:]) @ rot.T, scale_atoms=True)
+    result = run_elastic(turned, EMT(), **TIGHT)
+    expected = ElasticTensor.from_voigt(cu_result[0].c).rotate(rot).voigt
+    assert np.abs(result.c - expected).max() < 2e-3
+    assert np.abs(result.c_ieee - cu_result[0].c_ieee).max() < 2e-3  # the standard setting undoes the rotation
+
+
+def test_bcc_copper_is_unstable_and_says_why():
+    result = run_elastic(bulk("Cu", "bcc", a=2.87, cubic=True), EMT(), relax=True, **TIGHT)
+    st = result.summary["stability"]
+    assert not result.stable and "C11 - C12 > 0" in st["failing"]
+    assert result.c[0, 0] < result.c[0, 1]
+    assert any(row[0] == "Born stability" and "UNSTABLE" in row[1] and "C11 - C12" in row[1] for row in result.rows())
+
+
+def test_born_criteria_by_hand():
+    c = np.zeros((6, 6))
+    c[:3, :3] = 50.0
+    np.fill_diagonal(c, [150, 150, 150, 40, 40, 40])
+    assert born_stability(c, 225)["stable"]
+    c[3, 3] = c[4, 4] = c[5, 5] = -1.0
+    st = born_stability(c, 225)
+    assert st["failing"] == ["C44 > 0", "all eigenvalues of C > 0 (positive definite)"]
+
+
+def test_outputs_resume_and_reload(cu_result, monkeypatch):
+    result, out = cu_result
+    summary = json.loads((out / "elastic.json").read_text())
+    for name in ("elastic.json", "stress_strain.png", "strained.extxyz", "relaxed.vasp", "elastic.log", "stresses.npz"):
+        assert (out / name).is_file(), name
+        assert name in summary["files"], name
+    assert summary["workflow"] == "elastic" and summary["settings"]["ions"] == "relaxed-ion"
+    again = ElasticResult.load(out)
+    assert np.allclose(again.c, result.c) and again.rows()[:6] == result.rows()[:6]
+
+    class Counting(EMT):
+        """EMT under EMT's identity, counting its calls."""
+
+        calls = 0
+        model_info = model_info(EMT())
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            Counting.calls += 1
+            super().calculate(atoms, properties, system_changes)
+
+    rerun = run_elastic(_cu(), Counting(), output_dir=out, **TIGHT)
+    assert Counting.calls == 0  # relaxed structure and all stresses come from stresses.npz
+    assert np.allclose(rerun.c, result.c)
+
+
+def test_clamped_ion_differs_where_ions_relax():
+    """hcp has two atoms without inversion at their sites: shear lets them move, so relaxed-ion C66 < clamped."""
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    relaxed = run_elastic(hcp, EMT(), **TIGHT)
+    clamped = run_elastic(hcp, EMT(), relax_ions=False, **TIGHT)
+    assert clamped.summary["settings"]["ions"] == "clamped-ion"
+    assert relaxed.c[5, 5] < clamped.c[5, 5] - 0.5
+
+
+class NoStress(EMT):
+    implemented_properties = ["energy", "forces"]
+
+
+@pytest.mark.parametrize("kwargs, atoms, fragment", [
+    ({"strains": [0.0]}, _cu(), "every magnitude must be > 0"),
+    ({"strains": [0.06]}, _cu(), "at most 0.05"),
+    ({"strains": "abc"}, _cu(), "strains must be numbers"),
+    ({}, Atoms("H2O", positions=[[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]]), "3D-periodic"),
+])
+def test_bad_inputs(kwargs, atoms, fragment):
+    with pytest.raises(InputError, match=fragment):
+        run_elastic(atoms, EMT(), **kwargs)
+
+
+def test_model_without_stress_and_structure_that_will_not_relax():
+    with pytest.raises(InputError, match="predicts no stress"):
+        run_elastic(_cu(), NoStress())
+    squeezed = bulk("Cu", "fcc", a=3.0, cubic=True)
+    with pytest.raises(InputError, match="did not relax"):
+        run_elastic(squeezed, EMT(), relax_steps=2, fmax=1e-4)
+
+
+def test_internal_relaxation_softens_silicon_c44():
+    """Diamond Si (SevenNet-0): the ions of a sheared cell relax (Kleinman), so relaxed-ion C44 is clearly
+    below clamped-ion, while C11 and C12 (no internal strain for them) agree."""
+    pytest.importorskip("sevenn")
+    from mattersim.registry import load_calculator
+
+    calc = load_calculator("sevennet-0")
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    relaxed = run_elastic(si, calc)
+    clamped = run_elastic(si, calc, relax_ions=False)
+    assert relaxed.c[3, 3] < 0.85 * clamped.c[3, 3]  # measured 57.9 vs 77.9 GPa
+    assert relaxed.c[0, 0] == pytest.approx(clamped.c[0, 0], rel=0.01)
+    assert relaxed.c[0, 1] == pytest.approx(clamped.c[0, 1], rel=0.01)

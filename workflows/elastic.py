@@ -1,0 +1,558 @@
+"""Elastic constants from stress-strain relations: :func:`run_elastic` (``mattersim elastic``).
+
+Steps (logged to ``elastic.log``):
+
+1. optional relaxation of positions and cell, keeping the space group (:func:`mattersim.relax.relax`,
+   BFGS, at ``pressure`` GPa, ``fmax`` eV/Å);
+2. strains: the 6 Voigt directions, each at ``±s`` for every magnitude ``s`` in ``strains``. Directions that a
+   rotation of the crystal's point group maps onto an already computed one are not computed: their stresses
+   are the rotated stresses (``σ(R ε Rᵀ) = R σ(ε) Rᵀ``), so a cubic crystal needs 2 directions, not 6;
+3. relaxed-ion (default, the physical answer): the ions of every strained cell relax at fixed cell, all
+   cells together through :class:`mattersim.relax.BatchRelaxer` (one batched model call per step);
+   clamped-ion (``relax_ions=False``) evaluates the strained cells once, in one batched call;
+4. fit: for each direction j and stress component i a polynomial σ_i(ε_j) through the unstrained and
+   strained points (cubic with two or more magnitudes, else a line); its slope at zero strain is C_ij (GPa),
+   exact to O(s^4) since the ± points cancel the even terms and the cubic term takes the leading
+   nonlinearity. How linear the response is over the strain range is reported per component: the RMS
+   residual of a straight line (GPa) and its ratio to the component's change, so a poor fit shows where it
+   happens;
+5. the tensor symmetrised ((C + Cᵀ)/2, then averaged over the crystal's point group with pymatgen's
+   ``fit_to_structure``; both changes are reported), in the IEEE setting (pymatgen
+   ``ElasticTensor.convert_to_ieee``) and as computed; Voigt/Reuss/Hill bulk and shear moduli, Young's
+   modulus and Poisson ratio (Hill), universal anisotropy (pymatgen); Born mechanical stability for the
+   crystal's Laue class (Mouhat & Coudert, PRB 90, 224104 (2014)), naming each criterion and whether it
+   holds. At a finite pressure the stress-strain slopes are the Birch coefficients B_ij, whose positive
+   definiteness is the stability condition (Wang, Yip, Phillpot, Lutsko, Wolf, PRB 52, 12627 (1995));
+   the same criteria are applied to them.
+
+Units: strain dimensionless (Voigt: shear strains are engineering strains γ = 2ε), stress and moduli GPa
+(ASE sign: tensile positive; C_ij = ∂σ_i/∂ε_j), pressure GPa, forces eV/Å.
+
+Outputs with ``output_dir``: ``elastic.json`` (summary header, tensor as computed and IEEE, moduli,
+stability, fit residuals, strain set), ``stress_strain.png`` (one panel per computed strain direction, the
+points and the fitted lines), ``strained.extxyz`` (every computed strained cell with its stress),
+``elastic.log`` and the resumable ``stresses.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.stress import voigt_6_to_full_3x3_stress
+from ase.units import GPa
+
+from mattersim.calculator import evaluate_batch, model_info
+from mattersim.errors import InputError
+from workflows.cells import structure_record
+from workflows.outputs import ArrayStore, RunFolder, missing_result, run_key, summary_header
+
+__all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "run_elastic", "strain_directions"]
+
+logger = logging.getLogger("mattersim.elastic")
+
+WORKFLOW_VERSION = 1
+#: the largest strain magnitude accepted (beyond it the response is not linear for most crystals)
+MAX_STRAIN = 0.05
+VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+UNITS = {"stress": "GPa (ASE sign: tensile positive)", "elastic_constants": "GPa", "moduli": "GPa",
+         "strain": "dimensionless (Voigt; shear = engineering strain)", "pressure": "GPa", "force": "eV/Å"}
+_STORE = "stresses.npz"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# strains and symmetry
+# ---------------------------------------------------------------------------------------------------------
+
+
+def voigt_strain(j: int, magnitude: float) -> np.ndarray:
+    """The symmetric 3x3 strain tensor of Voigt component ``j`` (0-5) with value ``magnitude``."""
+    a, b = VOIGT_PAIRS[j]
+    e = np.zeros((3, 3))
+    if a == b:
+        e[a, a] = magnitude
+    else:
+        e[a, b] = e[b, a] = magnitude / 2.0
+    return e
+
+
+def _to_voigt(sigma: np.ndarray) -> np.ndarray:
+    return np.array([sigma[a, b] for a, b in VOIGT_PAIRS])
+
+
+def cartesian_rotations(atoms: Atoms, symprec: float = 1e-5) -> list[np.ndarray]:
+    """The crystal's point-group operations as Cartesian 3x3 matrices (spglib)."""
+    import spglib
+
+    cell = (np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers)
+    sym = spglib.get_symmetry(cell, symprec=symprec)
+    if sym is None:
+        return [np.eye(3)]
+    lat = np.array(atoms.cell[:])  # rows are lattice vectors: x = latᵀ f
+    out = []
+    for r in sym["rotations"]:
+        rc = lat.T @ r @ np.linalg.inv(lat.T)
+        if not any(np.allclose(rc, q, atol=1e-6) for q in out):
+            out.append(rc)
+    return out
+
+
+def strain_directions(rotations: Sequence[np.ndarray]) -> tuple[list[int], dict[int, tuple[int, np.ndarray, int]]]:
+    """The Voigt directions to compute and, for each of the 6, ``(k, R, sign)``: its strain is ``sign`` times
+    the rotation ``R`` of computed direction k's (``E_j = sign R E_k Rᵀ``)."""
+    computed: list[int] = []
+    mapping: dict[int, tuple[int, np.ndarray, int]] = {}
+    for j in range(6):
+        e_j = voigt_strain(j, 1.0)
+        found = None
+        for k in computed:
+            e_k = voigt_strain(k, 1.0)
+            for rot in rotations:
+                image = rot @ e_k @ rot.T
+                for sign in (1, -1):
+                    if np.allclose(image, sign * e_j, atol=1e-6):
+                        found = (k, rot, sign)
+                        break
+                if found:
+                    break
+            if found:
+                break
+        if found is None:
+            computed.append(j)
+            found = (j, np.eye(3), 1)
+        mapping[j] = found
+    return computed, mapping
+
+
+def strained_cell(atoms: Atoms, strain: np.ndarray) -> Atoms:
+    """``atoms`` deformed by ``F = I + strain`` (positions scaled with the cell)."""
+    out = atoms.copy()
+    out.calc = None
+    out.set_cell(np.array(atoms.cell[:]) @ (np.eye(3) + strain).T, scale_atoms=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stability
+# ---------------------------------------------------------------------------------------------------------
+
+
+def laue_class(spacegroup_number: int) -> str:
+    """The crystal family used for the stability criteria, from the space-group number."""
+    n = int(spacegroup_number)
+    if n >= 195:
+        return "cubic"
+    if n >= 168:
+        return "hexagonal"
+    if n >= 149:
+        return "rhombohedral I"
+    if n >= 143:
+        return "rhombohedral II"
+    if n >= 89:
+        return "tetragonal I"
+    if n >= 75:
+        return "tetragonal II"
+    if n >= 16:
+        return "orthorhombic"
+    if n >= 3:
+        return "monoclinic"
+    return "triclinic"
+
+
+def born_stability(c: np.ndarray, spacegroup_number: int) -> dict:
+    """Born stability of the 6x6 (symmetric) matrix ``c`` (GPa): the Laue-class criteria of Mouhat & Coudert
+    (2014) where they are simple, and always the necessary and sufficient one, positive definiteness (all
+    eigenvalues > 0). Returns ``{"stable", "crystal_class", "criteria": [{"criterion", "value_GPa",
+    "holds"}], "eigenvalues_GPa", "failing": [...]}``."""
+    c = np.asarray(c, dtype=float)
+    c11, c12, c13, c33, c44, c66 = c[0, 0], c[0, 1], c[0, 2], c[2, 2], c[3, 3], c[5, 5]
+    cls = laue_class(spacegroup_number)
+    crit: list[tuple[str, float]] = []
+    if cls == "cubic":
+        crit = [("C11 - C12 > 0", c11 - c12), ("C11 + 2 C12 > 0", c11 + 2 * c12), ("C44 > 0", c44)]
+    elif cls in ("hexagonal", "tetragonal I", "tetragonal II"):
+        crit = [("C11 - |C12| > 0", c11 - abs(c12)), ("C33 (C11 + C12) - 2 C13^2 > 0", c33 * (c11 + c12) - 2 * c13 ** 2),
+                ("C44 > 0", c44), ("C66 > 0", c66)]
+        if cls == "tetragonal II":
+            crit.append(("C66 (C11 - C12) - 2 C16^2 > 0", c66 * (c11 - c12) - 2 * c[0, 5] ** 2))
+    elif cls in ("rhombohedral I", "rhombohedral II"):
+        c14 = c[0, 3]
+        extra = c14 ** 2 + (c[0, 4] ** 2 if cls == "rhombohedral II" else 0.0)
+        crit = [("C11 - |C12| > 0", c11 - abs(c12)), ("C44 > 0", c44),
+                ("C13^2 < C33 (C11 + C12) / 2", 0.5 * c33 * (c11 + c12) - c13 ** 2),
+                ("C14^2 (+ C15^2) < C44 (C11 - C12) / 2", 0.5 * c44 * (c11 - c12) - extra)]
+    eig = np.linalg.eigvalsh(0.5 * (c + c.T))
+    crit.append(("all eigenvalues of C > 0 (positive definite)", float(eig.min())))
+    criteria = [{"criterion": name, "value_GPa": float(v), "holds": bool(v > 0)} for name, v in crit]
+    failing = [x["criterion"] for x in criteria if not x["holds"]]
+    return {"stable": not failing, "crystal_class": cls, "criteria": criteria,
+            "eigenvalues_GPa": eig.tolist(), "failing": failing}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ElasticResult:
+    """A finished :func:`run_elastic`: ``summary`` (the content of ``elastic.json``), the relaxed
+    ``atoms`` and ``output_dir``. ``c`` is the symmetrised 6x6 tensor as computed (GPa), ``c_ieee`` the same in
+    the IEEE setting."""
+
+    summary: dict
+    atoms: Atoms
+    output_dir: Path | None = None
+
+    @property
+    def c(self) -> np.ndarray:
+        return np.array(self.summary["elastic_tensor"]["as_computed_GPa"])
+
+    @property
+    def c_ieee(self) -> np.ndarray:
+        return np.array(self.summary["elastic_tensor"]["ieee_GPa"])
+
+    @property
+    def stable(self) -> bool:
+        return bool(self.summary["stability"]["stable"])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``elastic.json`` and ``relaxed.vasp`` to ``directory``."""
+        import ase.io
+
+        with RunFolder(directory, "elastic", logger) as folder:
+            folder.write_with("relaxed.vasp", lambda p: ase.io.write(p, self.atoms, format="vasp", direct=True))
+            folder.write_json("elastic.json", self.summary)
+        self.output_dir = Path(directory)
+        return self.output_dir
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ElasticResult":
+        import ase.io
+
+        directory = Path(directory)
+        path, poscar = directory / "elastic.json", directory / "relaxed.vasp"
+        for p in (path, poscar):
+            if not p.is_file():
+                raise missing_result(p, "run_elastic / 'mattersim elastic'")
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"'{path}' is not readable JSON ({exc}); rerun the elastic calculation.") from None
+        return cls(summary=summary, atoms=ase.io.read(poscar), output_dir=directory)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(quantity, value) lines that ``mattersim elastic`` prints."""
+        s = self.summary
+        c = np.array(s["elastic_tensor"]["ieee_GPa"])
+        rows = [(f"C{i + 1}j (IEEE)", "  ".join(f"{x:8.2f}" for x in c[i])) for i in range(6)]
+        m = s["moduli"]
+        rows += [("K Voigt / Reuss / Hill", f"{m['k_voigt_GPa']:.2f} / {m['k_reuss_GPa']:.2f} / {m['k_vrh_GPa']:.2f} GPa"),
+                 ("G Voigt / Reuss / Hill", f"{m['g_voigt_GPa']:.2f} / {m['g_reuss_GPa']:.2f} / {m['g_vrh_GPa']:.2f} GPa"),
+                 ("Young's modulus (Hill)", f"{m['young_GPa']:.2f} GPa"),
+                 ("Poisson ratio (Hill)", f"{m['poisson_ratio']:.3f}"),
+                 ("universal anisotropy", f"{m['universal_anisotropy']:.3f}")]
+        st = s["stability"]
+        rows.append(("Born stability", f"stable ({st['crystal_class']})" if st["stable"] else
+                     f"UNSTABLE ({st['crystal_class']}): fails {'; '.join(st['failing'])}"))
+        fit = s["fit"]
+        rows.append(("fit", f"worst residual {fit['max_residual_GPa']:.3g} GPa ({100 * fit['max_relative_residual']:.2g}% of "
+                            f"the component's change); asymmetry |C - Cᵀ| max {s['elastic_tensor']['asymmetry_max_GPa']:.3g} GPa, "
+                            f"point-group averaging changed C by up to {s['elastic_tensor']['symmetrization_max_change_GPa']:.3g} GPa"))
+        rows.append(("ions", s["settings"]["ions"]))
+        if self.output_dir is not None:
+            rows.append(("output", str(self.output_dir)))
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the workflow
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check(atoms: Any, strains: Sequence[float], calculator, fmax: float) -> list[float]:
+    if not isinstance(atoms, Atoms):
+        raise InputError(f"atoms must be an ase.Atoms object, not {type(atoms).__name__}.")
+    if len(atoms) == 0 or not np.asarray(atoms.pbc).all() or abs(atoms.cell.volume) < 1e-6:
+        raise InputError("Elastic constants need a 3D-periodic crystal (pbc=True and a cell with volume); a "
+                         "molecule or slab has none. Give the structure a periodic cell.")
+    try:
+        mags = sorted({abs(float(s)) for s in np.atleast_1d(np.asarray(strains, dtype=float))})
+    except (TypeError, ValueError):
+        raise InputError(f"strains must be numbers (magnitudes such as 0.005, 0.01), not {strains!r}.") from None
+    if not mags or mags[0] <= 0 or mags[-1] > MAX_STRAIN or not all(np.isfinite(mags)):
+        raise InputError(f"strains {list(np.atleast_1d(strains))}: every magnitude must be > 0 and at most "
+                         f"{MAX_STRAIN:g} ({100 * MAX_STRAIN:g} %); e.g. 0.005,0.01.")
+    props = getattr(calculator, "implemented_properties", None)
+    if getattr(calculator, "property_only", False) or (props is not None and "stress" not in props):
+        raise InputError(f"The model '{model_info(calculator).get('name')}' predicts no stress; elastic constants need "
+                         "stresses. Use a potential with stress (MatterSim, CHGNet, SevenNet).")
+    if not fmax > 0:
+        raise InputError(f"fmax must be positive (eV/Å), not {fmax!r}.")
+    return mags
+
+
+def _full_stress(stress) -> np.ndarray:
+    s = np.asarray(stress, dtype=float)
+    return voigt_6_to_full_3x3_stress(s) if s.size == 6 else s.reshape(3, 3)
+
+
+def _spacegroup(atoms: Atoms, symprec: float) -> tuple[str, int]:
+    import spglib
+
+    data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
+                                       symprec=symprec)
+    return (data.international, int(data.number)) if data is not None else ("P1", 1)
+
+
+def _moduli(c: np.ndarray) -> dict:
+    from pymatgen.analysis.elasticity import ElasticTensor
+
+    et = ElasticTensor.from_voigt(c)
+    k_v, k_r, g_v, g_r = float(et.k_voigt), float(et.k_reuss), float(et.g_voigt), float(et.g_reuss)
+    k, g = 0.5 * (k_v + k_r), 0.5 * (g_v + g_r)
+    return {"k_voigt_GPa": k_v, "k_reuss_GPa": k_r, "k_vrh_GPa": k, "g_voigt_GPa": g_v, "g_reuss_GPa": g_r,
+            "g_vrh_GPa": g, "young_GPa": 9 * k * g / (3 * k + g) if 3 * k + g else None,
+            "poisson_ratio": (3 * k - 2 * g) / (2 * (3 * k + g)) if 3 * k + g else None,
+            "universal_anisotropy": float(et.universal_anisotropy) if k_r and g_r else None}
+
+
+def _symmetrized(c: np.ndarray, atoms: Atoms, symprec: float) -> np.ndarray:
+    """``c`` averaged over the crystal's point group (pymatgen ``fit_to_structure``): the noise of the
+    relaxations and of the fit cannot break the crystal's symmetry; the change is reported."""
+    from pymatgen.analysis.elasticity import ElasticTensor
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    et = ElasticTensor.from_voigt(c)
+    return np.array(et.fit_to_structure(AseAtomsAdaptor.get_structure(atoms), symprec=max(symprec, 1e-3)).voigt)
+
+
+def _ieee(c: np.ndarray, atoms: Atoms) -> np.ndarray:
+    from pymatgen.analysis.elasticity import ElasticTensor
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    et = ElasticTensor.from_voigt(c)
+    return np.array(et.convert_to_ieee(AseAtomsAdaptor.get_structure(atoms)).voigt)
+
+
+def _plot(path: Path, computed: list[int], strains: np.ndarray, sig: dict[int, np.ndarray], c: np.ndarray,
+          sigma0: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["xx", "yy", "zz", "yz", "xz", "xy"]
+    fig, axes = plt.subplots(1, len(computed), figsize=(4.2 * len(computed), 3.6), squeeze=False)
+    x = np.linspace(strains.min(), strains.max(), 2)
+    for ax, k in zip(axes[0], computed):
+        for i in range(6):
+            if abs(c[i, k]) < 1e-3 * max(1.0, np.abs(c).max()):
+                continue
+            line = ax.plot(strains * 100, sig[k][:, i], "o", ms=4)[0]
+            ax.plot(x * 100, sigma0[i] + c[i, k] * x, "-", color=line.get_color(), lw=1,
+                    label=f"σ_{names[i]}: C{i + 1}{k + 1} = {c[i, k]:.1f} GPa")
+        ax.set_xlabel(f"strain ε_{names[k]} (%)")
+        ax.set_ylabel("stress (GPa)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, pil_kwargs={"compress_level": 1})
+    plt.close(fig)
+
+
+def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: bool = True, pressure: float = 0.0,
+                strains: Sequence[float] = (0.005, 0.01), fmax: float = 0.005, relax_steps: int = 500,
+                optimizer: str = "BFGS", symprec: float = 1e-5, use_symmetry: bool = True,
+                output_dir: str | os.PathLike | None = None, progress: bool = False) -> ElasticResult:
+    """The elastic tensor of ``atoms`` with ``calculator`` (any ASE calculator with stress).
+
+    ``relax``: relax positions and cell first (space group kept) at ``pressure`` GPa to ``fmax`` eV/Å;
+    ``relax_ions``: relax the ions of every strained cell (relaxed-ion, default) or not (clamped-ion);
+    ``strains``: magnitudes, each applied as +s and -s to the 6 Voigt directions (0 < s <= 0.05);
+    ``use_symmetry``: compute only the directions the point group does not map onto each other;
+    ``output_dir``: where to write the files of the module docstring (None: nothing).
+    """
+    mags = _check(atoms, strains, calculator, fmax)
+    RunFolder.check(output_dir)
+    info = model_info(calculator)
+    settings = {"relax": bool(relax), "ions": "relaxed-ion" if relax_ions else "clamped-ion",
+                "pressure_GPa": float(pressure), "strains": mags, "fmax_eV_per_A": float(fmax),
+                "relax_steps": int(relax_steps), "optimizer": str(optimizer), "symprec": float(symprec),
+                "use_symmetry": bool(use_symmetry)}
+    timings = {"relaxation": 0.0, "strained_cells": 0.0}
+    t_start = time.perf_counter()
+    with RunFolder(output_dir, "elastic", logger) as folder:
+        log = folder.log
+        unit = atoms.copy()
+        unit.calc = None
+        store = ArrayStore(folder.file(_STORE), run_key(structure_record(unit), settings, info))
+        resumed = store.load(log)
+        log.info(f"run_elastic: {unit.get_chemical_formula()} ({len(unit)} atoms), model {info.get('name')}, "
+                 f"{settings['ions']}, strains ±{mags}, P = {pressure} GPa, output {folder.path}")
+
+        # 1. relaxation
+        relax_summary = None
+        if relax and resumed and "relaxed_cell" in store.data:
+            unit.set_cell(store.data["relaxed_cell"])
+            unit.positions = store.data["relaxed_positions"]
+            relax_summary = json.loads(str(store.data["relax_summary"]))
+            log.info("relaxation: reusing the relaxed structure stored in stresses.npz")
+        elif relax:
+            from mattersim.relax import relax as relax_structure
+
+            t0 = time.perf_counter()
+            res = relax_structure(unit, calculator, pressure=pressure, fmax=fmax, steps=relax_steps, mode="full",
+                                  symmetry=True, symprec=symprec, optimizer=optimizer)
+            timings["relaxation"] = time.perf_counter() - t0
+            if not np.all(np.isfinite(res.atoms.positions)) or not np.isfinite(res.energy):
+                raise InputError("The relaxation blew up (non-finite energy or positions): the structure is far from "
+                                 "any minimum of this model; check the structure, or use relax=False / --no-relax.")
+            if not res.converged:
+                raise InputError(f"The structure did not relax to fmax = {fmax} eV/Å within {relax_steps} steps "
+                                 f"(fmax {res.fmax:.3g} eV/Å at the end): elastic constants of a structure that is "
+                                 "not at equilibrium are meaningless. Raise relax_steps (--relax-steps) or fmax, or "
+                                 "check the structure.")
+            unit = res.atoms.copy()
+            unit.calc = None
+            relax_summary = res.to_dict()
+            log.info(f"relaxation: converged after {res.steps} steps, V {res.initial_volume:.3f} -> {res.volume:.3f} Å^3")
+            store.data.update({"relaxed_cell": np.array(unit.cell[:]), "relaxed_positions": unit.positions,
+                               "relax_summary": np.array(json.dumps(relax_summary))})
+            store.save()
+
+        # 2. strains, reduced by symmetry
+        spacegroup, sg_number = _spacegroup(unit, symprec)
+        rotations = cartesian_rotations(unit, symprec) if use_symmetry else [np.eye(3)]
+        computed, mapping = strain_directions(rotations)
+        values = np.array(sorted([-m for m in mags] + [0.0] + mags))
+        jobs = [(k, d) for k in computed for d in values if d != 0.0]
+        log.info(f"strains: space group {spacegroup}; {len(computed)} of 6 Voigt directions computed "
+                 f"({', '.join(str(k + 1) for k in computed)}), {len(jobs)} strained cells, {settings['ions']}")
+
+        # 3. stresses of the unstrained and strained cells (resumable)
+        n = len(jobs) + 1
+        if store.data.get("stresses") is None or store.data["stresses"].shape != (n, 3, 3):
+            store.data.update({"stresses": np.zeros((n, 3, 3)), "done": np.zeros(n, dtype=bool)})
+        done, stresses = store.data["done"], store.data["stresses"]
+        cells = [unit] + [strained_cell(unit, voigt_strain(k, d)) for k, d in jobs]
+        todo = [i for i in range(n) if not done[i]]
+        t0 = time.perf_counter()
+        finals = [None] * n
+        if todo:
+            if relax_ions:
+                from mattersim.relax import BatchRelaxer
+
+                relaxer = BatchRelaxer(calculator, fmax=fmax, steps=relax_steps, mode="fixed_cell",
+                                       optimizer=optimizer, show_progress=progress)
+                results = relaxer.relax([cells[i] for i in todo])
+                bad = [cells[i].get_chemical_formula() for i, r in zip(todo, results) if not r.converged]
+                if bad:
+                    log.warning(f"{len(bad)} strained cell(s) did not relax their ions to fmax {fmax} eV/Å within "
+                                f"{relax_steps} steps; their stresses are used as they are")
+                for i, r in zip(todo, results):
+                    if r.stress is None or not np.all(np.isfinite(r.stress)):
+                        raise InputError("The model returned no finite stress for a strained cell; it cannot give "
+                                         "elastic constants.")
+                    stresses[i], finals[i] = _full_stress(r.stress), r.atoms
+            else:
+                results = evaluate_batch(calculator, [cells[i] for i in todo], ("energy", "forces", "stress"))
+                for i, r in zip(todo, results):
+                    if r.get("stress") is None or not np.all(np.isfinite(r["stress"])):
+                        raise InputError("The model returned no finite stress for a strained cell; it cannot give "
+                                         "elastic constants.")
+                    stresses[i] = _full_stress(r["stress"])
+            done[todo] = True
+            store.save()
+        timings["strained_cells"] = time.perf_counter() - t0
+
+        # 4. fit, per direction (the mapped ones through their rotations)
+        sigma = {0.0: stresses[0] / GPa}
+        by_job = {(k, round(float(d), 12)): stresses[i + 1] / GPa for i, (k, d) in enumerate(jobs)}
+        sig_dir: dict[int, np.ndarray] = {}
+        for j in range(6):
+            k, rot, sign = mapping[j]
+            rows = []
+            for d in values:
+                s_k = sigma[0.0] if d == 0.0 else by_job[(k, round(float(sign * d), 12))]
+                rows.append(_to_voigt(rot @ s_k @ rot.T))
+            sig_dir[j] = np.array(rows)
+        # C_ij: the slope at zero strain of a polynomial through the points (cubic with two or more magnitudes:
+        # the symmetric ± points cancel the even terms, the cubic term removes the leading nonlinearity, so
+        # the slope is exact to O(s^4)); the residual of a straight line measures how linear the response is
+        degree = 3 if len(mags) >= 2 else 1
+        c_raw = np.zeros((6, 6))
+        resid = np.zeros((6, 6))
+        design = np.vander(values, degree + 1, increasing=True)
+        line = np.vander(values, 2, increasing=True)
+        for j in range(6):
+            coef, *_ = np.linalg.lstsq(design, sig_dir[j], rcond=None)
+            c_raw[:, j] = coef[1]
+            lin, *_ = np.linalg.lstsq(line, sig_dir[j], rcond=None)
+            resid[:, j] = np.sqrt(np.mean((line @ lin - sig_dir[j]) ** 2, axis=0))
+        c = _symmetrized(0.5 * (c_raw + c_raw.T), unit, symprec)
+        # relative to the component's change over the strain range, for the components that change (the
+        # others, zero by symmetry or nearly, have no scale to be relative to: None)
+        change = np.abs(c_raw) * (values.max() - values.min())
+        significant = np.abs(c_raw) > 0.01 * float(np.abs(c_raw).max())
+        relative = np.where(significant, resid / np.where(significant, change, 1.0), np.nan)
+        sigma0 = _to_voigt(sigma[0.0])
+
+        # 5. derived quantities
+        stability = born_stability(c, sg_number)
+        moduli = _moduli(c)
+        c_ieee = _ieee(c, unit)
+        if not stability["stable"]:
+            log.warning(f"mechanically UNSTABLE ({stability['crystal_class']}): fails {'; '.join(stability['failing'])}")
+        timings["total"] = time.perf_counter() - t_start
+        summary = {
+            **summary_header("elastic", WORKFLOW_VERSION, info, settings, UNITS, timings),
+            "structure": {"formula": unit.get_chemical_formula(mode="hill"), "spacegroup": spacegroup,
+                          "spacegroup_number": sg_number, "n_atoms": len(unit), "volume_A3": float(unit.get_volume()),
+                          "cell_A": np.array(unit.cell[:]).tolist()},
+            "relaxation": relax_summary,
+            "strain_set": {"magnitudes": mags, "computed_directions": [k + 1 for k in computed],
+                           "n_strained_cells": len(jobs),
+                           "symmetry": "directions mapped onto computed ones by the point group's rotations "
+                                       "(σ(R ε Rᵀ) = R σ(ε) Rᵀ)" if use_symmetry else "none"},
+            "elastic_tensor": {
+                "as_computed_GPa": c.tolist(), "ieee_GPa": c_ieee.tolist(), "raw_slopes_GPa": c_raw.tolist(),
+                "asymmetry_max_GPa": float(np.abs(c_raw - c_raw.T).max()),
+                "symmetrization_max_change_GPa": float(np.abs(c - 0.5 * (c_raw + c_raw.T)).max()),
+                "meaning": "stress-strain slopes C_ij = dσ_i/dε_j (Voigt), made symmetric ((C + Cᵀ)/2) and averaged over "
+                           "the crystal's point group (the changes are reported); at P ≠ 0 these are the Birch "
+                           "coefficients B_ij",
+                "reference_stress_GPa": sigma0.tolist()},
+            "moduli": moduli,
+            "stability": stability,
+            "fit": {"residual_GPa": resid.tolist(), "relative_residual": relative.tolist(),
+                    "max_residual_GPa": float(resid.max()), "max_relative_residual": float(np.nanmax(relative)),
+                    "slope_from": f"polynomial of degree {degree} in the strain, slope at 0",
+                    "meaning": "RMS deviation of σ_i(ε_j) from a straight line (GPa); relative: divided by the "
+                               "component's change over the strain range, for components above 1 % of the largest "
+                               "(None for the others)"},
+        }
+        result = ElasticResult(summary=summary, atoms=unit, output_dir=folder.path)
+        if folder.path is not None:
+            import ase.io
+
+            from mattersim.io import write_results
+
+            title = f"{summary['structure']['formula']} ({spacegroup}), {info.get('name') or 'model'}, {settings['ions']}"
+            folder.write_with("stress_strain.png", lambda p: _plot(p, computed, values, sig_dir, c, sigma0, title))
+            frames = [finals[i + 1] if finals[i + 1] is not None else cells[i + 1] for i in range(len(jobs))]
+            write_results(folder.file("strained.extxyz"), frames,
+                          [{"stress": stresses[i + 1]} for i in range(len(jobs))], info)
+            folder.write_with("relaxed.vasp", lambda p: ase.io.write(p, unit, format="vasp", direct=True))
+            folder.file("elastic.json")
+            summary["files"] = folder.files
+            folder.write_json("elastic.json", summary)
+            log.info(f"done in {timings['total']:.1f} s; K_VRH {moduli['k_vrh_GPa']:.2f} GPa, G_VRH {moduli['g_vrh_GPa']:.2f} GPa")
+    return result
