@@ -52,7 +52,7 @@ from ase.units import GPa
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from workflows.cells import structure_record
-from workflows.outputs import ArrayStore, RunFolder, missing_result, run_key, summary_header
+from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
 __all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "run_elastic", "strain_directions"]
 
@@ -238,15 +238,8 @@ class ElasticResult:
         import ase.io
 
         directory = Path(directory)
-        path, poscar = directory / "elastic.json", directory / "relaxed.vasp"
-        for p in (path, poscar):
-            if not p.is_file():
-                raise missing_result(p, "run_elastic / 'mattersim elastic'")
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"'{path}' is not readable JSON ({exc}); rerun the elastic calculation.") from None
-        return cls(summary=summary, atoms=ase.io.read(poscar), output_dir=directory)
+        summary = load_summary(directory, "elastic.json", ["relaxed.vasp"], "run_elastic / 'mattersim elastic'")
+        return cls(summary=summary, atoms=ase.io.read(directory / "relaxed.vasp"), output_dir=directory)
 
     def rows(self) -> list[tuple[str, str]]:
         """(quantity, value) lines that ``mattersim elastic`` prints."""

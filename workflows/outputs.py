@@ -30,7 +30,7 @@ import numpy as np
 from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, ensure_writable_dir, to_builtin
 
-__all__ = ["ArrayStore", "RunFolder", "SOFTWARE", "model_identity", "run_key", "software_versions", "summary_header"]
+__all__ = ["ArrayStore", "RunFolder", "SOFTWARE", "load_summary", "model_identity", "run_key", "software_versions", "summary_header"]
 
 #: the packages whose versions shape the numbers (recorded in every summary and benchmark)
 SOFTWARE = ("mattersim", "torch", "numpy", "scipy", "ase", "phonopy", "spglib", "pymatgen", "chgnet", "sevenn")
@@ -211,6 +211,16 @@ def summary_header(workflow: str, version: int | str, info: dict, settings: dict
     return header
 
 
-def missing_result(path: Path, what: str) -> InputError:
-    """The error for a result folder that lacks ``path`` (used by the ``<Name>Result.load`` methods)."""
-    return InputError(f"'{path}' does not exist; pass the output folder of a finished {what}.")
+def load_summary(directory: str | os.PathLike, name: str, others: Iterable[str], what: str) -> dict:
+    """The JSON summary ``name`` of a finished run in ``directory`` (for the ``<Name>Result.load`` methods),
+    after checking that it and the files ``others`` exist; an InputError naming the file otherwise.
+    ``what``: the workflow, for the message (e.g. "run_relax / 'mattersim relax'")."""
+    directory = Path(directory)
+    for path in [directory / name] + [directory / o for o in others]:
+        if not path.is_file():
+            raise InputError(f"'{path}' does not exist; pass the output folder of a finished {what}.")
+    path = directory / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{path}' is not readable JSON ({exc}); run the {what} again.") from None

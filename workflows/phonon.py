@@ -73,7 +73,7 @@ from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
 from mattersim.settings import parse_mesh, parse_primitive, parse_supercell
 from workflows.cells import structure_record, to_ase_atoms, to_phonopy_atoms
-from workflows.outputs import ArrayStore, RunFolder, run_key, summary_header
+from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
 __all__ = [
     "DEFAULT_CUTOFF_A",
@@ -222,14 +222,7 @@ class PhononResult:
 
         directory = Path(directory)
         yaml_path = directory / "phonopy.yaml"
-        summary_path = directory / "summary.json"
-        for path in (yaml_path, summary_path):
-            if not path.is_file():
-                raise InputError(f"'{path}' does not exist; pass the output directory of a finished run_phonon/'mattersim phonon'.")
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"'{summary_path}' is not readable JSON ({exc}); rerun the phonon calculation.") from None
+        summary = load_summary(directory, "summary.json", ["phonopy.yaml"], "run_phonon / 'mattersim phonon'")
         is_nac = bool((summary.get("nac") or {}).get("enabled"))
         # is_nac=False when the run had no NAC, so that phonopy does not pick up a stray ./BORN
         ph = phonopy.load(yaml_path, is_nac=is_nac, produce_fc=True, log_level=0)

@@ -19,7 +19,6 @@ Units: energies and enthalpies eV, volumes Å^3, pressures GPa, stress eV/Å^3 (
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from mattersim.calculator import model_info
 from mattersim.errors import InputError
 from mattersim.io import safe_filename, write_results
 from mattersim.relax import BatchRelaxer, RelaxResult, normalise_mode
-from workflows.outputs import RunFolder, missing_result, summary_header
+from workflows.outputs import RunFolder, load_summary, summary_header
 
 __all__ = ["RelaxRunResult", "run_relax", "label_stem"]
 
@@ -87,18 +86,12 @@ class RelaxRunResult:
         import numpy as np
 
         directory = Path(directory)
-        summary_path, frames_path = directory / "summary.json", directory / "relaxed.extxyz"
-        for path in (summary_path, frames_path):
-            if not path.is_file():
-                raise missing_result(path, "run_relax / 'mattersim relax'")
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"'{summary_path}' is not readable JSON ({exc}); rerun the relaxation.") from None
+        summary = load_summary(directory, "summary.json", ["relaxed.extxyz"], "run_relax / 'mattersim relax'")
+        frames_path = directory / "relaxed.extxyz"
         frames = ase.io.read(frames_path, ":")
         entries = summary.get("structures") or []
         if len(frames) != len(entries):
-            raise InputError(f"'{frames_path}' holds {len(frames)} structures but '{summary_path}' lists "
+            raise InputError(f"'{frames_path}' holds {len(frames)} structures but its summary.json lists "
                              f"{len(entries)}; the folder mixes two runs - rerun the relaxation.")
         results = []
         for atoms, e in zip(frames, entries):
