@@ -84,7 +84,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
         run_relax(_inputs(), EMT(), mode="sideways")
     with pytest.raises(InputError, match="structure 0 is a str"):
         run_relax(["POSCAR"], EMT())
-    with pytest.raises(InputError, match="summary.json' does not exist"):
+    with pytest.raises(InputError, match="relaxed.extxyz' does not exist"):
         RelaxRunResult.load(tmp_path)
 
 

@@ -216,7 +216,7 @@ def load_summary(directory: str | os.PathLike, name: str, others: Iterable[str],
     after checking that it and the files ``others`` exist; an InputError naming the file otherwise.
     ``what``: the workflow, for the message (e.g. "run_relax / 'mattersim relax'")."""
     directory = Path(directory)
-    for path in [directory / name] + [directory / o for o in others]:
+    for path in [directory / o for o in others] + [directory / name]:
         if not path.is_file():
             raise InputError(f"'{path}' does not exist; pass the output folder of a finished {what}.")
     path = directory / name
