@@ -16,8 +16,10 @@ None); ``value`` is None when it cannot be computed (e.g. no successful item).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,34 @@ def peak_rss_mib() -> float:
     parent's resident memory at the fork; VmHWM belongs to the new process image alone."""
     peak = _proc_status_mib("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_json(path: Path) -> dict | None:
+    """The JSON document at ``path``, or None when it is missing or unreadable (a resumable runner then
+    evaluates that item again)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def entry_key(schema: str, model: dict, settings: dict, input_sha256: str) -> str:
+    """sha256 of what one per-item result depends on: its format, the model identity, the settings and the
+    item's input; a stored item is reused only when its key matches."""
+    doc = {"schema": schema, "model": model, "settings": settings, "input_sha256": input_sha256}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def print_metrics_main(documents) -> int:
+    """The tail of a runner's ``main``: print each metrics document's values as it comes from the iterable
+    ``documents`` (a generator that does the work); a user error (MatterSimError) is one line on stderr and
+    exit status 2, never a traceback."""
+    from mattersim.errors import MatterSimError
+
+    try:
+        for doc in documents:
+            print(json.dumps({m["key"]: m["value"] for m in doc["metrics"]}, indent=1))
+    except MatterSimError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    return 0

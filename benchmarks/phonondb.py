@@ -83,7 +83,6 @@ import json
 import logging
 import lzma
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -95,7 +94,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from ase import Atoms
 
-from benchmarks.common import metric, metrics_document, model_folder, peak_rss_mib, utc_now, write_benchmark_json
+from benchmarks.common import (entry_key, load_json, metric, metrics_document, model_folder, peak_rss_mib,
+                               print_metrics_main, utc_now, write_benchmark_json)
 from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
@@ -574,7 +574,7 @@ def _load_reference(folder: Path | None, entry: "PhononDBEntry", settings: dict)
     """The reference properties another model's run stored for this entry and these settings, or None."""
     if folder is None or not entry.input_sha256:
         return None
-    old = _load_json(folder / f"{_safe(entry.id)}.json")
+    old = load_json(folder / f"{_safe(entry.id)}.json")
     return old if old is not None and old.get("key") == _reference_key(entry, settings) else None
 
 
@@ -730,7 +730,7 @@ def _mae_metrics(records: list[dict], variant: str, imaginary: bool) -> tuple[li
 
 def read_entry_records(model_dir: Path) -> dict[str, dict]:
     """``{entry id: record}`` of a model's results folder (``entries/<id>.json``); unreadable files skipped."""
-    records = {path.stem: _load_json(path) for path in sorted((Path(model_dir) / "entries").glob("*.json"))}
+    records = {path.stem: load_json(path) for path in sorted((Path(model_dir) / "entries").glob("*.json"))}
     return {eid: rec for eid, rec in records.items() if rec is not None}
 
 
@@ -824,18 +824,6 @@ def _model_identity(info: dict) -> dict:
     return model
 
 
-def _entry_key(model: dict, settings: dict, input_sha256: str) -> str:
-    doc = {"schema": ENTRY_SCHEMA, "model": model, "settings": settings, "input_sha256": input_sha256}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _load_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _dataset_path(items: Sequence) -> str | None:
     parents = {str((it.source if isinstance(it, PhononDBEntry) else Path(it)).expanduser().resolve().parent)
                for it in items}
@@ -905,9 +893,9 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                 fname = eid if eid not in used_names else f"{eid}_{index}"
                 used_names.add(fname)
                 json_path = entries_dir / f"{_safe(fname)}.json"
-                key = _entry_key(model_id, settings, input_sha)
+                key = entry_key(ENTRY_SCHEMA, model_id, settings, input_sha)
                 fingerprints.append(f"{eid} {input_sha}")
-                old = _load_json(json_path) if json_path.is_file() else None
+                old = load_json(json_path) if json_path.is_file() else None
                 if (old is not None and old.get("key") == key
                         and (old.get("status") == "ok" or (old.get("status") == "failed" and not retry_failed))):
                     rec = old
@@ -926,7 +914,7 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                     n_evaluated += 1
                     rec["peak_rss_mib"] = peak_rss_mib()  # of the process so far (it only grows)
                     atomic_write_json(json_path, rec)
-                    rec = _load_json(json_path) or rec  # the metrics come from what is on disk (JSON types)
+                    rec = load_json(json_path) or rec  # the metrics come from what is on disk (JSON types)
                 rec["index"] = index
                 records.append(rec)
                 if rec.get("status") == "ok":
@@ -987,7 +975,6 @@ def _safe(name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.phonondb --model M --entries DIR [--subset FILE] [--max N] -o OUT``."""
-    from mattersim.errors import MatterSimError
     from mattersim.registry import load_calculator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1006,7 +993,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
-    try:
+
+    def documents():
         for p in args.entries:
             if not Path(p).exists():
                 raise InputError(f"PhononDB entries '{p}' do not exist; pass a folder of entries (<id>/ folders or "
@@ -1016,15 +1004,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries = find_entries(one if folder_of_entries else args.entries, args.subset)
         for name in args.model:
             calc = load_calculator(name, device=args.device, dtype="float64" if args.float64 else "float32")
-            doc = run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
+            yield run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
                                max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
                                displacement=args.displacement)
-            print(json.dumps({m["key"]: m["value"] for m in doc["metrics"]}, indent=1))
-    except MatterSimError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
+    return print_metrics_main(documents())
 
 if __name__ == "__main__":
     raise SystemExit(main())

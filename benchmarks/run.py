@@ -5,6 +5,8 @@ Targets:
 - a known energy/force/stress set (:data:`benchmarks.datasets.SETS`), e.g. ``mpf-TP``;
 - ``all``: the six known sets, each into ``OUTPUT/<set>/``;
 - ``hex``: HEX from the file given as ``data`` (:mod:`benchmarks.hex`);
+- ``elasticity``: bulk and shear moduli against the MP PBE elasticity set (:mod:`benchmarks.elasticity`;
+  ``data``: its file, default ``../shared/data/matcalc/mp-binary-pbe-elasticity-2025.1.json.gz``);
 - ``phonondb``: PhononDB entries under the folder ``data`` (:mod:`benchmarks.phonondb`), restricted to
   ``subset`` (a file of entry ids; by default ``benchmark_subset.txt`` next to the entries folder, when
   it exists);
@@ -25,7 +27,7 @@ from mattersim.errors import InputError
 
 __all__ = ["TARGETS", "run_benchmark"]
 
-TARGETS = (*SETS, "all", "hex", "phonondb")
+TARGETS = (*SETS, "all", "hex", "phonondb", "elasticity")
 
 
 def _default_subset(root: Path) -> Path | None:
@@ -76,6 +78,11 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
                              f"{Path.cwd()}); give the folder of PhononDB entries (<id>/POSCAR-unitcell, "
                              "FORCE_SETS, ...) or of .tar.lzma archives.")
         jobs = [("phonondb", None)]
+    elif lowered == "elasticity":
+        from benchmarks.elasticity import load_elasticity_set
+
+        elastic_set = load_elasticity_set(data)  # checked before any model loads
+        jobs = [("elasticity", None)]
     elif lowered == "all":
         sets = [load_set(name, data, download=download, progress=progress) for name in SETS]
         jobs = [("efs", (s, out / s.name)) for s in sets]
@@ -105,6 +112,12 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
 
                 dataset, folder = arg
                 documents.append(run_efs(dataset, calc, folder, progress=progress, energy_convention=convention))
+            elif kind == "elasticity":
+                from benchmarks.elasticity import run_elasticity
+
+                records, path, sha = elastic_set
+                documents.append(run_elasticity(records, calc, out, max_entries=max_items, progress=progress,
+                                                dataset={"name": "elasticity", "path": str(path), "sha256": sha}))
             elif kind == "hex":
                 from benchmarks.hex import run_hex
 

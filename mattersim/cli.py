@@ -783,11 +783,11 @@ app.add_typer(bench_app, name="bench")
 def bench_run_command(
     target: str = typer.Argument(..., help="A set (mpf-TP, mpf-alkali-TP, random-TP, alexandria-random-1k, "
                                            "mptrj-random-1k, mptrj-highest-stress-1k), 'all' (the six), 'hex', "
-                                           "'phonondb', or an extxyz file with energy, forces and stress."),
+                                           "'phonondb', 'elasticity', or an extxyz file with energy, forces and stress."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Model name or checkpoint path; repeat for several models."),
     outdir: Path = typer.Option(..., "--output", "-o", help="Output folder (a rerun resumes there)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder with the set files (default: $MATTERSIM_BENCHMARK_DATA, "
-                                                           "then the cache, then download); the HEX file; the PhononDB entries folder."),
+                                                           "then the cache, then download); the HEX file; the PhononDB entries folder; the elasticity file."),
     subset: Optional[Path] = typer.Option(None, "--subset", help="PhononDB: file of entry ids (default: benchmark_subset.txt next to the entries)."),
     max_items: Optional[int] = typer.Option(None, "--max", help="Only the first N structures / entries (quick checks)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
