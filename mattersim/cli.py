@@ -660,6 +660,8 @@ def elastic_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure in GPa (relaxation and the Birch coefficients)."),
     strains: str = typer.Option("0.005,0.01", "--strains", help="Strain magnitudes, each applied as + and - to the 6 Voigt directions (0 < s <= 0.05)."),
+    shear_strains: Optional[str] = typer.Option(None, "--shear-strains", help="Other magnitudes for the 3 shear directions (engineering strain, <= 0.1), e.g. matcalc's 0.03,0.06; default: --strains."),
+    fit: str = typer.Option("cubic", "--fit", help="cubic (slope at zero strain of a cubic polynomial, exact to O(s^4)) or linear (a straight line, as matcalc)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax positions and cell first (space group kept)."),
     clamped_ion: bool = typer.Option(False, "--clamped-ion", help="Do not relax the ions of the strained cells (default: relaxed-ion, the physical answer)."),
     fmax: float = typer.Option(0.005, "--fmax", help="Force threshold of all relaxations, eV/Å."),
@@ -678,6 +680,7 @@ def elastic_command(
     from mattersim.settings import parse_numbers
 
     magnitudes = parse_numbers(strains, "--strains")
+    shear_magnitudes = None if shear_strains is None else parse_numbers(shear_strains, "--shear-strains")
     ensure_writable_dir(outdir)  # before any work
     structures = read_structures([str(file)])
     if len(structures) != 1:
@@ -689,7 +692,7 @@ def elastic_command(
     from workflows.elastic import run_elastic  # lazily: the core never imports workflows at module level
 
     result = run_elastic(structures[0][1], calc, relax=relax, relax_ions=not clamped_ion, pressure=pressure,
-                         strains=magnitudes, fmax=fmax, relax_steps=relax_steps, symprec=symprec, output_dir=outdir,
+                         strains=magnitudes, shear_strains=shear_magnitudes, fit=fit, fmax=fmax, relax_steps=relax_steps, symprec=symprec, output_dir=outdir,
                          progress=sys.stderr.isatty())
     from rich.markup import escape
 

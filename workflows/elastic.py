@@ -54,7 +54,7 @@ from mattersim.errors import InputError
 from workflows.cells import structure_record
 from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
-__all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "run_elastic", "strain_directions"]
+__all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "crystal_symmetry", "run_elastic", "strain_directions"]
 
 logger = logging.getLogger("mattersim.elastic")
 
@@ -87,40 +87,36 @@ def _to_voigt(sigma: np.ndarray) -> np.ndarray:
     return np.array([sigma[a, b] for a, b in VOIGT_PAIRS])
 
 
-def cartesian_rotations(atoms: Atoms, symprec: float = 1e-5) -> list[np.ndarray]:
-    """The crystal's point-group operations as Cartesian 3x3 matrices (spglib)."""
+def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, list[np.ndarray]]:
+    """Space-group symbol and number and the point-group operations as distinct Cartesian 3x3 matrices, from
+    one spglib call (P1 and the identity when spglib finds nothing)."""
     import spglib
 
-    cell = (np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers)
-    sym = spglib.get_symmetry(cell, symprec=symprec)
-    if sym is None:
-        return [np.eye(3)]
+    data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
+                                       symprec=symprec)
+    if data is None:
+        return "P1", 1, [np.eye(3)]
     lat = np.array(atoms.cell[:])  # rows are lattice vectors: x = latᵀ f
-    out = []
-    for r in sym["rotations"]:
-        rc = lat.T @ r @ np.linalg.inv(lat.T)
-        if not any(np.allclose(rc, q, atol=1e-6) for q in out):
-            out.append(rc)
-    return out
+    cart = np.einsum("ij,njk,kl->nil", lat.T, np.asarray(data.rotations, dtype=float), np.linalg.inv(lat.T))
+    _, first = np.unique(np.round(cart, 6), axis=0, return_index=True)
+    return str(data.international), int(data.number), [cart[i] for i in sorted(first)]
 
 
 def strain_directions(rotations: Sequence[np.ndarray]) -> tuple[list[int], dict[int, tuple[int, np.ndarray, int]]]:
     """The Voigt directions to compute and, for each of the 6, ``(k, R, sign)``: its strain is ``sign`` times
     the rotation ``R`` of computed direction k's (``E_j = sign R E_k Rᵀ``)."""
+    rots = np.asarray(rotations, dtype=float)
     computed: list[int] = []
     mapping: dict[int, tuple[int, np.ndarray, int]] = {}
     for j in range(6):
         e_j = voigt_strain(j, 1.0)
         found = None
         for k in computed:
-            e_k = voigt_strain(k, 1.0)
-            for rot in rotations:
-                image = rot @ e_k @ rot.T
-                for sign in (1, -1):
-                    if np.allclose(image, sign * e_j, atol=1e-6):
-                        found = (k, rot, sign)
-                        break
-                if found:
+            images = np.einsum("nab,bc,ndc->nad", rots, voigt_strain(k, 1.0), rots)  # R E_k Rᵀ for every R
+            for sign in (1, -1):
+                hits = np.flatnonzero(np.all(np.abs(images - sign * e_j) < 1e-6, axis=(1, 2)))
+                if hits.size:
+                    found = (k, rots[hits[0]], sign)
                     break
             if found:
                 break
@@ -270,19 +266,25 @@ class ElasticResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _magnitudes(strains: Any, name: str, largest: float) -> list[float]:
+    """Sorted distinct magnitudes of ``strains`` in (0, largest]; InputError naming ``name`` otherwise."""
+    try:
+        mags = sorted({abs(float(x)) for x in np.atleast_1d(np.asarray(strains, dtype=float))})
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be numbers (magnitudes such as 0.005, 0.01), not {strains!r}.") from None
+    if not mags or mags[0] <= 0 or mags[-1] > largest or not all(np.isfinite(mags)):
+        raise InputError(f"{name} {list(np.atleast_1d(strains))}: every magnitude must be > 0 and at most "
+                         f"{largest:g} ({100 * largest:g} %); e.g. 0.005,0.01.")
+    return mags
+
+
 def _check(atoms: Any, strains: Sequence[float], calculator, fmax: float) -> list[float]:
     if not isinstance(atoms, Atoms):
         raise InputError(f"atoms must be an ase.Atoms object, not {type(atoms).__name__}.")
     if len(atoms) == 0 or not np.asarray(atoms.pbc).all() or abs(atoms.cell.volume) < 1e-6:
         raise InputError("Elastic constants need a 3D-periodic crystal (pbc=True and a cell with volume); a "
                          "molecule or slab has none. Give the structure a periodic cell.")
-    try:
-        mags = sorted({abs(float(s)) for s in np.atleast_1d(np.asarray(strains, dtype=float))})
-    except (TypeError, ValueError):
-        raise InputError(f"strains must be numbers (magnitudes such as 0.005, 0.01), not {strains!r}.") from None
-    if not mags or mags[0] <= 0 or mags[-1] > MAX_STRAIN or not all(np.isfinite(mags)):
-        raise InputError(f"strains {list(np.atleast_1d(strains))}: every magnitude must be > 0 and at most "
-                         f"{MAX_STRAIN:g} ({100 * MAX_STRAIN:g} %); e.g. 0.005,0.01.")
+    mags = _magnitudes(strains, "strains", MAX_STRAIN)
     props = getattr(calculator, "implemented_properties", None)
     if getattr(calculator, "property_only", False) or (props is not None and "stress" not in props):
         raise InputError(f"The model '{model_info(calculator).get('name')}' predicts no stress; elastic constants need "
@@ -297,14 +299,6 @@ def _full_stress(stress) -> np.ndarray:
     return voigt_6_to_full_3x3_stress(s) if s.size == 6 else s.reshape(3, 3)
 
 
-def _spacegroup(atoms: Atoms, symprec: float) -> tuple[str, int]:
-    import spglib
-
-    data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
-                                       symprec=symprec)
-    return (data.international, int(data.number)) if data is not None else ("P1", 1)
-
-
 def _moduli(c: np.ndarray) -> dict:
     from pymatgen.analysis.elasticity import ElasticTensor
 
@@ -317,14 +311,16 @@ def _moduli(c: np.ndarray) -> dict:
             "universal_anisotropy": float(et.universal_anisotropy) if k_r and g_r else None}
 
 
-def _symmetrized(c: np.ndarray, atoms: Atoms, symprec: float) -> np.ndarray:
-    """``c`` averaged over the crystal's point group (pymatgen ``fit_to_structure``): the noise of the
-    relaxations and of the fit cannot break the crystal's symmetry; the change is reported."""
+def _symmetrized(c: np.ndarray, rotations: Sequence[np.ndarray]) -> np.ndarray:
+    """``c`` (Voigt, GPa) averaged over the crystal's point group: C'_ijkl = <R_ia R_jb R_kc R_ld C_abcd>_R (what
+    pymatgen's ``fit_to_structure`` does, with the rotations already at hand): the noise of the relaxations
+    and of the fit cannot break the crystal's symmetry; the change is reported."""
     from pymatgen.analysis.elasticity import ElasticTensor
-    from pymatgen.io.ase import AseAtomsAdaptor
 
-    et = ElasticTensor.from_voigt(c)
-    return np.array(et.fit_to_structure(AseAtomsAdaptor.get_structure(atoms), symprec=max(symprec, 1e-3)).voigt)
+    full = np.asarray(ElasticTensor.from_voigt(c), dtype=float)
+    rots = np.asarray(rotations, dtype=float)
+    mean = np.einsum("nia,njb,nkc,nld,abcd->ijkl", rots, rots, rots, rots, full) / len(rots)
+    return np.array(ElasticTensor(mean).voigt)
 
 
 def _ieee(c: np.ndarray, atoms: Atoms) -> np.ndarray:
@@ -335,7 +331,7 @@ def _ieee(c: np.ndarray, atoms: Atoms) -> np.ndarray:
     return np.array(et.convert_to_ieee(AseAtomsAdaptor.get_structure(atoms)).voigt)
 
 
-def _plot(path: Path, computed: list[int], strains: np.ndarray, sig: dict[int, np.ndarray], c: np.ndarray,
+def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: dict[int, np.ndarray], c: np.ndarray,
           sigma0: np.ndarray, title: str) -> None:
     import matplotlib
 
@@ -344,12 +340,12 @@ def _plot(path: Path, computed: list[int], strains: np.ndarray, sig: dict[int, n
 
     names = ["xx", "yy", "zz", "yz", "xz", "xy"]
     fig, axes = plt.subplots(1, len(computed), figsize=(4.2 * len(computed), 3.6), squeeze=False)
-    x = np.linspace(strains.min(), strains.max(), 2)
     for ax, k in zip(axes[0], computed):
+        x = np.linspace(strains[k].min(), strains[k].max(), 2)
         for i in range(6):
             if abs(c[i, k]) < 1e-3 * max(1.0, np.abs(c).max()):
                 continue
-            line = ax.plot(strains * 100, sig[k][:, i], "o", ms=4)[0]
+            line = ax.plot(strains[k] * 100, sig[k][:, i], "o", ms=4)[0]
             ax.plot(x * 100, sigma0[i] + c[i, k] * x, "-", color=line.get_color(), lw=1,
                     label=f"σ_{names[i]}: C{i + 1}{k + 1} = {c[i, k]:.1f} GPa")
         ax.set_xlabel(f"strain ε_{names[k]} (%)")
@@ -362,7 +358,8 @@ def _plot(path: Path, computed: list[int], strains: np.ndarray, sig: dict[int, n
 
 
 def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: bool = True, pressure: float = 0.0,
-                strains: Sequence[float] = (0.005, 0.01), fmax: float = 0.005, relax_steps: int = 500,
+                strains: Sequence[float] = (0.005, 0.01), shear_strains: Sequence[float] | None = None,
+                fit: str = "cubic", fmax: float = 0.005, relax_steps: int = 500,
                 optimizer: str = "BFGS", symprec: float = 1e-5, use_symmetry: bool = True,
                 output_dir: str | os.PathLike | None = None, progress: bool = False) -> ElasticResult:
     """The elastic tensor of ``atoms`` with ``calculator`` (any ASE calculator with stress).
@@ -370,14 +367,22 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
     ``relax``: relax positions and cell first (space group kept) at ``pressure`` GPa to ``fmax`` eV/Å;
     ``relax_ions``: relax the ions of every strained cell (relaxed-ion, default) or not (clamped-ion);
     ``strains``: magnitudes, each applied as +s and -s to the 6 Voigt directions (0 < s <= 0.05);
+    ``shear_strains``: other magnitudes for the 3 shear directions (engineering strain γ, up to 0.1, i.e. a
+    tensor strain of 5 %), e.g. matcalc's 0.03, 0.06; default: ``strains``;
+    ``fit``: ``"cubic"`` (slope at zero strain of a cubic polynomial, exact to O(s^4); needs two magnitudes,
+    else a line) or ``"linear"`` (a straight line, as pymatgen and matcalc fit);
     ``use_symmetry``: compute only the directions the point group does not map onto each other;
     ``output_dir``: where to write the files of the module docstring (None: nothing).
     """
     mags = _check(atoms, strains, calculator, fmax)
+    shear_mags = mags if shear_strains is None else _magnitudes(shear_strains, "shear_strains", 2 * MAX_STRAIN)
+    if fit not in ("cubic", "linear"):
+        raise InputError(f"fit must be 'cubic' or 'linear', not {fit!r}.")
     RunFolder.check(output_dir)
     info = model_info(calculator)
     settings = {"relax": bool(relax), "ions": "relaxed-ion" if relax_ions else "clamped-ion",
-                "pressure_GPa": float(pressure), "strains": mags, "fmax_eV_per_A": float(fmax),
+                "pressure_GPa": float(pressure), "strains": mags, "shear_strains": shear_mags, "fit": fit,
+                "fmax_eV_per_A": float(fmax),
                 "relax_steps": int(relax_steps), "optimizer": str(optimizer), "symprec": float(symprec),
                 "use_symmetry": bool(use_symmetry)}
     timings = {"relaxation": 0.0, "strained_cells": 0.0}
@@ -422,11 +427,11 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             store.save()
 
         # 2. strains, reduced by symmetry
-        spacegroup, sg_number = _spacegroup(unit, symprec)
-        rotations = cartesian_rotations(unit, symprec) if use_symmetry else [np.eye(3)]
-        computed, mapping = strain_directions(rotations)
-        values = np.array(sorted([-m for m in mags] + [0.0] + mags))
-        jobs = [(k, d) for k in computed for d in values if d != 0.0]
+        spacegroup, sg_number, point_group = crystal_symmetry(unit, symprec)
+        computed, mapping = strain_directions(point_group if use_symmetry else [np.eye(3)])
+        values = {j: np.array(sorted([-m for m in ms] + [0.0] + ms)) for j in range(6)
+                  for ms in [mags if j < 3 else shear_mags]}
+        jobs = [(k, d) for k in computed for d in values[k] if d != 0.0]
         log.info(f"strains: space group {spacegroup}; {len(computed)} of 6 Voigt directions computed "
                  f"({', '.join(str(k + 1) for k in computed)}), {len(jobs)} strained cells, {settings['ions']}")
 
@@ -473,27 +478,27 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         for j in range(6):
             k, rot, sign = mapping[j]
             rows = []
-            for d in values:
+            for d in values[j]:
                 s_k = sigma[0.0] if d == 0.0 else by_job[(k, round(float(sign * d), 12))]
                 rows.append(_to_voigt(rot @ s_k @ rot.T))
             sig_dir[j] = np.array(rows)
         # C_ij: the slope at zero strain of a polynomial through the points (cubic with two or more magnitudes:
         # the symmetric ± points cancel the even terms, the cubic term removes the leading nonlinearity, so
         # the slope is exact to O(s^4)); the residual of a straight line measures how linear the response is
-        degree = 3 if len(mags) >= 2 else 1
         c_raw = np.zeros((6, 6))
         resid = np.zeros((6, 6))
-        design = np.vander(values, degree + 1, increasing=True)
-        line = np.vander(values, 2, increasing=True)
         for j in range(6):
-            coef, *_ = np.linalg.lstsq(design, sig_dir[j], rcond=None)
+            x = values[j]
+            degree = 3 if fit == "cubic" and len(x) >= 5 else 1
+            coef, *_ = np.linalg.lstsq(np.vander(x, degree + 1, increasing=True), sig_dir[j], rcond=None)
             c_raw[:, j] = coef[1]
+            line = np.vander(x, 2, increasing=True)
             lin, *_ = np.linalg.lstsq(line, sig_dir[j], rcond=None)
             resid[:, j] = np.sqrt(np.mean((line @ lin - sig_dir[j]) ** 2, axis=0))
-        c = _symmetrized(0.5 * (c_raw + c_raw.T), unit, symprec)
+        c = _symmetrized(0.5 * (c_raw + c_raw.T), point_group)
         # relative to the component's change over the strain range, for the components that change (the
         # others, zero by symmetry or nearly, have no scale to be relative to: None)
-        change = np.abs(c_raw) * (values.max() - values.min())
+        change = np.abs(c_raw) * np.array([np.ptp(values[j]) for j in range(6)])[None, :]
         significant = np.abs(c_raw) > 0.01 * float(np.abs(c_raw).max())
         relative = np.where(significant, resid / np.where(significant, change, 1.0), np.nan)
         sigma0 = _to_voigt(sigma[0.0])
@@ -511,7 +516,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                           "spacegroup_number": sg_number, "n_atoms": len(unit), "volume_A3": float(unit.get_volume()),
                           "cell_A": np.array(unit.cell[:]).tolist()},
             "relaxation": relax_summary,
-            "strain_set": {"magnitudes": mags, "computed_directions": [k + 1 for k in computed],
+            "strain_set": {"magnitudes": mags, "shear_magnitudes": shear_mags, "computed_directions": [k + 1 for k in computed],
                            "n_strained_cells": len(jobs),
                            "symmetry": "directions mapped onto computed ones by the point group's rotations "
                                        "(σ(R ε Rᵀ) = R σ(ε) Rᵀ)" if use_symmetry else "none"},
@@ -527,7 +532,8 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             "stability": stability,
             "fit": {"residual_GPa": resid.tolist(), "relative_residual": relative.tolist(),
                     "max_residual_GPa": float(resid.max()), "max_relative_residual": float(np.nanmax(relative)),
-                    "slope_from": f"polynomial of degree {degree} in the strain, slope at 0",
+                    "slope_from": ("cubic polynomial in the strain (a line with one magnitude), slope at 0"
+                                   if fit == "cubic" else "straight line"),
                     "meaning": "RMS deviation of σ_i(ε_j) from a straight line (GPa); relative: divided by the "
                                "component's change over the strain range, for components above 1 % of the largest "
                                "(None for the others)"},

@@ -1,0 +1,129 @@
+"""The elastic workflow against matcalc's ``ElasticityCalc``, same potential, same structures, same settings.
+
+    python -m benchmarks.speed_elastic [--models chgnet] [--n 20] [--modes clamped,relaxed] [-o results.json]
+
+In one process, side by side, for each mode and each of the first ``--n`` structures of matcalc's MP
+elasticity set with at most 10 atoms (deterministic):
+
+- **matcalc** 0.7 ``ElasticityCalc`` with its defaults: relaxation (FIRE, fmax 0.1 eV/Å), 24 deformations
+  (normal strains ±0.5 %, ±1 %, shear ±3 %, ±6 %), no symmetry reduction, linear fits, equilibrium stress
+  used; clamped-ion (``relax_deformed_structures=False``) or relaxed-ion (``True``);
+- **mattersim** ``run_elastic`` at the same settings: strains 0.005, 0.01 and shear strains 0.03, 0.06, linear
+  fit, FIRE relaxations to 0.1 eV/Å, but the strain directions reduced by the crystal's point group and all
+  strained cells evaluated (clamped-ion) or relaxed (relaxed-ion) together in batched model calls.
+
+Reported per mode: the total wall time of each tool over the structures (the model loaded and warmed up
+first, once, outside the timing), their ratio (matcalc / mattersim), and the largest |ΔK_VRH| and |ΔG_VRH|
+between the tools (GPa). The speed goal of issue 14: ratio >= 3 in each mode, moduli within 1 GPa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import parse_cases, software_versions, utc_now, write_report
+
+MODES = ("clamped", "relaxed")
+FMAX = 0.1  # matcalc's default
+NORM_STRAINS = (0.005, 0.01)  # matcalc's defaults, as magnitudes
+SHEAR_STRAINS = (0.03, 0.06)
+
+
+def structures(n: int, max_atoms: int = 10):
+    """The first ``n`` structures of the MP elasticity set with at most ``max_atoms`` atoms: (id, Atoms)."""
+    from benchmarks.elasticity import _atoms, load_elasticity_set
+
+    records, _, _ = load_elasticity_set()
+    out = []
+    for rec in records:
+        atoms = _atoms(rec)
+        if len(atoms) <= max_atoms:
+            out.append((rec["mp_id"], atoms))
+        if len(out) == n:
+            break
+    return out
+
+
+def _matcalc(calc, atoms, relaxed: bool) -> dict:
+    from matcalc import ElasticityCalc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its "mean R^2 < 0.95" warning on clean crystals
+        res = ElasticityCalc(calc, fmax=FMAX, relax_deformed_structures=relaxed, units_GPa=True).calc(atoms.copy())
+    return {"k": float(res["bulk_modulus_vrh"]), "g": float(res["shear_modulus_vrh"])}
+
+
+def _ours(calc, atoms, relaxed: bool) -> dict:
+    from workflows.elastic import run_elastic
+
+    res = run_elastic(atoms, calc, relax_ions=relaxed, strains=NORM_STRAINS, shear_strains=SHEAR_STRAINS,
+                      fit="linear", fmax=FMAX, optimizer="FIRE", symprec=1e-3)
+    return {"k": res.summary["moduli"]["k_vrh_GPa"], "g": res.summary["moduli"]["g_vrh_GPa"],
+            "cells": res.summary["strain_set"]["n_strained_cells"]}
+
+
+def run(model: str, n: int, modes, device: str = "cpu") -> dict:
+    from mattersim.registry import load_calculator
+
+    calc = load_calculator(model, device=device)
+    cases = structures(n)
+    _ours(calc, cases[0][1], False)  # warm up both paths once
+    _matcalc(calc, cases[0][1], False)
+    report = {"model": model, "n_structures": len(cases), "ids": [c[0] for c in cases], "modes": {}}
+    for mode in modes:
+        relaxed = mode == "relaxed"
+        rows, t_ours, t_peer = [], 0.0, 0.0
+        for mp_id, atoms in cases:
+            t0 = time.perf_counter()
+            try:
+                ours = _ours(calc, atoms, relaxed)
+            except Exception as exc:  # a structure that will not relax: reported, not timed
+                ours = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            t1 = time.perf_counter()
+            try:
+                peer = _matcalc(calc, atoms, relaxed)
+            except Exception as exc:
+                peer = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            t2 = time.perf_counter()
+            t_ours += t1 - t0
+            t_peer += t2 - t1
+            rows.append({"id": mp_id, "n_atoms": len(atoms), "mattersim": ours, "matcalc": peer,
+                         "time_mattersim_s": t1 - t0, "time_matcalc_s": t2 - t1})
+        both = [r for r in rows if "k" in r["mattersim"] and "k" in r["matcalc"]]
+        dk = [abs(r["mattersim"]["k"] - r["matcalc"]["k"]) for r in both]
+        dg = [abs(r["mattersim"]["g"] - r["matcalc"]["g"]) for r in both]
+        report["modes"][mode] = {
+            "time_mattersim_s": t_ours, "time_matcalc_s": t_peer, "ratio_matcalc_over_mattersim": t_peer / t_ours,
+            "max_abs_dK_GPa": max(dk) if dk else None, "max_abs_dG_GPa": max(dg) if dg else None,
+            "median_abs_dK_GPa": float(np.median(dk)) if dk else None,
+            "median_abs_dG_GPa": float(np.median(dg)) if dg else None,
+            "n_compared": len(both), "rows": rows}
+        print(f"{model} {mode}: mattersim {t_ours:.1f} s, matcalc {t_peer:.1f} s, ratio {t_peer / t_ours:.2f}; "
+              f"max |dK| {report['modes'][mode]['max_abs_dK_GPa']}, max |dG| {report['modes'][mode]['max_abs_dG_GPa']} GPa",
+              flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="chgnet")
+    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("-o", "--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    modes = parse_cases(parser, args.modes, MODES)
+    reports = [run(m.strip(), args.n, modes, args.device) for m in args.models.split(",") if m.strip()]
+    write_report({"date": utc_now(), "software": software_versions(), "settings": {
+        "fmax_eV_per_A": FMAX, "norm_strains": NORM_STRAINS, "shear_strains": SHEAR_STRAINS, "fit": "linear"},
+        "results": reports}, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
