@@ -62,7 +62,7 @@ def _ours(calc, atoms, relaxed: bool) -> dict:
     from workflows.elastic import run_elastic
 
     res = run_elastic(atoms, calc, relax_ions=relaxed, strains=NORM_STRAINS, shear_strains=SHEAR_STRAINS,
-                      fit="linear", fmax=FMAX, optimizer="FIRE", symprec=1e-3)
+                      fit="linear", fmax=FMAX, symprec=1e-3)
     return {"k": res.summary["moduli"]["k_vrh_GPa"], "g": res.summary["moduli"]["g_vrh_GPa"],
             "cells": res.summary["strain_set"]["n_strained_cells"]}
 

@@ -4,9 +4,10 @@ Steps (logged to ``elastic.log``):
 
 1. optional relaxation of positions and cell, keeping the space group (:func:`mattersim.relax.relax`,
    BFGS, at ``pressure`` GPa, ``fmax`` eV/Å);
-2. strains: the 6 Voigt directions, each at ``±s`` for every magnitude ``s`` in ``strains``. Directions that a
-   rotation of the crystal's point group maps onto an already computed one are not computed: their stresses
-   are the rotated stresses (``σ(R ε Rᵀ) = R σ(ε) Rᵀ``), so a cubic crystal needs 2 directions, not 6;
+2. strains: the Voigt directions, each at ``±s`` for every magnitude ``s`` in ``strains``. A direction that the
+   point group's images of the directions already chosen span is not computed (:func:`strain_directions`):
+   the stresses of the images are the rotated stresses (``σ(R ε Rᵀ) = R σ(ε) Rᵀ``), and C follows from all
+   of them by least squares; a cubic crystal needs 2 directions, a hexagonal one 3, a triclinic one 6;
 3. relaxed-ion (default, the physical answer): the ions of every strained cell relax at fixed cell, all
    cells together through :class:`mattersim.relax.BatchRelaxer` (one batched model call per step);
    clamped-ion (``relax_ions=False``) evaluates the strained cells once, in one batched call;
@@ -87,6 +88,14 @@ def _to_voigt(sigma: np.ndarray) -> np.ndarray:
     return np.array([sigma[a, b] for a, b in VOIGT_PAIRS])
 
 
+def voigt_to_tensor(v: np.ndarray) -> np.ndarray:
+    """The symmetric 3x3 stress tensor of a Voigt stress vector."""
+    t = np.zeros((3, 3))
+    for value, (a, b) in zip(v, VOIGT_PAIRS):
+        t[a, b] = t[b, a] = value
+    return t
+
+
 def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, list[np.ndarray]]:
     """Space-group symbol and number and the point-group operations as distinct Cartesian 3x3 matrices, from
     one spglib call (P1 and the identity when spglib finds nothing)."""
@@ -102,29 +111,26 @@ def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, lis
     return str(data.international), int(data.number), [cart[i] for i in sorted(first)]
 
 
-def strain_directions(rotations: Sequence[np.ndarray]) -> tuple[list[int], dict[int, tuple[int, np.ndarray, int]]]:
-    """The Voigt directions to compute and, for each of the 6, ``(k, R, sign)``: its strain is ``sign`` times
-    the rotation ``R`` of computed direction k's (``E_j = sign R E_k Rᵀ``)."""
+def _strain_voigt(e: np.ndarray) -> np.ndarray:
+    """Voigt vector of a symmetric strain tensor (engineering shears: 2 ε_ij)."""
+    return np.array([e[0, 0], e[1, 1], e[2, 2], 2 * e[1, 2], 2 * e[0, 2], 2 * e[0, 1]])
+
+
+def strain_directions(rotations: Sequence[np.ndarray]) -> list[int]:
+    """The Voigt directions to compute: in order, each one that the point group's images of the directions
+    already chosen (``R E_k Rᵀ``, as Voigt vectors) do not span. Their images then span all six, and C follows
+    from the computed stresses and their images (``σ(R ε Rᵀ) = R σ(ε) Rᵀ``). Cubic: xx and yz; hexagonal:
+    xx, zz and yz; triclinic: all six."""
     rots = np.asarray(rotations, dtype=float)
     computed: list[int] = []
-    mapping: dict[int, tuple[int, np.ndarray, int]] = {}
+    span = np.zeros((0, 6))
     for j in range(6):
-        e_j = voigt_strain(j, 1.0)
-        found = None
-        for k in computed:
-            images = np.einsum("nab,bc,ndc->nad", rots, voigt_strain(k, 1.0), rots)  # R E_k Rᵀ for every R
-            for sign in (1, -1):
-                hits = np.flatnonzero(np.all(np.abs(images - sign * e_j) < 1e-6, axis=(1, 2)))
-                if hits.size:
-                    found = (k, rots[hits[0]], sign)
-                    break
-            if found:
-                break
-        if found is None:
+        unit = _strain_voigt(voigt_strain(j, 1.0))
+        if np.linalg.matrix_rank(np.vstack([span, unit]), tol=1e-8) > np.linalg.matrix_rank(span, tol=1e-8) if len(span) else True:
             computed.append(j)
-            found = (j, np.eye(3), 1)
-        mapping[j] = found
-    return computed, mapping
+            images = np.einsum("nab,bc,ndc->nad", rots, voigt_strain(j, 1.0), rots)
+            span = np.vstack([span] + [_strain_voigt(e)[None, :] for e in images])
+    return computed
 
 
 def strained_cell(atoms: Atoms, strain: np.ndarray) -> Atoms:
@@ -331,8 +337,8 @@ def _ieee(c: np.ndarray, atoms: Atoms) -> np.ndarray:
     return np.array(et.convert_to_ieee(AseAtomsAdaptor.get_structure(atoms)).voigt)
 
 
-def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: dict[int, np.ndarray], c: np.ndarray,
-          sigma0: np.ndarray, title: str) -> None:
+def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: dict[int, np.ndarray],
+          slopes: dict[int, np.ndarray], sigma0: np.ndarray, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,11 +349,11 @@ def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: 
     for ax, k in zip(axes[0], computed):
         x = np.linspace(strains[k].min(), strains[k].max(), 2)
         for i in range(6):
-            if abs(c[i, k]) < 1e-3 * max(1.0, np.abs(c).max()):
+            if abs(slopes[k][i]) < 1e-3 * max(1.0, np.abs(slopes[k]).max()):
                 continue
             line = ax.plot(strains[k] * 100, sig[k][:, i], "o", ms=4)[0]
-            ax.plot(x * 100, sigma0[i] + c[i, k] * x, "-", color=line.get_color(), lw=1,
-                    label=f"σ_{names[i]}: C{i + 1}{k + 1} = {c[i, k]:.1f} GPa")
+            ax.plot(x * 100, sigma0[i] + slopes[k][i] * x, "-", color=line.get_color(), lw=1,
+                    label=f"σ_{names[i]}: slope {slopes[k][i]:.1f} GPa")
         ax.set_xlabel(f"strain ε_{names[k]} (%)")
         ax.set_ylabel("stress (GPa)")
         ax.legend(fontsize=7)
@@ -428,7 +434,8 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
 
         # 2. strains, reduced by symmetry
         spacegroup, sg_number, point_group = crystal_symmetry(unit, symprec)
-        computed, mapping = strain_directions(point_group if use_symmetry else [np.eye(3)])
+        rotations = point_group if use_symmetry else [np.eye(3)]
+        computed = strain_directions(rotations)
         values = {j: np.array(sorted([-m for m in ms] + [0.0] + ms)) for j in range(6)
                   for ms in [mags if j < 3 else shear_mags]}
         jobs = [(k, d) for k in computed for d in values[k] if d != 0.0]
@@ -471,37 +478,43 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             store.save()
         timings["strained_cells"] = time.perf_counter() - t0
 
-        # 4. fit, per direction (the mapped ones through their rotations)
-        sigma = {0.0: stresses[0] / GPa}
+        # 4. fit. For each computed direction k the slope S_k = dσ/dε_k at zero strain, per stress component: a
+        # cubic polynomial through the points (two or more magnitudes: the ± points cancel the even terms and
+        # the cubic term takes the leading nonlinearity, so the slope is exact to O(s^4)), else a line; how
+        # linear the response is: the RMS residual of a straight line. Then C from all pairs
+        # (R E_k Rᵀ, R S_k Rᵀ) over the point group by least squares: C u = v for every pair.
+        sigma0_tensor = stresses[0] / GPa
         by_job = {(k, round(float(d), 12)): stresses[i + 1] / GPa for i, (k, d) in enumerate(jobs)}
         sig_dir: dict[int, np.ndarray] = {}
-        for j in range(6):
-            k, rot, sign = mapping[j]
-            rows = []
-            for d in values[j]:
-                s_k = sigma[0.0] if d == 0.0 else by_job[(k, round(float(sign * d), 12))]
-                rows.append(_to_voigt(rot @ s_k @ rot.T))
-            sig_dir[j] = np.array(rows)
-        # C_ij: the slope at zero strain of a polynomial through the points (cubic with two or more magnitudes:
-        # the symmetric ± points cancel the even terms, the cubic term removes the leading nonlinearity, so
-        # the slope is exact to O(s^4)); the residual of a straight line measures how linear the response is
-        c_raw = np.zeros((6, 6))
-        resid = np.zeros((6, 6))
-        for j in range(6):
-            x = values[j]
+        slopes: dict[int, np.ndarray] = {}
+        resid = np.full((6, 6), np.nan)
+        for k in computed:
+            x = values[k]
+            sig_dir[k] = np.array([_to_voigt(sigma0_tensor if d == 0.0 else by_job[(k, round(float(d), 12))]) for d in x])
             degree = 3 if fit == "cubic" and len(x) >= 5 else 1
-            coef, *_ = np.linalg.lstsq(np.vander(x, degree + 1, increasing=True), sig_dir[j], rcond=None)
-            c_raw[:, j] = coef[1]
+            coef, *_ = np.linalg.lstsq(np.vander(x, degree + 1, increasing=True), sig_dir[k], rcond=None)
+            slopes[k] = coef[1]
             line = np.vander(x, 2, increasing=True)
-            lin, *_ = np.linalg.lstsq(line, sig_dir[j], rcond=None)
-            resid[:, j] = np.sqrt(np.mean((line @ lin - sig_dir[j]) ** 2, axis=0))
+            lin, *_ = np.linalg.lstsq(line, sig_dir[k], rcond=None)
+            resid[:, k] = np.sqrt(np.mean((line @ lin - sig_dir[k]) ** 2, axis=0))
+        pairs_u, pairs_v = [], []
+        for k in computed:
+            e_k, s_k = voigt_strain(k, 1.0), voigt_to_tensor(slopes[k])
+            for rot in rotations:
+                pairs_u.append(_strain_voigt(rot @ e_k @ rot.T))
+                pairs_v.append(_to_voigt(rot @ s_k @ rot.T))
+        sol, *_ = np.linalg.lstsq(np.array(pairs_u), np.array(pairs_v), rcond=None)
+        c_raw = sol.T  # C u = v  <=>  u^T C^T = v^T
         c = _symmetrized(0.5 * (c_raw + c_raw.T), point_group)
         # relative to the component's change over the strain range, for the components that change (the
         # others, zero by symmetry or nearly, have no scale to be relative to: None)
-        change = np.abs(c_raw) * np.array([np.ptp(values[j]) for j in range(6)])[None, :]
-        significant = np.abs(c_raw) > 0.01 * float(np.abs(c_raw).max())
+        change = np.full((6, 6), np.nan)
+        for k in computed:
+            change[:, k] = np.abs(slopes[k]) * np.ptp(values[k])
+        biggest = max(float(np.abs(slopes[k]).max()) for k in computed)
+        significant = np.isfinite(change) & (change > 0.01 * biggest * np.nanmax([np.ptp(values[k]) for k in computed]))
         relative = np.where(significant, resid / np.where(significant, change, 1.0), np.nan)
-        sigma0 = _to_voigt(sigma[0.0])
+        sigma0 = _to_voigt(sigma0_tensor)
 
         # 5. derived quantities
         stability = born_stability(c, sg_number)
@@ -531,10 +544,11 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             "moduli": moduli,
             "stability": stability,
             "fit": {"residual_GPa": resid.tolist(), "relative_residual": relative.tolist(),
-                    "max_residual_GPa": float(resid.max()), "max_relative_residual": float(np.nanmax(relative)),
+                    "max_residual_GPa": float(np.nanmax(resid)), "max_relative_residual": float(np.nanmax(relative)),
                     "slope_from": ("cubic polynomial in the strain (a line with one magnitude), slope at 0"
                                    if fit == "cubic" else "straight line"),
-                    "meaning": "RMS deviation of σ_i(ε_j) from a straight line (GPa); relative: divided by the "
+                    "meaning": "RMS deviation of σ_i(ε_j) from a straight line (GPa; columns j of the computed "
+                               "directions, the others are their images); relative: divided by the "
                                "component's change over the strain range, for components above 1 % of the largest "
                                "(None for the others)"},
         }
@@ -545,7 +559,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             from mattersim.io import write_results
 
             title = f"{summary['structure']['formula']} ({spacegroup}), {info.get('name') or 'model'}, {settings['ions']}"
-            folder.write_with("stress_strain.png", lambda p: _plot(p, computed, values, sig_dir, c, sigma0, title))
+            folder.write_with("stress_strain.png", lambda p: _plot(p, computed, values, sig_dir, slopes, sigma0, title))
             frames = [finals[i + 1] if finals[i + 1] is not None else cells[i + 1] for i in range(len(jobs))]
             write_results(folder.file("strained.extxyz"), frames,
                           [{"stress": stresses[i + 1]} for i in range(len(jobs))], info)
