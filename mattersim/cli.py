@@ -660,7 +660,7 @@ def elastic_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure in GPa (relaxation and the Birch coefficients)."),
     strains: str = typer.Option("0.005,0.01", "--strains", help="Strain magnitudes, each applied as + and - to the 6 Voigt directions (0 < s <= 0.05)."),
-    shear_strains: Optional[str] = typer.Option(None, "--shear-strains", help="Other magnitudes for the 3 shear directions (engineering strain, <= 0.1), e.g. matcalc's 0.03,0.06; default: --strains."),
+    shear_strains: Optional[str] = typer.Option(None, "--shear-strains", help="Other magnitudes for the 3 shear directions (engineering strain, <= 0.1; pymatgen's and matcalc's shear amounts are tensor strains, half of ours); default: --strains."),
     fit: str = typer.Option("cubic", "--fit", help="cubic (slope at zero strain of a cubic polynomial, exact to O(s^4)) or linear (a straight line, as matcalc)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax positions and cell first (space group kept)."),
     clamped_ion: bool = typer.Option(False, "--clamped-ion", help="Do not relax the ions of the strained cells (default: relaxed-ion, the physical answer)."),

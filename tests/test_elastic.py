@@ -206,8 +206,8 @@ def test_internal_relaxation_softens_silicon_c44():
 
 
 def test_shear_strains_and_linear_fit_are_settings():
-    """matcalc's settings (shear ±3 %, ±6 %, straight lines) are available and bad values are refused. A line
-    through shears up to 6 % picks up the nonlinearity: EMT Cu's C44 comes out 1.9 % above the default
+    """Larger shear strains and straight lines (as matcalc fits) are settings, and bad values are refused. A
+    line through shears up to 6 % picks up the nonlinearity: EMT Cu's C44 comes out 1.9 % above the default
     (cubic fit of ±0.5 %, ±1 %); the normal components agree within 0.1 %."""
     default = run_elastic(_cu(), EMT(), **TIGHT)
     matcalc_like = run_elastic(_cu(), EMT(), shear_strains=(0.03, 0.06), fit="linear", **TIGHT)

@@ -374,7 +374,8 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
     ``relax_ions``: relax the ions of every strained cell (relaxed-ion, default) or not (clamped-ion);
     ``strains``: magnitudes, each applied as +s and -s to the normal Voigt directions (0 < s <= 0.05);
     ``shear_strains``: other magnitudes for the 3 shear directions (engineering strain γ, up to 0.1, i.e. a
-    tensor strain of 5 %), e.g. matcalc's 0.03, 0.06; default: ``strains``;
+    tensor strain of 5 %; pymatgen's and matcalc's shear amounts are tensor strains: their 0.025 is our 0.05);
+    default: ``strains``;
     ``fit``: ``"cubic"`` (slope at zero strain of a cubic polynomial, exact to O(s^4); needs two magnitudes,
     else a line) or ``"linear"`` (a straight line, as pymatgen and matcalc fit);
     ``use_symmetry``: compute only the directions that the point group's images of the others do not span
