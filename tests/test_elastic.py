@@ -142,6 +142,8 @@ def test_outputs_resume_and_reload(cu_result, monkeypatch):
     assert summary["workflow"] == "elastic" and summary["settings"]["ions"] == "relaxed-ion"
     again = ElasticResult.load(out)
     assert np.allclose(again.c, result.c) and again.rows()[:6] == result.rows()[:6]
+    copy = ElasticResult.load(again.save(out.parent / "copy"))  # save() elsewhere and back
+    assert np.allclose(copy.c_ieee, result.c_ieee) and np.allclose(copy.atoms.cell[:], result.atoms.cell[:])
 
     class Counting(EMT):
         """EMT under EMT's identity, counting its calls."""
