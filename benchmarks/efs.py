@@ -35,7 +35,7 @@ from benchmarks.datasets import Dataset
 from benchmarks.metrics import EFS_DEFINITIONS, EV_A3_TO_GPA, efs_metrics
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.conventions import ENERGY_CONVENTIONS, check_convention, convention_offsets
-from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, write_results
+from mattersim.io import RunLog, atomic_path, atomic_write_json, full_stress, progress_bar, write_results
 from mattersim.memory import GB, calculator_memory
 from workflows.outputs import ArrayStore
 
@@ -95,12 +95,7 @@ class _Store:
         energy = float(result["energy"])
         forces = np.asarray(result["forces"], dtype=float).reshape(n, 3)
         stress = result.get("stress")
-        stress = np.full((3, 3), np.nan) if stress is None else np.asarray(stress, dtype=float).reshape(-1)
-        if stress.size == 6:
-            from ase.stress import voigt_6_to_full_3x3_stress
-
-            stress = voigt_6_to_full_3x3_stress(stress)
-        stress = stress.reshape(3, 3)
+        stress = np.full((3, 3), np.nan) if stress is None else full_stress(stress)
         bad = [name for name, v in (("energy", energy), ("forces", forces), ("stress", stress)) if not np.all(np.isfinite(v))]
         if bad:
             self.fail(i, f"non-finite {' and '.join(bad)} in the prediction")

@@ -102,6 +102,7 @@ from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar
 from mattersim.settings import parse_mesh
 from workflows.cells import to_phonopy_atoms
+from workflows.outputs import model_identity
 from workflows.phonon import phonon_properties
 
 __all__ = [
@@ -817,13 +818,6 @@ def definitions(settings: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _model_identity(info: dict) -> dict:
-    model = {k: info.get(k) for k in ("name", "version", "kind", "sha256", "dtype", "model_args")}
-    if model.get("sha256") is None:  # ASE calculators: their class and module
-        model["source"] = info.get("source")
-    return model
-
-
 def _dataset_path(items: Sequence) -> str | None:
     parents = {str((it.source if isinstance(it, PhononDBEntry) else Path(it)).expanduser().resolve().parent)
                for it in items}
@@ -866,7 +860,7 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
         "relax_steps": int(relax_steps), "relax_mode": "full-symmetric", "displacement_A": float(displacement),
         "nac_method": NAC_METHOD, "symprec": SYMPREC, "temperature_K": 300.0,
     }
-    model_id = _model_identity(info)
+    model_id = model_identity(info, potential_only=False)  # predicted NAC uses the property model
 
     records: list[dict] = []
     failures: list[dict] = []

@@ -21,6 +21,7 @@ from ase import Atoms
 from ase.calculators.calculator import all_changes
 from ase.stress import voigt_6_to_full_3x3_stress
 
+from mattersim.io import full_stress
 from mattersim.memory import GB, MemoryModel, budget_batches, resolve_budget
 
 log = logging.getLogger("mattersim")
@@ -38,11 +39,6 @@ CHGNET_MEMORY = MemoryModel(per_atom=0, per_edge=0.0225 * MIB, per_triplet=0.026
 SEVENNET_MEMORY = MemoryModel(per_atom=0, per_edge=0.132 * MIB, constant=80 * MIB)
 #: SevenNet's edges per batch on the CPU (see ``BatchedSevenNetCalculator.cpu_max_edges``)
 SEVENNET_CPU_MAX_EDGES = 4096
-
-
-def _full_stress(stress) -> np.ndarray:
-    stress = np.asarray(stress, dtype=float)
-    return voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
 
 
 def isolated_in_box(atoms: Atoms, cutoff: float, model: str = "this model") -> tuple[Atoms, bool]:
@@ -216,7 +212,7 @@ def _chgnet_class() -> type:
                 if "m" in p:
                     res["magmoms"] = np.asarray(p["m"], dtype=float)
                 if not isolated and stress:  # a molecule's box has no meaningful stress
-                    res["stress"] = _full_stress(np.asarray(p["s"]) * self.stress_weight)
+                    res["stress"] = full_stress(np.asarray(p["s"]) * self.stress_weight)
                 results.append(res)
             return results
 

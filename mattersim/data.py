@@ -46,6 +46,7 @@ import numpy as np
 from ase import Atoms
 
 from mattersim.errors import InputError
+from mattersim.io import full_stress
 from mattersim.settings import parse_primitive, parse_supercell
 
 __all__ = ["LABELS", "STRESS_UNITS", "Sample", "SampleList", "data_hash", "read_extxyz", "read_phonondb"]
@@ -115,8 +116,6 @@ def _label_array(value: Any, name: str, where: str, shapes: Sequence[tuple], exp
 
 def check_labels(labels: dict[str, Any], n: int, where: str, stress_factor: float = 1.0) -> dict[str, Any]:
     """Labels with their canonical shapes (float64), or :class:`InputError` naming ``where`` and the field."""
-    from ase.stress import voigt_6_to_full_3x3_stress
-
     out: dict[str, Any] = {}
     for name, value in labels.items():
         if value is None:
@@ -128,8 +127,7 @@ def check_labels(labels: dict[str, Any], n: int, where: str, stress_factor: floa
             out[name] = _label_array(value, name, where, [(n, 3)], f"(n_atoms, 3) = ({n}, 3) numbers (eV/Å)")
         elif name == "stress":
             arr = _label_array(value, name, where, [(3, 3), (9,), (6,)], "a 3x3 tensor, 9 or 6 (Voigt xx yy zz yz xz xy) numbers")
-            arr = voigt_6_to_full_3x3_stress(arr) if arr.shape == (6,) else arr.reshape(3, 3)
-            out[name] = arr * stress_factor
+            out[name] = full_stress(arr) * stress_factor
         elif name in ("magmoms", "charges"):
             arr = _label_array(value, name, where, [(n,), (n, 1)], f"one number per atom ({n})")
             out[name] = arr.reshape(n)

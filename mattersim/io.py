@@ -368,6 +368,14 @@ def _split_result(result: dict[str, Any], n_atoms: int) -> tuple[dict[str, Any],
     return per_structure, per_atom
 
 
+def full_stress(stress: Any) -> np.ndarray:
+    """A stress as a 3x3 array: 6 Voigt numbers (xx yy zz yz xz xy) expanded, 9 numbers or a 3x3 reshaped."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    s = np.asarray(stress, dtype=float).reshape(-1)
+    return voigt_6_to_full_3x3_stress(s) if s.size == 6 else s.reshape(3, 3)
+
+
 def to_builtin(value: Any) -> Any:
     """numpy/torch scalars and arrays -> JSON-serialisable Python objects (non-finite floats -> None)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor
@@ -562,12 +570,7 @@ def _write_json(path: Path, atoms_list, results, model_info, labels) -> None:
             entry["forces"] = forces
             entry["max_force"] = float(np.linalg.norm(forces, axis=1).max())
         if "stress" in per_structure:
-            stress = np.asarray(per_structure["stress"], dtype=float)
-            if stress.size == 6:
-                from ase.stress import voigt_6_to_full_3x3_stress
-
-                stress = voigt_6_to_full_3x3_stress(stress)
-            stress = stress.reshape(3, 3)
+            stress = full_stress(per_structure["stress"])
             entry["stress"] = stress
             from ase.units import GPa
 

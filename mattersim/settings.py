@@ -89,7 +89,10 @@ def parse_supercell(value: Any, name: str = "supercell") -> np.ndarray | None:
         if len(numbers) not in (1, 3, 9):
             raise InputError(f"{name} has {len(numbers)} integers; {hint}.")
         value = numbers
-    flat = np.asarray(value, dtype=float).ravel() if not isinstance(value, np.ndarray) else value.ravel()
+    try:
+        flat = np.asarray(value, dtype=float).ravel()
+    except (TypeError, ValueError):  # not numbers: as_matrix below says so
+        flat = np.zeros(0)
     if flat.size in (1, 3) and not np.all(flat >= 1):
         raise InputError(f"{name} {np.asarray(value).tolist()} has a value below 1; {hint}.")
     return as_matrix(value, name, integer=True)

@@ -26,6 +26,7 @@ def test_supercell_forms_agree():
     ("1 0 0 0 1 0 0 0 0", ("--supercell", "singular")),
     ("-1 0 0 0 1 0 0 0 1", ("--supercell", "negative determinant")),
     ([1.5, 2, 2], ("--supercell", "integers")),
+    (["a", "b", "c"], ("--supercell", "3 numbers or a 3x3 matrix")),  # from Python: an error, not a ValueError
 ])
 def test_supercell_errors_name_the_flag(value, fragments):
     with pytest.raises(InputError) as info:

@@ -47,11 +47,12 @@ from typing import Any, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.stress import voigt_6_to_full_3x3_stress
+from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from ase.units import GPa
 
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
+from mattersim.io import full_stress
 from workflows.cells import structure_record
 from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
@@ -62,7 +63,8 @@ logger = logging.getLogger("mattersim.elastic")
 WORKFLOW_VERSION = 1
 #: the largest strain magnitude accepted (beyond it the response is not linear for most crystals)
 MAX_STRAIN = 0.05
-VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+#: Voigt strain vectors carry engineering shears (2 ε_ij); stress vectors the plain σ_ij
+_ENGINEERING = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
 UNITS = {"stress": "GPa (ASE sign: tensile positive)", "elastic_constants": "GPa", "moduli": "GPa",
          "strain": "dimensionless (Voigt; shear = engineering strain)", "pressure": "GPa", "force": "eV/Å"}
 _STORE = "stresses.npz"
@@ -74,26 +76,15 @@ _STORE = "stresses.npz"
 
 
 def voigt_strain(j: int, magnitude: float) -> np.ndarray:
-    """The symmetric 3x3 strain tensor of Voigt component ``j`` (0-5) with value ``magnitude``."""
-    a, b = VOIGT_PAIRS[j]
-    e = np.zeros((3, 3))
-    if a == b:
-        e[a, a] = magnitude
-    else:
-        e[a, b] = e[b, a] = magnitude / 2.0
-    return e
+    """The symmetric 3x3 strain tensor of Voigt component ``j`` (0-5: xx yy zz yz xz xy) with value
+    ``magnitude`` (an engineering strain for the shears: ε_ij = magnitude / 2)."""
+    return voigt_6_to_full_3x3_stress(magnitude * np.eye(6)[j] / _ENGINEERING)
 
 
-def _to_voigt(sigma: np.ndarray) -> np.ndarray:
-    return np.array([sigma[a, b] for a, b in VOIGT_PAIRS])
-
-
-def voigt_to_tensor(v: np.ndarray) -> np.ndarray:
-    """The symmetric 3x3 stress tensor of a Voigt stress vector."""
-    t = np.zeros((3, 3))
-    for value, (a, b) in zip(v, VOIGT_PAIRS):
-        t[a, b] = t[b, a] = value
-    return t
+def _strain_voigt(e: np.ndarray) -> np.ndarray:
+    """Voigt vector of a symmetric strain tensor, engineering shears (2 ε_ij). (ASE's ``*_strain`` helpers
+    work on the deformation gradient 1 + ε instead.)"""
+    return full_3x3_to_voigt_6_stress(e) * _ENGINEERING
 
 
 def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, list[np.ndarray]]:
@@ -109,11 +100,6 @@ def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, lis
     cart = np.einsum("ij,njk,kl->nil", lat.T, np.asarray(data.rotations, dtype=float), np.linalg.inv(lat.T))
     _, first = np.unique(np.round(cart, 6), axis=0, return_index=True)
     return str(data.international), int(data.number), [cart[i] for i in sorted(first)]
-
-
-def _strain_voigt(e: np.ndarray) -> np.ndarray:
-    """Voigt vector of a symmetric strain tensor (engineering shears: 2 ε_ij)."""
-    return np.array([e[0, 0], e[1, 1], e[2, 2], 2 * e[1, 2], 2 * e[0, 2], 2 * e[0, 1]])
 
 
 def strain_directions(rotations: Sequence[np.ndarray]) -> list[int]:
@@ -227,13 +213,19 @@ class ElasticResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``elastic.json`` and ``relaxed.vasp`` to ``directory``."""
-        import ase.io
-
         with RunFolder(directory, "elastic", logger) as folder:
-            folder.write_with("relaxed.vasp", lambda p: ase.io.write(p, self.atoms, format="vasp", direct=True))
-            folder.write_json("elastic.json", self.summary)
+            self._write(folder)
         self.output_dir = Path(directory)
         return self.output_dir
+
+    def _write(self, folder: RunFolder) -> None:
+        """``relaxed.vasp`` and, last, ``elastic.json`` listing every file the folder holds from this run."""
+        import ase.io
+
+        folder.write_with("relaxed.vasp", lambda p: ase.io.write(p, self.atoms, format="vasp", direct=True))
+        folder.file("elastic.json")
+        self.summary["files"] = folder.files
+        folder.write_json("elastic.json", self.summary)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ElasticResult":
@@ -298,11 +290,6 @@ def _check(atoms: Any, strains: Sequence[float], calculator, fmax: float) -> lis
     if not fmax > 0:
         raise InputError(f"fmax must be positive (eV/Å), not {fmax!r}.")
     return mags
-
-
-def _full_stress(stress) -> np.ndarray:
-    s = np.asarray(stress, dtype=float)
-    return voigt_6_to_full_3x3_stress(s) if s.size == 6 else s.reshape(3, 3)
 
 
 def _moduli(c: np.ndarray) -> dict:
@@ -468,14 +455,14 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                     if r.stress is None or not np.all(np.isfinite(r.stress)):
                         raise InputError("The model returned no finite stress for a strained cell; it cannot give "
                                          "elastic constants.")
-                    stresses[i], finals[i] = _full_stress(r.stress), r.atoms
+                    stresses[i], finals[i] = full_stress(r.stress), r.atoms
             else:
                 results = evaluate_batch(calculator, [cells[i] for i in todo], ("energy", "forces", "stress"))
                 for i, r in zip(todo, results):
                     if r.get("stress") is None or not np.all(np.isfinite(r["stress"])):
                         raise InputError("The model returned no finite stress for a strained cell; it cannot give "
                                          "elastic constants.")
-                    stresses[i] = _full_stress(r["stress"])
+                    stresses[i] = full_stress(r["stress"])
             done[todo] = True
             store.save()
         timings["strained_cells"] = time.perf_counter() - t0
@@ -492,7 +479,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         resid = np.full((6, 6), np.nan)
         for k in computed:
             x = values[k]
-            sig_dir[k] = np.array([_to_voigt(sigma0_tensor if d == 0.0 else by_job[(k, round(float(d), 12))]) for d in x])
+            sig_dir[k] = np.array([full_3x3_to_voigt_6_stress(sigma0_tensor if d == 0.0 else by_job[(k, round(float(d), 12))]) for d in x])
             degree = 3 if fit == "cubic" and len(x) >= 5 else 1
             coef, *_ = np.linalg.lstsq(np.vander(x, degree + 1, increasing=True), sig_dir[k], rcond=None)
             slopes[k] = coef[1]
@@ -501,10 +488,10 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             resid[:, k] = np.sqrt(np.mean((line @ lin - sig_dir[k]) ** 2, axis=0))
         pairs_u, pairs_v = [], []
         for k in computed:
-            e_k, s_k = voigt_strain(k, 1.0), voigt_to_tensor(slopes[k])
+            e_k, s_k = voigt_strain(k, 1.0), voigt_6_to_full_3x3_stress(slopes[k])
             for rot in rotations:
                 pairs_u.append(_strain_voigt(rot @ e_k @ rot.T))
-                pairs_v.append(_to_voigt(rot @ s_k @ rot.T))
+                pairs_v.append(full_3x3_to_voigt_6_stress(rot @ s_k @ rot.T))
         sol, *_ = np.linalg.lstsq(np.array(pairs_u), np.array(pairs_v), rcond=None)
         c_raw = sol.T  # C u = v  <=>  u^T C^T = v^T
         c = _symmetrized(0.5 * (c_raw + c_raw.T), point_group)
@@ -516,7 +503,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         biggest = max(float(np.abs(slopes[k]).max()) for k in computed)
         significant = np.isfinite(change) & (change > 0.01 * biggest * np.nanmax([np.ptp(values[k]) for k in computed]))
         relative = np.where(significant, resid / np.where(significant, change, 1.0), np.nan)
-        sigma0 = _to_voigt(sigma0_tensor)
+        sigma0 = full_3x3_to_voigt_6_stress(sigma0_tensor)
 
         # 5. derived quantities
         stability = born_stability(c, sg_number)
@@ -556,8 +543,6 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         }
         result = ElasticResult(summary=summary, atoms=unit, output_dir=folder.path)
         if folder.path is not None:
-            import ase.io
-
             from mattersim.io import write_results
 
             title = f"{summary['structure']['formula']} ({spacegroup}), {info.get('name') or 'model'}, {settings['ions']}"
@@ -565,9 +550,6 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             frames = [finals[i + 1] if finals[i + 1] is not None else cells[i + 1] for i in range(len(jobs))]
             write_results(folder.file("strained.extxyz"), frames,
                           [{"stress": stresses[i + 1]} for i in range(len(jobs))], info)
-            folder.write_with("relaxed.vasp", lambda p: ase.io.write(p, unit, format="vasp", direct=True))
-            folder.file("elastic.json")
-            summary["files"] = folder.files
-            folder.write_json("elastic.json", summary)
+            result._write(folder)
             log.info(f"done in {timings['total']:.1f} s; K_VRH {moduli['k_vrh_GPa']:.2f} GPa, G_VRH {moduli['g_vrh_GPa']:.2f} GPa")
     return result

@@ -47,11 +47,12 @@ def software_versions() -> dict[str, str | None]:
     return out
 
 
-def model_identity(info: dict) -> dict:
+def model_identity(info: dict, *, potential_only: bool = True) -> dict:
     """The part of a calculator's ``model_info`` that decides its numbers (name, version, kind, sha256,
     dtype, model arguments; the class and module of a plain ASE calculator). For a composite (potential +
-    property model) the potential's identity, since forces and energies come from it alone."""
-    if info.get("kind") == "composite" and isinstance(info.get("potential"), dict):
+    property model) the potential's identity, since forces and energies come from it alone, unless
+    ``potential_only=False`` (results that use the property model too, such as predicted NAC)."""
+    if potential_only and info.get("kind") == "composite" and isinstance(info.get("potential"), dict):
         info = info["potential"]
     model = {k: info.get(k) for k in ("name", "version", "kind", "sha256", "dtype", "model_args")}
     if model.get("sha256") is None:  # ASE calculators: their class and module
