@@ -341,7 +341,7 @@ def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: 
             line = ax.plot(strains[k] * 100, sig[k][:, i], "o", ms=4)[0]
             ax.plot(x * 100, sigma0[i] + slopes[k][i] * x, "-", color=line.get_color(), lw=1,
                     label=f"σ_{names[i]}: slope {slopes[k][i]:.1f} GPa")
-        ax.set_xlabel(f"strain ε_{names[k]} (%)")
+        ax.set_xlabel(f"strain ε_{names[k]} (%)" if k < 3 else f"engineering shear strain γ_{names[k]} = 2ε_{names[k]} (%)")
         ax.set_ylabel("stress (GPa)")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
