@@ -708,6 +708,74 @@ def elastic_command(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# qha
+# ---------------------------------------------------------------------------------------------------------
+
+
+@app.command("qha")
+def qha_command(
+    files: List[Path] = typer.Argument(..., help="Structure file(s), one crystal each; two or more phases of one composition also give their phase boundary."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    volumes: Optional[str] = typer.Option(None, "--volumes", help="Volume grid as V/V0 - 1: start:stop:count or a list (default -0.05:0.05:11)."),
+    strains: Optional[str] = typer.Option(None, "--strains", help="Or linear strains a/a0 - 1 (start:stop:count or a list); not with --volumes."),
+    tmax: float = typer.Option(1000.0, "--tmax", help="Highest temperature, K."),
+    tstep: float = typer.Option(10.0, "--tstep", help="Temperature step, K."),
+    pressures: str = typer.Option("0", "--pressures", help="Pressures for G(T, P), GPa: a list (0,10,20) or start:stop:step."),
+    eos: str = typer.Option("vinet", "--eos", help="Equation of state: vinet, birch_murnaghan or murnaghan."),
+    supercell: Optional[str] = typer.Option(None, "--supercell", help="Supercell matrix (phonopy DIM: 3 or 9 integers) at every volume; default automatic."),
+    mesh: str = typer.Option("20 20 20", "--mesh", help="q-point mesh of the thermal properties: 3 integers or a length in Å."),
+    nac: bool = typer.Option(False, "--nac", help="Non-analytical term correction at every volume (Z* and eps_inf from --born or the model)."),
+    born: Optional[Path] = typer.Option(None, "--born", help="phonopy BORN file (Z* and eps_inf of the primitive cell, used at every volume; implies --nac)."),
+    nac_method: NacMethod = typer.Option(NacMethod.gonze, "--nac-method", help="NAC method.", case_sensitive=False),
+    fmax: float = typer.Option(0.01, "--fmax", help="Force threshold of the relaxations, eV/Å."),
+    relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax each structure to V0 first (space group kept)."),
+    symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
+    outdir: Path = typer.Option(Path("qha"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
+) -> None:
+    """Quasi-harmonic G(T, P), V(T), thermal expansion, B_T(T), Cp(T) and Grüneisen parameter of the crystal(s)
+    in FILES (phonons at every volume, phonopy's QHA); with several phases of one composition, their phase
+    boundary P(T). Writes qha.json, plots, phonopy-qha's files per phase and qha.log to OUTDIR."""
+    from mattersim.io import ensure_writable_dir, read_structures
+    from mattersim.settings import parse_supercell
+
+    smat = parse_supercell(supercell, "--supercell")
+    ensure_writable_dir(outdir)  # before any work
+    structures = []
+    for f in files:
+        found = read_structures([str(f)])
+        if len(found) != 1:
+            raise InputError(f"'{f}' holds {len(found)} structures; 'mattersim qha' takes one crystal per file.")
+        structures.append(found[0][1])
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    pairs = [(str(f), a) for f, a in zip(files, structures)]
+    _revalidate_elements(pairs, _max_z(calc))
+    _check_trained_elements(calc, pairs, allow_untrained_elements, properties=(nac or born is not None) and born is None)
+
+    from workflows.qha import run_qha  # lazily: the core never imports workflows at module level
+
+    # phase folders: the formula for one file, the file names (B1.vasp -> B1) for several
+    labels = ([structures[0].get_chemical_formula(mode="hill", empirical=True)] if len(files) == 1 else
+              [Path(f).stem if Path(f).stem not in ("POSCAR", "CONTCAR") else Path(f).name for f in files])
+    result = run_qha(structures, calc, labels=labels, volumes=volumes, strains=strains, tmax=tmax, tstep=tstep,
+                     pressures=pressures, eos=eos, supercell=smat, mesh=mesh, nac=nac, born_file=born,
+                     nac_method=nac_method.value, fmax=fmax, relax=relax, symprec=symprec,
+                     output_dir=outdir, progress=sys.stderr.isatty())
+    from rich.markup import escape
+
+    table = _table(escape(f"Quasi-harmonic thermodynamics ({result.summary['model'].get('name', 'model')})"))
+    table.add_column("quantity", no_wrap=True)
+    table.add_column("value")
+    for quantity, value in result.rows():
+        style = "red" if quantity.strip() == "WARNING" else None
+        table.add_row(escape(quantity), f"[{style}]{escape(value)}[/{style}]" if style else escape(value))
+    _print_table(_stdout_console(), table)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # train / finetune
 # ---------------------------------------------------------------------------------------------------------
 

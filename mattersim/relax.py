@@ -419,8 +419,13 @@ class BatchRelaxer:
         optimizer: str = "FIRE",
         max_atoms_per_batch: int = 1024,
         show_progress: bool = False,
+        symmetry: bool = False,
+        symprec: float = 1e-5,
     ):
         self.calculator = calculator
+        #: keep each structure's space group (ASE's ``FixSymmetry``, as :func:`relax` with ``symmetry=True``)
+        self.symmetry = bool(symmetry)
+        self.symprec = float(symprec)
         self.mode = normalise_mode(mode)
         self.optimizer_class = _optimizer_class(optimizer)
         self.optimizer = str(optimizer).upper()
@@ -541,6 +546,10 @@ class BatchRelaxer:
 
     def _start(self, job: _Job, trajectory: str | None) -> None:
         work = job.atoms.copy()
+        if self.symmetry:
+            from ase.constraints import FixSymmetry
+
+            work.set_constraint(FixSymmetry(work, symprec=self.symprec))
         job.properties = ("energy", "forces", "stress") if (self.mode != "fixed_cell" or _wants_stress(work)) else ("energy", "forces")
         job.cache = _CachedResultsCalculator(self.calculator, job.properties)
         work.calc = job.cache
@@ -562,6 +571,7 @@ class BatchRelaxer:
             copies = [j.atoms.copy() for j in group]
             for c in copies:
                 c.calc = None
+                c.set_constraint()  # constraints act in ASE on the results; the model sees the bare structure
             out = _evaluate_batch(self.calculator, copies, props)
             self.n_batch_calls += 1
             if len(out) != len(group):
@@ -572,6 +582,8 @@ class BatchRelaxer:
                     job.initial_energy = float(result["energy"])
 
     def _finish(self, job: _Job, converged: bool) -> RelaxResult:
+        if self.symmetry:
+            job.atoms.set_constraint()  # as relax(): the result carries no constraint
         return _final_result(
             job.atoms,
             job.optimizable,

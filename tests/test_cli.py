@@ -474,3 +474,30 @@ def test_cli_elastic_user_errors(tmp_path, emt_registry):
     xyz = tmp_path / "water.xyz"
     Atoms("H2O", positions=[[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]]).write(xyz)
     assert_user_error(_invoke("elastic", xyz, "-o", tmp_path / "o"), "3D-periodic")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# qha
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_qha_writes_and_prints(tmp_path, emt_registry):
+    poscar = tmp_path / "POSCAR"
+    bulk("Cu", "fcc", a=3.6).write(poscar, format="vasp")
+    out = tmp_path / "qha"
+    result = _invoke("qha", poscar, "--supercell", "3 3 3", "--mesh", "9 9 9", "--volumes=-0.03:0.03:5", "--tmax", "320",
+                     "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "qha.json").read_text())
+    assert summary["settings"]["volume_fractions"] == pytest.approx([-0.03, -0.015, 0.0, 0.015, 0.03])
+    assert "at 300 K" in result.output and "alpha_V" in result.output
+    assert (out / "Cu" / "e-v.dat").is_file() and (out / "Cu" / "qha.png").is_file()
+
+
+def test_cli_qha_user_errors(tmp_path, emt_registry):
+    poscar = tmp_path / "POSCAR"
+    bulk("Cu", "fcc", a=3.6).write(poscar, format="vasp")
+    assert_user_error(_invoke("qha", poscar, "--volumes=-0.02:0.02:3", "-o", tmp_path / "o"), "at least 5")
+    assert_user_error(_invoke("qha", poscar, "--eos", "bm", "-o", tmp_path / "o"), "Unknown equation of state")
+    assert_user_error(_invoke("qha", poscar, "--supercell", "2 x", "-o", tmp_path / "o"), "--supercell")
+    assert not (tmp_path / "o" / "qha.json").exists()

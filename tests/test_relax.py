@@ -202,6 +202,25 @@ def test_batch_relaxer_matches_one_by_one(mode, optimizer):
             assert np.allclose(b.stress, s.stress, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["full", "fixed_volume"])
+def test_batch_relaxer_keeps_symmetry_like_relax(mode):
+    # hcp with a far-off c/a: FixSymmetry in the batch gives relax(symmetry=True)'s trajectory, and no constraint
+    # is left on the results
+    import spglib
+
+    structures = [bulk("Cu", "hcp", a=2.55, c=4.3), bulk("Cu", "hcp", a=2.6, c=4.0)]
+    kwargs = dict(fmax=1e-3, steps=200, mode=mode, optimizer="BFGS")
+    singles = [relax(a, EMT(), symmetry=True, **kwargs) for a in structures]
+    batch = BatchRelaxer(EMT(), symmetry=True, **kwargs).relax(structures)
+    for s, b in zip(singles, batch):
+        assert b.converged and s.converged and b.steps == s.steps
+        assert np.allclose(b.atoms.cell[:], s.atoms.cell[:], atol=1e-8)
+        assert np.allclose(b.atoms.positions, s.atoms.positions, atol=1e-8)
+        assert b.atoms.constraints == []
+        cell = (b.atoms.cell[:], b.atoms.get_scaled_positions(), b.atoms.numbers)
+        assert spglib.get_symmetry_dataset(cell, symprec=1e-6).number == 194
+
+
 def test_batch_relaxer_accepts_label_pairs_and_writes_trajectories(tmp_path):
     structures = [(f"s{i}", a) for i, a in enumerate(_structures()[:2])]
     results = BatchRelaxer(EMT(), fmax=1e-2, steps=30, show_progress=True).relax(structures, trajectory_dir=tmp_path / "traj")

@@ -321,7 +321,9 @@ def _ieee(c: np.ndarray, atoms: Atoms) -> np.ndarray:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     et = ElasticTensor.from_voigt(c)
-    return np.array(et.convert_to_ieee(AseAtomsAdaptor.get_structure(atoms)).voigt)
+    # c is already averaged over the point group (_symmetrized): pymatgen's own initial fit to the structure
+    # (another spglib analysis) would change nothing, and any of the equivalent IEEE rotations gives one tensor
+    return np.array(et.convert_to_ieee(AseAtomsAdaptor.get_structure(atoms), initial_fit=False).voigt)
 
 
 def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: dict[int, np.ndarray],

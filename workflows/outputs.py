@@ -15,6 +15,7 @@ output_dir=None) -> <Name>Result``. Its plumbing comes from here:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +39,13 @@ SOFTWARE = ("mattersim", "torch", "numpy", "scipy", "ase", "phonopy", "spglib", 
 
 def software_versions() -> dict[str, str | None]:
     """Versions of Python, the platform and the packages that shape the numbers (None: not installed)."""
+    return dict(_software_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _software_versions() -> dict[str, str | None]:
+    # looked up once per process: reading the installed packages' metadata takes ~30 ms, which a benchmark
+    # of thousands of small workflow runs would pay every time
     out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in SOFTWARE:
         try:
