@@ -164,7 +164,8 @@ def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.Pat
     entries_dir = out / "entries"
     entries_dir.mkdir(parents=True, exist_ok=True)
     settings = {"ions": "relaxed-ion" if relax_ions else "clamped-ion", "strains": sorted(float(s) for s in strains),
-                "fmax_eV_per_A": float(fmax), "relax_steps": int(relax_steps), "symprec": float(symprec)}
+                "fmax_eV_per_A": float(fmax), "relax_steps": int(relax_steps), "symprec": float(symprec),
+                "strain_frame": "the crystal's standard orientation (spglib)"}
     model_id = model_identity(info)
     records_out, failures, fingerprints = [], [], []
     n_new = n_reused = 0

@@ -102,6 +102,21 @@ def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, lis
     return str(data.international), int(data.number), [cart[i] for i in sorted(first)]
 
 
+def standard_rotation(atoms: Atoms, symprec: float = 1e-5) -> np.ndarray:
+    """The rotation q (3x3, orthogonal) that turns ``atoms`` into spglib's standard orientation of its crystal
+    (x_std = q x): cubic axes along x, y, z; the hexagonal and tetragonal c along z. The identity when spglib
+    finds no symmetry."""
+    import spglib
+
+    data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
+                                       symprec=symprec)
+    if data is None:
+        return np.eye(3)
+    u, _, vt = np.linalg.svd(np.asarray(data.std_rotation_matrix, dtype=float))
+    q = u @ vt  # the nearest orthogonal matrix (spglib's is orthogonal up to its idealisation)
+    return q if np.linalg.det(q) > 0 else np.eye(3)
+
+
 def strain_directions(rotations: Sequence[np.ndarray]) -> list[int]:
     """The Voigt directions to compute: in order, each one that the point group's images of the directions
     already chosen (``R E_k Rᵀ``, as Voigt vectors) do not span. Their images then span all six, and C follows
@@ -316,6 +331,14 @@ def _symmetrized(c: np.ndarray, rotations: Sequence[np.ndarray]) -> np.ndarray:
     return np.array(ElasticTensor(mean).voigt)
 
 
+def _rotated(c: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The Voigt tensor ``c`` (GPa) in the frame x' = r x: C'_ijkl = r_ia r_jb r_kc r_ld C_abcd."""
+    from pymatgen.analysis.elasticity import ElasticTensor
+
+    full = np.asarray(ElasticTensor.from_voigt(c), dtype=float)
+    return np.array(ElasticTensor(np.einsum("ia,jb,kc,ld,abcd->ijkl", r, r, r, r, full)).voigt)
+
+
 def _ieee(c: np.ndarray, atoms: Atoms) -> np.ndarray:
     from pymatgen.analysis.elasticity import ElasticTensor
     from pymatgen.io.ase import AseAtomsAdaptor
@@ -381,7 +404,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                 "pressure_GPa": float(pressure), "strains": mags, "shear_strains": shear_mags, "fit": fit,
                 "fmax_eV_per_A": float(fmax),
                 "relax_steps": int(relax_steps), "optimizer": str(optimizer), "symprec": float(symprec),
-                "use_symmetry": bool(use_symmetry)}
+                "use_symmetry": bool(use_symmetry), "strain_frame": "the crystal's standard orientation (spglib)"}
     timings = {"relaxation": 0.0, "strained_cells": 0.0}
     t_start = time.perf_counter()
     with RunFolder(output_dir, "elastic", logger) as folder:
@@ -423,8 +446,15 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                                "relax_summary": np.array(json.dumps(relax_summary))})
             store.save()
 
-        # 2. strains, reduced by symmetry
-        spacegroup, sg_number, point_group = crystal_symmetry(unit, symprec)
+        # 2. strains, reduced by symmetry, along the crystal's axes: the cell is turned into spglib's standard
+        # orientation first (and C back at the end). A finite strain along rotated axes mixes normal and shear
+        # responses beyond linear order, so the tensor would depend on how the input cell happens to be oriented
+        # (MP primitive cells of cubic crystals: up to 18 GPa in G_VRH with 5 % shears); there, too, the images
+        # of a strain under the point group are other Voigt directions of the same magnitude.
+        q = standard_rotation(unit, symprec)
+        work = unit.copy()
+        work.set_cell(np.array(unit.cell[:]) @ q.T, scale_atoms=True)
+        spacegroup, sg_number, point_group = crystal_symmetry(work, symprec)
         rotations = point_group if use_symmetry else [np.eye(3)]
         computed = strain_directions(rotations)
         values = {j: np.array(sorted([-m for m in ms] + [0.0] + ms)) for j in range(6)
@@ -438,7 +468,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         if store.data.get("stresses") is None or store.data["stresses"].shape != (n, 3, 3):
             store.data.update({"stresses": np.zeros((n, 3, 3)), "done": np.zeros(n, dtype=bool)})
         done, stresses = store.data["done"], store.data["stresses"]
-        cells = [unit] + [strained_cell(unit, voigt_strain(k, d)) for k, d in jobs]
+        cells = [work] + [strained_cell(work, voigt_strain(k, d)) for k, d in jobs]
         todo = [i for i in range(n) if not done[i]]
         t0 = time.perf_counter()
         finals = [None] * n
@@ -496,7 +526,8 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                 pairs_v.append(full_3x3_to_voigt_6_stress(rot @ s_k @ rot.T))
         sol, *_ = np.linalg.lstsq(np.array(pairs_u), np.array(pairs_v), rcond=None)
         c_raw = sol.T  # C u = v  <=>  u^T C^T = v^T
-        c = _symmetrized(0.5 * (c_raw + c_raw.T), point_group)
+        c_std = _symmetrized(0.5 * (c_raw + c_raw.T), point_group)
+        c = _rotated(c_std, q.T)  # back to the input's orientation (x_std = q x_input)
         # relative to the component's change over the strain range, for the components that change (the
         # others, zero by symmetry or nearly, have no scale to be relative to: None)
         change = np.full((6, 6), np.nan)
@@ -505,12 +536,13 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         biggest = max(float(np.abs(slopes[k]).max()) for k in computed)
         significant = np.isfinite(change) & (change > 0.01 * biggest * np.nanmax([np.ptp(values[k]) for k in computed]))
         relative = np.where(significant, resid / np.where(significant, change, 1.0), np.nan)
-        sigma0 = full_3x3_to_voigt_6_stress(sigma0_tensor)
+        sigma0_std = full_3x3_to_voigt_6_stress(sigma0_tensor)  # the frame of the strains (the plot's)
+        sigma0 = full_3x3_to_voigt_6_stress(q.T @ sigma0_tensor @ q)  # in the input's orientation
 
         # 5. derived quantities
-        stability = born_stability(c, sg_number)
-        moduli = _moduli(c)
-        c_ieee = _ieee(c, unit)
+        stability = born_stability(c_std, sg_number)  # its criteria are written for the standard orientation
+        moduli = _moduli(c_std)
+        c_ieee = _ieee(c_std, work)
         if not stability["stable"]:
             log.warning(f"mechanically UNSTABLE ({stability['crystal_class']}): fails {'; '.join(stability['failing'])}")
         timings["total"] = time.perf_counter() - t_start
@@ -525,9 +557,10 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                            "symmetry": "directions mapped onto computed ones by the point group's rotations "
                                        "(σ(R ε Rᵀ) = R σ(ε) Rᵀ)" if use_symmetry else "none"},
             "elastic_tensor": {
-                "as_computed_GPa": c.tolist(), "ieee_GPa": c_ieee.tolist(), "raw_slopes_GPa": c_raw.tolist(),
+                "as_computed_GPa": c.tolist(), "ieee_GPa": c_ieee.tolist(), "standard_orientation_GPa": c_std.tolist(),
+                "rotation_to_standard": q.tolist(), "raw_slopes_GPa": c_raw.tolist(),
                 "asymmetry_max_GPa": float(np.abs(c_raw - c_raw.T).max()),
-                "symmetrization_max_change_GPa": float(np.abs(c - 0.5 * (c_raw + c_raw.T)).max()),
+                "symmetrization_max_change_GPa": float(np.abs(c_std - 0.5 * (c_raw + c_raw.T)).max()),
                 "meaning": "stress-strain slopes C_ij = dσ_i/dε_j (Voigt), made symmetric ((C + Cᵀ)/2) and averaged over "
                            "the crystal's point group (the changes are reported); at P ≠ 0 these are the Birch "
                            "coefficients B_ij",
@@ -548,7 +581,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             from mattersim.io import write_results
 
             title = f"{summary['structure']['formula']} ({spacegroup}), {info.get('name') or 'model'}, {settings['ions']}"
-            folder.write_with("stress_strain.png", lambda p: _plot(p, computed, values, sig_dir, slopes, sigma0, title))
+            folder.write_with("stress_strain.png", lambda p: _plot(p, computed, values, sig_dir, slopes, sigma0_std, title))
             frames = [finals[i + 1] if finals[i + 1] is not None else cells[i + 1] for i in range(len(jobs))]
             write_results(folder.file("strained.extxyz"), frames,
                           [{"stress": stresses[i + 1]} for i in range(len(jobs))], info)

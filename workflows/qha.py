@@ -244,9 +244,9 @@ def _eos_residual(result) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_free_energy_monotonic(volumes, temperatures, free_energy, tol_kj_mol: float = 1e-3) -> dict:
+def check_free_energy_monotonic(volumes, temperatures, free_energy, tol_kj_mol: float = 1e-2) -> dict:
     """Temperatures at which the vibrational free energy F_vib(V) (kJ/mol, (n_t, n_v)) is not monotonic in V
-    beyond ``tol_kj_mol``: phonons that stiffen and soften again as the crystal expands, a sign of a potential
+    beyond ``tol_kj_mol`` (0.01 kJ/mol, 0.1 meV per cell: well above the rounding noise of float32 forces): phonons that stiffen and soften again as the crystal expands, a sign of a potential
     whose curvature is not smooth in volume (CHGNet's Al). Monotonic decreasing is the normal case; increasing
     (negative thermal expansion) is allowed but reported."""
     order = np.argsort(np.asarray(volumes, dtype=float))
@@ -806,6 +806,9 @@ def _phase_qha(ph_: _Phase, temperatures, pressures, eos, mesh_setting, tmax, lo
         p.run_thermal_properties(t_min=0.0, t_max=float(temperatures[-1]), t_step=float(temperatures[1] - temperatures[0]),
                                  exclude_gamma_acoustic=True)
         tp = p.thermal_properties
+        if len(tp.temperatures) != len(temperatures) or not np.allclose(tp.temperatures, temperatures):
+            raise RuntimeError(f"phonopy's temperature grid ({len(tp.temperatures)} points) differs from the QHA's "
+                               f"({len(temperatures)}); report this with the tmax and tstep used.")
         fe[:, v.index], s[:, v.index], cv[:, v.index] = tp.free_energy, tp.entropy, tp.heat_capacity
         mesh_q = np.asarray(p.mesh.qpoints)
         mesh_f.append(np.asarray(p.mesh.frequencies))
@@ -871,11 +874,14 @@ def _phase_qha(ph_: _Phase, temperatures, pressures, eos, mesh_setting, tmax, lo
         warnings_.append(f"at P = {pressures[0]:g} GPa the equilibrium volume leaves the sampled range at {first_out:g} K "
                          f"(V = {q.equilibrium_volumes[n_in]:.3f} Å^3 outside {vols.min():.3f}-{vols.max():.3f}); results stop "
                          "there: widen the volume range (e.g. volumes -0.05:0.10:16)")
-    late = [c for c in curves_by_p[1:] if c["volume_left_range_at_K"] is not None]
+    late: dict[float, list[float]] = {}
+    for c in curves_by_p[1:]:
+        if c["volume_left_range_at_K"] is not None:
+            late.setdefault(c["volume_left_range_at_K"], []).append(c["pressure_GPa"])
     if late:
-        warnings_.append("the equilibrium volume leaves the sampled range at " + ", ".join(
-            f"{c['volume_left_range_at_K']:g} K for P = {c['pressure_GPa']:g} GPa" for c in late)
-            + " (G(T, P) is NaN beyond)")
+        warnings_.append("the equilibrium volume leaves the sampled range at " + "; ".join(
+            f"{temp:g} K for P = " + (f"{ps[0]:g} GPa" if len(ps) == 1 else f"{ps[0]:g}-{ps[-1]:g} GPa ({len(ps)} pressures)")
+            for temp, ps in sorted(late.items())) + " (G(T, P) is NaN beyond)")
     if resid > POOR_FIT:
         warnings_.append(f"poor EOS fit: RMS residual up to {100 * resid:.2g} % of the free-energy range over the volumes "
                          f"({eos}); try another eos or a narrower volume range")
