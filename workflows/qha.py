@@ -1068,77 +1068,74 @@ def _boundaries(phases: list[_Phase], summaries: list[dict], eos: str, log) -> l
     return out
 
 
-def _plot_phase(path, doc, q, n_in, info) -> None:
+def _figure(path, title: str, draw, *, shape=(1, 1), figsize=(6.5, 4.5)) -> None:
+    """A PNG at ``path``: ``draw(axes)`` on a new figure of ``shape`` panels, ``title`` above (phonon's PNG
+    writer: fast compression, the title in the metadata)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from workflows.phonon import _save_png
+
+    fig, axes = plt.subplots(*shape, figsize=figsize)
+    try:
+        draw(axes)
+        fig.suptitle(title)
+        fig.tight_layout()
+        _save_png(fig, path, title)
+    finally:
+        plt.close(fig)
+
+
+def _plot_phase(path, doc, q, n_in, info) -> None:
     from phonopy.qha.eos import get_eos
 
     c = doc["curves"]
     t = np.array(c["temperatures_K"])
-    fig, axs = plt.subplots(2, 3, figsize=(13, 7.5))
-    ax = axs[0, 0]
-    func = get_eos(q.eos_name)
-    vv = np.linspace(q.volumes.min(), q.volumes.max(), 200)
-    picks = np.unique(np.linspace(0, max(n_in - 1, 0), 6).astype(int))
-    for k in picks:
-        line = ax.plot(vv, func(vv, q.eos_parameters[k]), "-", lw=1, label=f"{q.temperatures[k]:g} K")[0]
-        ax.plot(q.volumes, q.helmholtz_volume[k], "o", ms=3, color=line.get_color())
-    ax.plot(q.equilibrium_volumes[:n_in], q.gibbs_free_energies[:n_in], "k--", lw=1, label="minima")
-    ax.set_xlabel("V (Å$^3$, primitive cell)"), ax.set_ylabel("F (eV)"), ax.legend(fontsize=7)
-    for ax, key, label in ((axs[0, 1], "volume_A3", "V (Å$^3$)"),
-                           (axs[0, 2], "thermal_expansion_per_K", r"$\alpha_V$ (1/K)"),
-                           (axs[1, 0], "bulk_modulus_GPa", r"$B_T$ (GPa)"),
-                           (axs[1, 1], "cp_J_per_K_per_mol", r"$C_P$ (J/K/mol)"),
-                           (axs[1, 2], "gruneisen", r"Grüneisen $\gamma$")):
-        ax.plot(t, c[key], "-")
-        ax.set_xlabel("T (K)"), ax.set_ylabel(label)
-    fig.suptitle(f"{doc['label']} ({doc['structure']['formula']}, {doc['structure']['spacegroup']}), "
-                 f"{info.get('name') or 'model'}, QHA at P = {c['pressure_GPa']:g} GPa")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+
+    def draw(axs):
+        ax = axs[0, 0]
+        func = get_eos(q.eos_name)
+        vv = np.linspace(q.volumes.min(), q.volumes.max(), 200)
+        for k in np.unique(np.linspace(0, max(n_in - 1, 0), 6).astype(int)):
+            line = ax.plot(vv, func(vv, q.eos_parameters[k]), "-", lw=1, label=f"{q.temperatures[k]:g} K")[0]
+            ax.plot(q.volumes, q.helmholtz_volume[k], "o", ms=3, color=line.get_color())
+        ax.plot(q.equilibrium_volumes[:n_in], q.gibbs_free_energies[:n_in], "k--", lw=1, label="minima")
+        ax.set_xlabel("V (Å$^3$, primitive cell)"), ax.set_ylabel("F (eV)"), ax.legend(fontsize=7)
+        for ax, key, label in ((axs[0, 1], "volume_A3", "V (Å$^3$)"),
+                               (axs[0, 2], "thermal_expansion_per_K", r"$\alpha_V$ (1/K)"),
+                               (axs[1, 0], "bulk_modulus_GPa", r"$B_T$ (GPa)"),
+                               (axs[1, 1], "cp_J_per_K_per_mol", r"$C_P$ (J/K/mol)"),
+                               (axs[1, 2], "gruneisen", r"Grüneisen $\gamma$")):
+            ax.plot(t, c[key], "-")
+            ax.set_xlabel("T (K)"), ax.set_ylabel(label)
+
+    _figure(path, f"{doc['label']} ({doc['structure']['formula']}, {doc['structure']['spacegroup']}), "
+                  f"{info.get('name') or 'model'}, QHA at P = {c['pressure_GPa']:g} GPa", draw,
+            shape=(2, 3), figsize=(13, 7.5))
 
 
 def _plot_gibbs(path, summaries, info) -> None:
-    import matplotlib
+    def draw(ax):
+        for s in summaries:
+            t = np.array(s["gibbs_table"]["temperatures_K"])
+            for p, row in zip(s["gibbs_table"]["pressures_GPa"], s["gibbs_table"]["G_eV_per_atom"]):
+                ax.plot(t, [np.nan if x is None else x for x in row], label=f"{s['label']}, {p:g} GPa")
+        ax.set_xlabel("T (K)"), ax.set_ylabel("G (eV/atom)")
+        ax.legend(fontsize=7)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ref = None
-    for s in summaries:
-        t = np.array(s["gibbs_table"]["temperatures_K"])
-        for p, row in zip(s["gibbs_table"]["pressures_GPa"], s["gibbs_table"]["G_eV_per_atom"]):
-            g = np.array([np.nan if x is None else x for x in row])
-            if ref is None:
-                ref = np.nanmin(g)
-            ax.plot(t, g, label=f"{s['label']}, {p:g} GPa")
-    ax.set_xlabel("T (K)"), ax.set_ylabel("G (eV/atom)")
-    ax.legend(fontsize=7)
-    ax.set_title(f"Gibbs free energy, {info.get('name') or 'model'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    _figure(path, f"Gibbs free energy, {info.get('name') or 'model'}", draw)
 
 
 def _plot_boundaries(path, boundaries, info) -> None:
-    import matplotlib
+    def draw(ax):
+        for b in boundaries:
+            p = [np.nan if x is None else x for x in b["pressure_GPa"]]
+            line = ax.plot(p, b["temperatures_K"], label=f"{b['phases'][0]} / {b['phases'][1]} (QHA)")[0]
+            if b["static_transition_pressure_GPa"] is not None:
+                ax.plot([b["static_transition_pressure_GPa"]], [0], "s", color=line.get_color(), label="static, 0 K")
+        ax.set_xlabel("P (GPa)"), ax.set_ylabel("T (K)")
+        ax.legend(fontsize=8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for b in boundaries:
-        p = np.array([np.nan if x is None else x for x in b["pressure_GPa"]])
-        line = ax.plot(p, b["temperatures_K"], label=f"{b['phases'][0]} / {b['phases'][1]} (QHA)")[0]
-        if b["static_transition_pressure_GPa"] is not None:
-            ax.plot([b["static_transition_pressure_GPa"]], [0], "s", color=line.get_color(), label="static, 0 K")
-    ax.set_xlabel("P (GPa)"), ax.set_ylabel("T (K)")
-    ax.legend(fontsize=8)
-    ax.set_title(f"Phase boundary, {info.get('name') or 'model'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    _figure(path, f"Phase boundary, {info.get('name') or 'model'}", draw)
