@@ -131,6 +131,8 @@ DISPLACEMENT = 0.01
 NAC_METHOD = "gonze"
 #: symmetry tolerance (Å), phonopy's default
 SYMPREC = 1e-5
+#: ``relax_mode`` of a run at the DFT volume (positions relaxed at the DFT cell, space group kept)
+AT_DFT_VOLUME = "positions-symmetric (DFT cell)"
 #: layout version of ``entries/<id>.json``
 ENTRY_SCHEMA = "mattersim-benchmark/phonondb-entry/1"
 #: schema of the model-independent reference properties kept in ``OUT/reference/<id>.json``
@@ -618,7 +620,9 @@ def _evaluate_entry(item, calculator, settings: dict, files=None, reference_cach
     timings["reference_cached"] = float(cached is not None)
 
     t = time.perf_counter()
+    at_dft_volume = settings["relax_mode"] == AT_DFT_VOLUME
     result = run_phonon(entry.unitcell, calculator, relax=True, fmax=settings["fmax_eV_per_A"],
+                        relax_mode="fixed_cell" if at_dft_volume else "full",
                         relax_steps=settings["relax_steps"], supercell=entry.supercell_matrix,
                         primitive=entry.primitive_matrix, displacement=settings["displacement_A"], nac=False,
                         mesh=mesh, group_velocities=True, tmax=300.0, tstep=300.0, symprec=settings["symprec"],
@@ -786,6 +790,8 @@ def _write_parity(path: Path, parity: dict[str, np.ndarray]) -> None:
 def definitions(settings: dict) -> dict:
     """What the PhononDB numbers mean (``definitions`` of ``metrics.json``, shown by the report), so that they
     can be set beside a published table: displacement, mesh rule, NAC, relaxation and each quantity."""
+    fixed = settings.get("relax_mode") == AT_DFT_VOLUME
+    what = "positions only, at the DFT cell" if fixed else "positions and cell"
     mesh = (f"phonopy's length-based Γ-centred mesh of {settings['mesh_length_A']:g} Å, the same length passed "
             "for the reference and the prediction (a generalized regular grid for non-simple cells; the numbers "
             "used are in each entry's json)" if settings.get("mesh") is None
@@ -793,7 +799,7 @@ def definitions(settings: dict) -> dict:
     return {
         "reference": "phonopy on PhononDB's DFT (VASP PBEsol) FORCE_SETS at the DFT structure and volume, "
                      "symmetrized compact force constants; BORN for the NAC variant",
-        "prediction": f"the model relaxes the DFT unit cell (positions and cell, fmax {settings['fmax_eV_per_A']:g} "
+        "prediction": f"the model relaxes the DFT unit cell ({what}, fmax {settings['fmax_eV_per_A']:g} "
                       f"eV/Å, at most {settings['relax_steps']} steps), then finite displacements in the entry's "
                       "supercell (DIM) and primitive cell (PRIMITIVE_AXIS)",
         "displacement": f"{settings['displacement_A']:g} Å for the prediction; PhononDB's DFT used 0.01 Å",
@@ -803,8 +809,10 @@ def definitions(settings: dict) -> dict:
         "omega_max": "highest phonon frequency over the mesh and the seekpath band path (THz)",
         "group_velocity": "mean |v| over the mesh (q-point weights, all branches), m/s",
         "group_velocity_max": "maximum |v| over the mesh (all branches), m/s",
-        "free_energy_change": "harmonic F(900 K) − F(300 K) per atom (meV/atom), each side at its own volume "
-                              "(DFT for the reference, relaxed for the prediction); QHA not yet",
+        "free_energy_change": "harmonic F(900 K) − F(300 K) per atom (meV/atom), " + (
+            "both at the DFT volume (the model's phonons at the DFT cell: the volume mismatch left out)" if fixed else
+            "each side at its own volume (DFT for the reference, relaxed for the prediction); run with "
+            "--at-dft-volume for both at the DFT volume"),
         "thermal": f"harmonic F (kJ/mol), S and Cv (J/K/mol) at {settings['temperature_K']:g} K per mole of "
                    "primitive cells (the same primitive matrix on both sides)",
         "counted": "succeeded entries without imaginary modes (below -0.01 THz, acoustic Γ modes excepted) in the "
@@ -828,8 +836,13 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                  mesh: float | Sequence[int] = DEFAULT_MESH_LENGTH, progress: bool = True,
                  benchmark: str = "phonondb", max_entries: int | None = None, fmax: float = FMAX,
                  relax_steps: int = RELAX_STEPS, retry_failed: bool = False,
-                 dataset_path: str | os.PathLike | None = None, displacement: float = DISPLACEMENT) -> dict:
+                 dataset_path: str | os.PathLike | None = None, displacement: float = DISPLACEMENT,
+                 at_dft_volume: bool = False) -> dict:
     """Benchmark ``calculator`` on PhononDB ``entries`` and write the results to ``output_dir``.
+
+    ``at_dft_volume``: the model relaxes the positions only, at the DFT cell, so that the phonons and the
+    free-energy change are compared at the same volume (give it its own ``output_dir``: its entries are keyed
+    apart and would replace the default run's in the same folder).
 
     ``entries``: entry folders / archives (e.g. from :func:`find_entries`) or :class:`PhononDBEntry`
     objects; ``max_entries`` keeps the first N. ``mesh``: phonopy's length-based mesh density in Å (the
@@ -857,7 +870,8 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     entries_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "mesh_length_A": mesh_length, "mesh": mesh_numbers, "fmax_eV_per_A": float(fmax),
-        "relax_steps": int(relax_steps), "relax_mode": "full-symmetric", "displacement_A": float(displacement),
+        "relax_steps": int(relax_steps), "relax_mode": AT_DFT_VOLUME if at_dft_volume else "full-symmetric",
+        "displacement_A": float(displacement),
         "nac_method": NAC_METHOD, "symprec": SYMPREC, "temperature_K": 300.0,
     }
     model_id = model_identity(info, potential_only=False)  # predicted NAC uses the property model
@@ -982,6 +996,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--relax-steps", type=int, default=RELAX_STEPS, help="maximum relaxation steps")
     parser.add_argument("--displacement", type=float, default=DISPLACEMENT,
                         help="finite displacement of the prediction in Å (PhononDB's 0.01 by default)")
+    parser.add_argument("--at-dft-volume", action="store_true",
+                        help="relax the positions only, at the DFT cell: phonons and ΔF at the DFT volume")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--float64", action="store_true", help="evaluate MatterSim models in double precision")
     parser.add_argument("--no-progress", action="store_true")
@@ -1000,7 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calc = load_calculator(name, device=args.device, dtype="float64" if args.float64 else "float32")
             yield run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
                                max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
-                               displacement=args.displacement)
+                               displacement=args.displacement, at_dft_volume=args.at_dft_volume)
 
     return print_metrics_main(documents())
 

@@ -587,3 +587,19 @@ def test_cli_bench_run_rejects_a_bad_displacement(tmp_path):
     result = CliRunner().invoke(app, ["bench", "run", "phonondb", "-m", "chgnet", "-o", str(tmp_path / "o"),
                                       "--displacement", "-0.01"])
     assert_user_error(result, "--displacement", "0.01")
+
+
+def test_run_phonondb_at_the_dft_volume(tmp_path):
+    from benchmarks.phonondb import AT_DFT_VOLUME
+
+    entries_dir = _entries_dir()
+    calc = HarmonicDFT([entries_dir / SIC])
+    doc = run_phonondb([entries_dir / SIC], calc, tmp_path / "dftv", progress=False, at_dft_volume=True)
+    assert doc["settings"]["relax_mode"] == AT_DFT_VOLUME
+    assert "both at the DFT volume" in doc["definitions"]["free_energy_change"]
+    assert "positions only, at the DFT cell" in doc["definitions"]["prediction"]
+    sic = json.loads((tmp_path / "dftv" / "HarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    assert sic["relaxation"]["volume_change_percent"] == pytest.approx(0.0, abs=1e-12)
+    # the same force constants: the harmonic free-energy change is the DFT one exactly
+    r, p = sic["reference"]["no_nac"], sic["prediction"]["no_nac"]
+    assert p["omega_max_THz"] == pytest.approx(r["omega_max_THz"], rel=1e-8)

@@ -759,3 +759,18 @@ def test_max_group_velocity_and_free_energy_change(cu_run):
     expected = (f900 - f300) / 96.48533212331002 * 1e3 / len(ph.primitive)
     assert s["free_energy_change"]["delta_meV_per_atom"] == pytest.approx(expected, rel=1e-10)
     assert expected < 0  # F falls with T (entropy)
+
+
+def test_positions_only_relaxation_keeps_the_given_cell():
+    # copper 3 % expanded: a full relaxation shrinks it, relax_mode="fixed_cell" keeps the cell (phonons at a
+    # volume of one's choosing) and says so in the summary; the phonons then differ (softer at the larger volume)
+    from workflows.phonon import run_phonon
+
+    atoms = bulk("Cu", "fcc", a=3.59 * 1.01)
+    kwargs = dict(supercell=[3, 3, 3], mesh=[6, 6, 6], progress=False)
+    fixed = run_phonon(atoms, EMT(), relax_mode="fixed_cell", **kwargs)
+    full = run_phonon(atoms, EMT(), **kwargs)
+    assert fixed.summary["settings"]["relax_mode"] == "fixed_cell"
+    assert fixed.summary["relaxation"]["volume"] == pytest.approx(atoms.get_volume(), rel=1e-12)
+    assert full.summary["relaxation"]["volume"] < 0.99 * atoms.get_volume()
+    assert fixed.frequencies_at([0.5, 0.5, 0.0]).max() < full.frequencies_at([0.5, 0.5, 0.0]).max()

@@ -620,6 +620,7 @@ def run_phonon(
     pressure: float = 0.0,
     relax_steps: int = 500,
     relax_optimizer: str = "BFGS",
+    relax_mode: str = "full",
     primitive: Any = "auto",
     supercell: Any = None,
     min_length: float | None = None,
@@ -652,7 +653,8 @@ def run_phonon(
         found with ``symprec``) to ``fmax`` eV/Å at ``pressure`` GPa, at most ``relax_steps`` steps of
         ``relax_optimizer`` (``"BFGS"``: near a minimum, as phonon inputs are, it needs a quarter to a half
         of FIRE's steps; ``"FIRE"`` is the more forgiving choice far from one). ``relax=False`` uses the
-        structure as given.
+        structure as given. ``relax_mode="fixed_cell"`` relaxes the positions only, at the given cell (phonons at
+        a volume of one's choosing, e.g. a DFT or experimental one).
     primitive:
         ``"auto"`` (phonopy finds the primitive cell), a centring letter (``"F"``, ...), a 3x3 matrix
         or 9 numbers (phonopy's PRIMITIVE_AXES, relative to the unit cell), or None (the unit cell).
@@ -707,6 +709,9 @@ def run_phonon(
     from mattersim.relax import _optimizer_class
 
     _optimizer_class(relax_optimizer)  # an unknown name fails here, before any work
+    from mattersim.relax import normalise_mode
+
+    relax_mode = normalise_mode(relax_mode)
     if getattr(calculator, "property_only", False):
         from mattersim.composite import no_energy_message
 
@@ -750,7 +755,7 @@ def run_phonon(
         input_atoms.calc = None
         settings = {
             "relax": bool(relax), "fmax_eV_per_A": float(fmax), "pressure_GPa": float(pressure),
-            "relax_steps": int(relax_steps), "relax_mode": "full", "relax_symmetry": True,
+            "relax_steps": int(relax_steps), "relax_mode": relax_mode, "relax_symmetry": True,
             "relax_optimizer": str(relax_optimizer),
             "primitive": primitive_setting if isinstance(primitive_setting, (str, type(None))) else primitive_setting.tolist(),
             "supercell": None if supercell_setting is None else supercell_setting.tolist(),
@@ -779,9 +784,11 @@ def run_phonon(
             from mattersim.relax import relax as relax_structure
 
             t0 = time.perf_counter()
-            log.info(f"relaxation: positions and cell, P = {pressure} GPa, fmax = {fmax} eV/Å, at most {relax_steps} steps")
+            what = {"full": f"positions and cell, P = {pressure} GPa", "fixed_cell": "positions only, cell as given",
+                    "fixed_volume": "positions and cell shape at the given volume"}[relax_mode]
+            log.info(f"relaxation: {what}, fmax = {fmax} eV/Å, at most {relax_steps} steps")
             res = relax_structure(input_atoms, calculator, pressure=pressure, fmax=fmax, steps=relax_steps,
-                                  mode="full", symmetry=True, symprec=symprec, optimizer=relax_optimizer)
+                                  mode=relax_mode, symmetry=True, symprec=symprec, optimizer=relax_optimizer)
             timings["relaxation"] = time.perf_counter() - t0
             unit = res.atoms.copy()
             unit.calc = None
