@@ -776,6 +776,55 @@ def qha_command(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# hull
+# ---------------------------------------------------------------------------------------------------------
+
+
+@app.command("hull")
+def hull_command(
+    system: str = typer.Argument(..., help="Chemical system, elements joined by '-' (La-H, Mg-Si-O)."),
+    structures: List[Path] = typer.Option([], "--structures", "-s", help="Candidate structure files or folders (POSCAR, CIF, extxyz), the elemental phases included; repeatable."),
+    pressures: str = typer.Option("0", "--pressures", "-p", help="Pressures in GPa: start:stop:step (0:200:20) or a list (0,50,100)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    fmax: float = typer.Option(0.02, "--fmax", help="Force threshold of the relaxations, eV/Å."),
+    steps: int = typer.Option(500, "--steps", help="Maximum steps of each relaxation."),
+    chain: str = typer.Option("down", "--chain", help="down: start each pressure from the one above (highest first); up: the reverse; none: every pressure from the input."),
+    optimizer: str = typer.Option("BFGS", "--optimizer", help="BFGS, FIRE or LBFGS (with ASE's FrechetCellFilter)."),
+    outdir: Path = typer.Option(Path("hull"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
+) -> None:
+    """Enthalpy convex hull of a chemical system at each pressure: stable phases, distances above the hull,
+    transition pressures, flags for relaxations that went wrong. Writes hull.json, hull.csv, relaxed
+    structures and plots to OUTDIR."""
+    from mattersim.io import ensure_writable_dir
+    from workflows.hull import load_candidates, parse_system, run_hull  # lazily: the core never imports workflows
+
+    elements = parse_system(system)
+    if not structures:
+        raise InputError("No candidate structures: give structure files or folders with --structures (e.g. "
+                         "--structures POSCARs/), the elemental phases of the system included.")
+    ensure_writable_dir(outdir)  # before any work
+    candidates = load_candidates(structures, elements)
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements(candidates, _max_z(calc))
+    _check_trained_elements(calc, candidates, allow_untrained_elements, properties=False)
+    result = run_hull(candidates, calc, system=elements, pressures=pressures, fmax=fmax, steps=steps, chain=chain,
+                      optimizer=optimizer, output_dir=outdir, progress=sys.stderr.isatty())
+    from rich.markup import escape
+
+    table = _table(escape(f"Convex hull of {'-'.join(elements)} ({result.summary['model'].get('name', 'model')})"))
+    table.add_column("pressure / phase", no_wrap=True)
+    table.add_column("stable phases / value")
+    for quantity, value in result.rows():
+        style = "red" if quantity.startswith("FLAG") else None
+        table.add_row(escape(quantity), f"[{style}]{escape(value)}[/{style}]" if style else escape(value))
+    _print_table(_stdout_console(), table)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # train / finetune
 # ---------------------------------------------------------------------------------------------------------
 

@@ -501,3 +501,35 @@ def test_cli_qha_user_errors(tmp_path, emt_registry):
     assert_user_error(_invoke("qha", poscar, "--eos", "bm", "-o", tmp_path / "o"), "Unknown equation of state")
     assert_user_error(_invoke("qha", poscar, "--supercell", "2 x", "-o", tmp_path / "o"), "--supercell")
     assert not (tmp_path / "o" / "qha.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hull
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_hull_writes_and_prints(tmp_path, emt_registry):
+    folder = tmp_path / "cands"
+    folder.mkdir()
+    bulk("Cu", "fcc", a=3.6).write(folder / "POSCAR_Cu", format="vasp")
+    bulk("Au", "fcc", a=4.1).write(folder / "POSCAR_Au", format="vasp")
+    l10 = bulk("Cu", "fcc", a=3.85, cubic=True)
+    l10.symbols[[0, 1]] = "Au"
+    l10.write(folder / "POSCAR_CuAu", format="vasp")
+    out = tmp_path / "hull"
+    result = _invoke("hull", "Cu-Au", "--structures", folder, "--pressures", "0,20", "--fmax", "0.05", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "hull.json").read_text())
+    assert summary["system"] == ["Cu", "Au"] and summary["pressures_GPa"] == [0.0, 20.0]
+    assert sorted(p["label"] for p in summary["phases"]) == ["Au", "Cu", "CuAu"]
+    assert "0 GPa" in result.output and (out / "hulls.png").is_file() and (out / "hull.csv").is_file()
+
+
+def test_cli_hull_user_errors(tmp_path, emt_registry):
+    folder = tmp_path / "cands"
+    folder.mkdir()
+    bulk("Cu", "fcc", a=3.6).write(folder / "POSCAR_Cu", format="vasp")
+    assert_user_error(_invoke("hull", "Cu-Au", "--structures", folder, "-o", tmp_path / "o"), "No elemental phase of Au")
+    assert_user_error(_invoke("hull", "Cu-Au", "-o", tmp_path / "o"), "--structures")
+    assert_user_error(_invoke("hull", "Cu-Qq", "--structures", folder, "-o", tmp_path / "o"), "not understood")
+    assert_user_error(_invoke("hull", "Cu", "--structures", folder, "--chain", "x", "-o", tmp_path / "o"), "chain")
