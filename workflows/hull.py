@@ -511,7 +511,8 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                 flags[i].append("volume jump (grows with pressure, or a sudden softening: collapse or another structure)")
             signed = np.array([pp["signed"][k] for pp in per_p])
             slopes = np.array([pp["slope"][k] for pp in per_p])
-            for root in transition_pressures(pressure_list, signed, slopes):
+            roots = transition_pressures(pressure_list, signed, slopes)
+            for root in roots:
                 j = int(np.searchsorted(pressure_list, root))
                 before = signed[max(j - 1, 0)]
                 kind = "becomes stable" if before > 0 else "becomes unstable"
@@ -526,7 +527,7 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                 "stable": [bool(pp["stable"][k]) for pp in per_p], "spacegroup": sgs,
                 "converged": [bool(results[i]["converged"][k]) for i in range(len(pressure_list))],
                 "steps": [int(results[i]["steps"][k]) for i in range(len(pressure_list))], "flags": flags,
-                "stable_ranges_GPa": _ranges(pressure_list, [bool(pp["stable"][k]) for pp in per_p]),
+                "stable_ranges_GPa": _ranges(pressure_list, [bool(pp["stable"][k]) for pp in per_p], roots),
             })
         transitions.sort(key=lambda t: (t["pressure_GPa"], t["phase"]))
         for ph in phases:
@@ -566,16 +567,23 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
     return result
 
 
-def _ranges(pressures: Sequence[float], stable: Sequence[bool]) -> list[list[float]]:
-    """[first, last] grid pressures of each run of consecutive stable points."""
-    out: list[list[float]] = []
+def _ranges(pressures: Sequence[float], stable: Sequence[bool], roots: Sequence[float] = ()) -> list[list[float]]:
+    """[from, to] (GPa) of each run of consecutive stable grid points, each end moved out to the transition
+    pressure (``roots``) between it and the next grid point, where there is one."""
+    grid: list[list[int]] = []
     previous = False
-    for p, s in zip(pressures, stable):
+    for i, s in enumerate(stable):
         if s and previous:
-            out[-1][1] = p
+            grid[-1][1] = i
         elif s:
-            out.append([p, p])
+            grid.append([i, i])
         previous = s
+    out = []
+    for lo, hi in grid:
+        a, b = float(pressures[lo]), float(pressures[hi])
+        below = [r for r in roots if lo > 0 and pressures[lo - 1] < r <= a]
+        above = [r for r in roots if hi < len(pressures) - 1 and b <= r < pressures[hi + 1]]
+        out.append([min(below) if below else a, max(above) if above else b])
     return out
 
 
