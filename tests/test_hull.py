@@ -13,8 +13,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from conftest import shared_path
 from mattersim.errors import InputError
-from workflows.hull import (GPA_TO_EV_A3, HullResult, _volume_flags, load_candidates, parse_system, run_hull,
-                            transition_pressures)
+from workflows.hull import (GPA_TO_EV_A3, HullResult, _volume_flags, load_candidates, parse_system, prescale,
+                            run_hull, transition_pressures)
 
 
 class QuadraticEOS(Calculator):
@@ -227,3 +227,22 @@ def test_user_errors():
         run_hull(cands + [("Au", _cell("Au", 17.0))], QuadraticEOS(BINARY), system="Cu", progress=False)
     with pytest.raises(InputError, match="does not exist"):
         load_candidates(["/nonexistent/folder"], ["La", "H"])
+
+
+def test_volume_prescaling_starts_the_relaxations_near_the_pressure():
+    cands = [("A", _cell("Cu", 13.0)), ("B", _cell("Cu2", 10.0))]
+    calc = QuadraticEOS(UNARY)
+    scaled, n = prescale([a for _, a in cands], calc, 80.0)
+    assert n <= 4  # a first guess, then the secant on a nearly linear P(ln V)
+    for (label, _), a, params in zip(cands, scaled, (CU_A, CU_B)):
+        v = a.get_volume() / len(a)
+        # within the pressure tolerance (10 % of P: 8 GPa, a few per cent of the volume at B ~ 400 GPa)
+        assert v == pytest.approx(params[1] * (1 - 80.0 * GPA_TO_EV_A3 / params[2]), rel=0.03)
+    steps = {}
+    for flag in (True, False):
+        res = run_hull(cands, QuadraticEOS(UNARY), pressures="80", fmax=1e-5, primitive=False, prescale_volume=flag,
+                       progress=False)
+        steps[flag] = sum(ph["steps"][0] for ph in res.summary["phases"])
+        np.testing.assert_allclose([ph["enthalpy_eV_per_atom"][0] for ph in res.summary["phases"]],
+                                   [_h(CU_A, 80.0), _h(CU_B, 80.0)], atol=1e-6)
+    assert steps[True] < steps[False]
