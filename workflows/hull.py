@@ -48,7 +48,7 @@ from mattersim.errors import InputError
 from mattersim.io import progress_bar
 from mattersim.settings import parse_pressures
 from workflows.cells import structure_record
-from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
+from workflows.outputs import ArrayStore, RunFolder, figure, load_summary, run_key, summary_header
 
 __all__ = ["CHAINS", "HullResult", "load_candidates", "parse_system", "prescale", "run_hull", "signed_distances",
            "transition_pressures"]
@@ -649,24 +649,6 @@ def _ranges(pressures: Sequence[float], stable: Sequence[bool], roots: Sequence[
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _figure(path, title, draw, *, shape=(1, 1), figsize=(7.0, 4.5)) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from workflows.phonon import _save_png
-
-    fig, axes = plt.subplots(*shape, figsize=figsize, squeeze=False)
-    try:
-        draw(axes)
-        fig.suptitle(title)
-        fig.tight_layout()
-        _save_png(fig, path, title)
-    finally:
-        plt.close(fig)
-
-
 def _plot_hulls(path, summary, info) -> None:
     el = summary["system"]
     pressures = summary["pressures_GPa"]
@@ -694,7 +676,7 @@ def _plot_hulls(path, summary, info) -> None:
         for j in range(n, nrows * ncols):
             axes[j // ncols][j % ncols].axis("off")
 
-    _figure(path, f"{'-'.join(el)} convex hulls, {info.get('name') or 'model'}", draw, shape=(nrows, ncols),
+    figure(path, f"{'-'.join(el)} convex hulls, {info.get('name') or 'model'}", draw, shape=(nrows, ncols), squeeze=False,
             figsize=(3.4 * ncols, 3.0 * nrows))
 
 
@@ -711,7 +693,8 @@ def _plot_distance(path, summary, info) -> None:
         ax.set_xlabel("P (GPa)"), ax.set_ylabel("distance above hull (meV/atom)")
         ax.legend(fontsize=6, ncol=2)
 
-    _figure(path, f"Distance above the hull (open squares: flagged), {info.get('name') or 'model'}", draw)
+    figure(path, f"Distance above the hull (open squares: flagged), {info.get('name') or 'model'}", draw,
+           squeeze=False, figsize=(7.0, 4.5))
 
 
 def _plot_stability(path, summary, info) -> None:
@@ -728,5 +711,5 @@ def _plot_stability(path, summary, info) -> None:
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("P (GPa)")
 
-    _figure(path, f"Stability ranges, {info.get('name') or 'model'}", draw,
+    figure(path, f"Stability ranges, {info.get('name') or 'model'}", draw, squeeze=False,
             figsize=(7.0, 0.3 * len(summary["phases"]) + 1.5))

@@ -233,3 +233,27 @@ def load_summary(directory: str | os.PathLike, name: str, others: Iterable[str],
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"'{path}' is not readable JSON ({exc}); run the {what} again.") from None
+
+
+def save_png(fig, filename, title: str) -> None:
+    """PNG at 150 dpi with a Title field; fast zlib level (the default level costs more than the drawing)."""
+    fig.savefig(filename, dpi=150, metadata={"Title": title}, pil_kwargs={"compress_level": 1})
+
+
+def figure(path, title: str, draw, *, shape=(1, 1), figsize=(6.5, 4.5), squeeze: bool = True) -> None:
+    """A PNG at ``path``: ``draw(axes)`` on a new matplotlib figure of ``shape`` panels (``squeeze`` as in
+    ``plt.subplots``), ``title`` above and in the file's metadata (:func:`save_png`); the figure is closed
+    even when drawing fails."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*shape, figsize=figsize, squeeze=squeeze)
+    try:
+        draw(axes)
+        fig.suptitle(title)
+        fig.tight_layout()
+        save_png(fig, path, title)
+    finally:
+        plt.close(fig)

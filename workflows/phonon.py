@@ -73,7 +73,7 @@ from mattersim.errors import InputError
 from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, to_builtin
 from mattersim.settings import parse_mesh, parse_primitive, parse_supercell
 from workflows.cells import structure_record, to_ase_atoms, to_phonopy_atoms
-from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
+from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, save_png, summary_header
 
 __all__ = [
     "DEFAULT_CUTOFF_A",
@@ -1280,12 +1280,9 @@ def _plot_band_dos(ph, path: dict, filename: Path, title: str = "") -> None:
     ax_d.set_xlim(left=0)
     if title:
         fig.suptitle(title)
-    _save_png(fig, filename, f"Phonon band structure and DOS: {title}")
+    save_png(fig, filename, f"Phonon band structure and DOS: {title}")
 
 
-def _save_png(fig, filename: Path, title: str) -> None:
-    """PNG at 150 dpi with a Title field; fast zlib level (the default level costs more than the drawing)."""
-    fig.savefig(filename, dpi=150, metadata={"Title": title}, pil_kwargs={"compress_level": 1})
 
 
 def _plot_thermal(ph, filename: Path, title: str = "") -> None:
@@ -1306,4 +1303,4 @@ def _plot_thermal(ph, filename: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     ax.legend()
-    _save_png(fig, filename, f"Harmonic thermal properties: {title}")
+    save_png(fig, filename, f"Harmonic thermal properties: {title}")

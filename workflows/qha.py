@@ -53,7 +53,7 @@ from mattersim.errors import InputError
 from mattersim.io import progress_bar, safe_filename, to_builtin
 from mattersim.settings import parse_mesh, parse_pressures, parse_supercell
 from workflows.cells import structure_record, to_ase_atoms, to_phonopy_atoms
-from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
+from workflows.outputs import ArrayStore, RunFolder, figure, load_summary, run_key, summary_header
 
 __all__ = ["EOS_NAMES", "QHARunResult", "check_free_energy_monotonic", "find_mode_jumps", "parse_volume_grid",
            "phase_boundary", "qha_from_arrays", "qha_from_files", "relax_at_volumes", "run_qha",
@@ -246,8 +246,9 @@ def _eos_residual(result) -> float:
 
 def check_free_energy_monotonic(volumes, temperatures, free_energy, tol_kj_mol: float = 1e-2) -> dict:
     """Temperatures at which the vibrational free energy F_vib(V) (kJ/mol, (n_t, n_v)) is not monotonic in V
-    beyond ``tol_kj_mol`` (0.01 kJ/mol, 0.1 meV per cell: well above the rounding noise of float32 forces): phonons that stiffen and soften again as the crystal expands, a sign of a potential
-    whose curvature is not smooth in volume (CHGNet's Al). Monotonic decreasing is the normal case; increasing
+    beyond ``tol_kj_mol`` (0.01 kJ/mol, 0.1 meV per cell: well above the rounding noise of float32 forces):
+    phonons that stiffen and soften again as the crystal expands, a sign of a potential whose curvature is not
+    smooth in volume (CHGNet's Al). Monotonic decreasing is the normal case; increasing
     (negative thermal expansion) is allowed but reported."""
     order = np.argsort(np.asarray(volumes, dtype=float))
     fe = np.asarray(free_energy, dtype=float)[:, order]
@@ -1068,26 +1069,6 @@ def _boundaries(phases: list[_Phase], summaries: list[dict], eos: str, log) -> l
     return out
 
 
-def _figure(path, title: str, draw, *, shape=(1, 1), figsize=(6.5, 4.5)) -> None:
-    """A PNG at ``path``: ``draw(axes)`` on a new figure of ``shape`` panels, ``title`` above (phonon's PNG
-    writer: fast compression, the title in the metadata)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from workflows.phonon import _save_png
-
-    fig, axes = plt.subplots(*shape, figsize=figsize)
-    try:
-        draw(axes)
-        fig.suptitle(title)
-        fig.tight_layout()
-        _save_png(fig, path, title)
-    finally:
-        plt.close(fig)
-
-
 def _plot_phase(path, doc, q, n_in, info) -> None:
     from phonopy.qha.eos import get_eos
 
@@ -1111,7 +1092,7 @@ def _plot_phase(path, doc, q, n_in, info) -> None:
             ax.plot(t, c[key], "-")
             ax.set_xlabel("T (K)"), ax.set_ylabel(label)
 
-    _figure(path, f"{doc['label']} ({doc['structure']['formula']}, {doc['structure']['spacegroup']}), "
+    figure(path, f"{doc['label']} ({doc['structure']['formula']}, {doc['structure']['spacegroup']}), "
                   f"{info.get('name') or 'model'}, QHA at P = {c['pressure_GPa']:g} GPa", draw,
             shape=(2, 3), figsize=(13, 7.5))
 
@@ -1125,7 +1106,7 @@ def _plot_gibbs(path, summaries, info) -> None:
         ax.set_xlabel("T (K)"), ax.set_ylabel("G (eV/atom)")
         ax.legend(fontsize=7)
 
-    _figure(path, f"Gibbs free energy, {info.get('name') or 'model'}", draw)
+    figure(path, f"Gibbs free energy, {info.get('name') or 'model'}", draw)
 
 
 def _plot_boundaries(path, boundaries, info) -> None:
@@ -1138,4 +1119,4 @@ def _plot_boundaries(path, boundaries, info) -> None:
         ax.set_xlabel("P (GPa)"), ax.set_ylabel("T (K)")
         ax.legend(fontsize=8)
 
-    _figure(path, f"Phase boundary, {info.get('name') or 'model'}", draw)
+    figure(path, f"Phase boundary, {info.get('name') or 'model'}", draw)
