@@ -143,6 +143,18 @@ def test_outputs_are_phonopy_qha_inputs_and_round_trip(cu_run):
     assert np.all(np.diff(g[0][np.isfinite(g[0])]) < 0)  # G falls with T (S > 0)
 
 
+def test_nothing_is_written_outside_the_output_folder(tmp_path, monkeypatch):
+    # phonopy's QHA writers default to the working directory; every file must land in the run's folder
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    run_qha(bulk("Cu", "fcc", a=3.6), EMT(), output_dir=tmp_path / "out", **{**CU, "volumes": "-0.02:0.02:5", "tmax": 100.0})
+    assert list(work.iterdir()) == []
+    for name in ("Cp-temperature_polyfit.dat", "entropy-volume.dat", "Cv-volume.dat", "dsdv-temperature.dat"):
+        assert (tmp_path / "out" / "Cu" / name).is_file(), name
+    assert not [p for p in (tmp_path / "out" / "Cu").iterdir() if p.name.startswith(".cp-")]
+
+
 def test_rerun_resumes_without_model_calls(cu_run, monkeypatch):
     calls = []
     real = EMT.calculate

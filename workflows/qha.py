@@ -1008,12 +1008,19 @@ def _write_phase_files(path: Path, ph_: _Phase, q, n_in: int, vols, energies, do
                      ("thermal_expansion.dat", output.write_thermal_expansion),
                      ("gibbs-temperature.dat", output.write_gibbs_temperature),
                      ("bulk_modulus-temperature.dat", output.write_bulk_modulus_temperature),
-                     ("Cp-temperature_polyfit.dat", output.write_heat_capacity_P),
                      ("gruneisen-temperature.dat", output.write_gruneisen_temperature)):
-        try:
-            write(name, lambda p, fn=fn: fn(qt, filename=p))
-        except TypeError:  # a writer with another signature in this phonopy version: skipped, not fatal
-            continue
+        write(name, lambda p, fn=fn: fn(qt, filename=p))
+    # phonopy's C_P writer writes three more files, by default into the working directory: all four go to a
+    # scratch folder inside the phase folder first, then each into place (atomically)
+    import tempfile
+
+    extra = {"filename": "Cp-temperature_polyfit.dat", "filename_ev": "entropy-volume.dat",
+             "filename_cvv": "Cv-volume.dat", "filename_dsdvt": "dsdv-temperature.dat"}
+    with tempfile.TemporaryDirectory(dir=path, prefix=".cp-") as scratch:
+        output.write_heat_capacity_P(qt, **{k: os.path.join(scratch, v) for k, v in extra.items()})
+        for v in extra.values():
+            os.replace(os.path.join(scratch, v), path / v)
+            names.append(v)
     write("qha.png", lambda p: _plot_phase(p, doc, q, n_in, info))
     return names + [_RELAX_STORE] + [f"V-{v.index:02d}/{_FORCES_STORE}" for v in ph_.volumes]
 
