@@ -107,8 +107,15 @@ def test_hull_distances_and_stable_sets_equal_pymatgen_on_the_enthalpies():
         assert sorted(res.stable(p)) == expected_stable
         for e in entries:
             assert res.distance(e.name)[i] == pytest.approx(pd.get_e_above_hull(e), abs=1e-6)
-    # the dense CuAu polymorph overtakes the open one with pressure (smaller volume): a transition in range
-    assert any(t["phase"] == "CuAu-dense" for t in res.summary["transitions"])
+    # the dense CuAu polymorph overtakes the open one with pressure (smaller volume): the transition is where
+    # their enthalpies per atom cross, although both lie far below the elements (the competitor of a stable
+    # phase is its nearest polymorph, not only the other compositions)
+    from scipy.optimize import brentq
+
+    expected = brentq(lambda p: _h(BINARY[("AuCu", 2)], p) - _h(BINARY[("Au2Cu2", 4)], p), 0.0, 50.0)
+    kinds = {(t["phase"], t["kind"]): t["pressure_GPa"] for t in res.summary["transitions"]}
+    assert kinds[("CuAu-dense", "becomes stable")] == pytest.approx(expected, abs=0.01)
+    assert kinds[("CuAu", "becomes unstable")] == pytest.approx(expected, abs=0.01)
 
 
 def test_chained_and_independent_relaxations_agree_where_nothing_changes():

@@ -169,7 +169,8 @@ def signed_distances(compositions: Sequence[dict], enthalpies: Sequence[float], 
     to the lowest elemental phases), ``above_hull`` (eV/atom, >= 0), ``signed`` (the distance above the
     hull, or minus the phase-separation energy of a stable phase: how far below the hull of the others it
     lies), ``slope`` (d signed / dP in eV/atom/GPa from dH/dP = V: the phase's volume minus its competing
-    decomposition's, per atom) and ``stable``."""
+    decomposition's, per atom), ``competitor`` (that decomposition: {phase index: fraction of atoms}) and
+    ``stable``."""
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
     from pymatgen.core import Composition
 
@@ -180,20 +181,22 @@ def signed_distances(compositions: Sequence[dict], enthalpies: Sequence[float], 
         raise InputError(f"pymatgen cannot build the hull ({exc}); every element needs at least one elemental phase.") from None
     v_atom = [float(v) / Composition(c).num_atoms for c, v in zip(compositions, volumes)]
     stable = {id(e) for e in pd.stable_entries}
-    out = {"formation": [], "above_hull": [], "signed": [], "slope": [], "stable": []}
+    out = {"formation": [], "above_hull": [], "signed": [], "slope": [], "stable": [], "competitor": []}
     for i, e in enumerate(entries):
-        if id(e) in stable and e.composition.is_element:
-            # pymatgen gives an element's ground state a phase-separation energy of 0; its competitors are the
-            # other polymorphs of the element: how far below the next one it lies
+        if id(e) in stable:
+            # below the hull of all the others: pymatgen's phase-separation energy leaves out the polymorphs of the
+            # same composition (and is 0 for an element), so the nearest polymorph is compared here; the
+            # competitor is whichever of the two lies closer
+            decomp, signed = {}, -math.inf  # alone at its composition and an element: stable at every pressure
+            if not e.composition.is_element:
+                decomp, energy = pd.get_decomp_and_phase_separation_energy(e, stable_only=False)
+                signed = float(energy)
             rivals = [x for x in entries if x is not e and x.composition.reduced_formula == e.composition.reduced_formula]
             if rivals:
                 best = min(rivals, key=lambda x: x.energy_per_atom)
-                decomp, signed = {best: 1.0}, float(e.energy_per_atom - best.energy_per_atom)
-            else:  # the only phase of its element: stable at every pressure, no crossing
-                decomp, signed = {}, -math.inf
-        elif id(e) in stable:
-            decomp, energy = pd.get_decomp_and_phase_separation_energy(e, stable_only=False)
-            signed = float(energy)
+                gap = float(e.energy_per_atom - best.energy_per_atom)
+                if gap > signed:
+                    decomp, signed = {best: 1.0}, gap
         else:
             decomp, signed = pd.get_decomp_and_e_above_hull(e, allow_negative=True)
         slope = v_atom[i] - sum(float(amt) * v_atom[int(d.name)] for d, amt in (decomp or {}).items())
@@ -202,6 +205,7 @@ def signed_distances(compositions: Sequence[dict], enthalpies: Sequence[float], 
         out["signed"].append(signed)
         out["slope"].append(slope * GPA_TO_EV_A3)
         out["stable"].append(id(e) in stable)
+        out["competitor"].append({int(d.name): float(amt) for d, amt in (decomp or {}).items()})
     return out
 
 
@@ -568,12 +572,10 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                 flags[i].append("volume jump (grows with pressure, or a sudden softening: collapse or another structure)")
             signed = np.array([pp["signed"][k] for pp in per_p])
             slopes = np.array([pp["slope"][k] for pp in per_p])
-            roots = transition_pressures(pressure_list, signed, slopes)
-            for root in roots:
-                j = int(np.searchsorted(pressure_list, root))
-                before = signed[max(j - 1, 0)]
-                kind = "becomes stable" if before > 0 else "becomes unstable"
+            roots = _phase_transitions(k, pressure_list, per_p)
+            for root, kind in roots:
                 transitions.append({"phase": lab, "kind": kind, "pressure_GPa": root})
+            roots = [r for r, _ in roots]
             phases.append({
                 "label": lab, "formula": inputs[k].get_chemical_formula(mode="hill", empirical=True),
                 "composition": compositions[k], "n_atoms": int(n_atoms[k]), "input_spacegroup": input_groups[k],
@@ -622,6 +624,37 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             result._write(folder)
             log.info(f"done in {timings['total']:.1f} s (relaxations {timings['relaxation']:.1f} s)")
     return result
+
+
+def _phase_transitions(k: int, pressures: Sequence[float], per_p: list[dict]) -> list[tuple[float, str]]:
+    """(pressure, "becomes stable" | "becomes unstable") of phase ``k``. On a grid interval where its signed
+    distance changes sign, the competitors found at its two ends (a polymorph, or a decomposition) are each
+    followed across the interval with their own enthalpies and volumes (the cubic through values and slopes,
+    :func:`transition_pressures`): the phase becomes unstable where the first of them crosses it, stable where
+    the last one does. The distance itself is a maximum over competitors, with a kink where the nearest one
+    changes; interpolating it directly would put the root in the wrong place."""
+    out = []
+    for i in range(len(pressures) - 1):
+        a, b = per_p[i]["signed"][k], per_p[i + 1]["signed"][k]
+        if not (np.isfinite(a) and np.isfinite(b)) or a * b > 0 or (a == 0 and b == 0) or (a == 0 and i > 0):
+            continue
+        kind = "becomes stable" if a > 0 or (a == 0 and b < 0) else "becomes unstable"
+        found = []
+        for comp in {tuple(sorted(per_p[j]["competitor"][k].items())) for j in (i, i + 1)}:
+            if not comp:
+                continue
+            vals, slopes = [], []
+            for j in (i, i + 1):
+                h, v = per_p[j]["enthalpy"], per_p[j]["volume"]
+                vals.append(h[k] - sum(x * h[m] for m, x in comp))
+                slopes.append((v[k] - sum(x * v[m] for m, x in comp)) * GPA_TO_EV_A3)
+            found += transition_pressures(pressures[i:i + 2], np.array(vals), np.array(slopes))
+        if not found:  # no competitor crosses on its own: the distance's own sign change
+            found = transition_pressures(pressures[i:i + 2], np.array([a, b]),
+                                         np.array([per_p[i]["slope"][k], per_p[i + 1]["slope"][k]]))
+        if found:
+            out.append((max(found) if kind == "becomes stable" else min(found), kind))
+    return out
 
 
 def _ranges(pressures: Sequence[float], stable: Sequence[bool], roots: Sequence[float] = ()) -> list[list[float]]:
