@@ -571,7 +571,6 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             for i in _volume_flags(pressure_list, vols):
                 flags[i].append("volume jump (grows with pressure, or a sudden softening: collapse or another structure)")
             signed = np.array([pp["signed"][k] for pp in per_p])
-            slopes = np.array([pp["slope"][k] for pp in per_p])
             roots = _phase_transitions(k, pressure_list, per_p)
             for root, kind in roots:
                 transitions.append({"phase": lab, "kind": kind, "pressure_GPa": root})
