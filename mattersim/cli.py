@@ -277,6 +277,20 @@ def _table(title: str):
     return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
 
 
+def _print_rows(title: str, rows, red, columns=("quantity", "value"), wrap_values: bool = False) -> None:
+    """A workflow result's ``rows()`` as a table on stdout: ``(quantity, value)`` pairs, the values of the rows
+    for which ``red(quantity)`` is true in red (warnings, failed criteria)."""
+    from rich.markup import escape
+
+    table = _table(escape(title))
+    table.add_column(columns[0], no_wrap=True)
+    table.add_column(columns[1], no_wrap=not wrap_values)
+    for quantity, value in rows:
+        text = escape(value)
+        table.add_row(escape(quantity), f"[red]{text}[/red]" if red(quantity) else text)
+    _print_table(_stdout_console(), table)
+
+
 def _print_table(console, table) -> None:
     """Print ``table`` no narrower than its no-wrap columns need: numbers are never cut off."""
     from rich.measure import Measurement
@@ -694,17 +708,10 @@ def elastic_command(
     result = run_elastic(structures[0][1], calc, relax=relax, relax_ions=not clamped_ion, pressure=pressure,
                          strains=magnitudes, shear_strains=shear_magnitudes, fit=fit, fmax=fmax, relax_steps=relax_steps, symprec=symprec, output_dir=outdir,
                          progress=sys.stderr.isatty())
-    from rich.markup import escape
-
     s = result.summary
-    table = _table(escape(f"Elastic constants of {s['structure']['formula']} ({s['structure']['spacegroup']}, "
-                          f"{s['model'].get('name', 'model')}), GPa"))
-    table.add_column("quantity", no_wrap=True)
-    table.add_column("value", no_wrap=True)
-    for quantity, value in result.rows():
-        style = "red" if quantity == "Born stability" and not result.stable else None
-        table.add_row(escape(quantity), f"[{style}]{escape(value)}[/{style}]" if style else escape(value))
-    _print_table(_stdout_console(), table)
+    _print_rows(f"Elastic constants of {s['structure']['formula']} ({s['structure']['spacegroup']}, "
+                f"{s['model'].get('name', 'model')}), GPa", result.rows(),
+                lambda quantity: quantity == "Born stability" and not result.stable)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -764,15 +771,8 @@ def qha_command(
                      pressures=pressures, eos=eos, supercell=smat, mesh=mesh, nac=nac, born_file=born,
                      nac_method=nac_method.value, fmax=fmax, relax=relax, symprec=symprec,
                      output_dir=outdir, progress=sys.stderr.isatty())
-    from rich.markup import escape
-
-    table = _table(escape(f"Quasi-harmonic thermodynamics ({result.summary['model'].get('name', 'model')})"))
-    table.add_column("quantity", no_wrap=True)
-    table.add_column("value")
-    for quantity, value in result.rows():
-        style = "red" if quantity.strip() == "WARNING" else None
-        table.add_row(escape(quantity), f"[{style}]{escape(value)}[/{style}]" if style else escape(value))
-    _print_table(_stdout_console(), table)
+    _print_rows(f"Quasi-harmonic thermodynamics ({result.summary['model'].get('name', 'model')})", result.rows(),
+                lambda quantity: quantity.strip() == "WARNING", wrap_values=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -813,15 +813,9 @@ def hull_command(
     _check_trained_elements(calc, candidates, allow_untrained_elements, properties=False)
     result = run_hull(candidates, calc, system=elements, pressures=pressures, fmax=fmax, steps=steps, chain=chain,
                       optimizer=optimizer, output_dir=outdir, progress=sys.stderr.isatty())
-    from rich.markup import escape
-
-    table = _table(escape(f"Convex hull of {'-'.join(elements)} ({result.summary['model'].get('name', 'model')})"))
-    table.add_column("pressure / phase", no_wrap=True)
-    table.add_column("stable phases / value")
-    for quantity, value in result.rows():
-        style = "red" if quantity.startswith("FLAG") else None
-        table.add_row(escape(quantity), f"[{style}]{escape(value)}[/{style}]" if style else escape(value))
-    _print_table(_stdout_console(), table)
+    _print_rows(f"Convex hull of {'-'.join(elements)} ({result.summary['model'].get('name', 'model')})", result.rows(),
+                lambda quantity: quantity.startswith("FLAG"), columns=("pressure / phase", "stable phases / value"),
+                wrap_values=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
