@@ -50,3 +50,13 @@ def structure_record(atoms: Atoms) -> dict:
         "positions": _rounded(atoms.positions),
         "masses": _rounded(atoms.get_masses()) if atoms.has("masses") else None,
     }
+
+
+def unique_labels(labels) -> list[str]:
+    """``labels`` with repeats told apart in order of appearance: ``[LaH10, LaH10, La]`` -> ``[LaH10, LaH10-2, La]``."""
+    seen: dict[str, int] = {}
+    out = []
+    for x in labels:
+        seen[x] = seen.get(x, 0) + 1
+        out.append(x if seen[x] == 1 else f"{x}-{seen[x]}")
+    return out

@@ -87,13 +87,22 @@ def _strain_voigt(e: np.ndarray) -> np.ndarray:
     return full_3x3_to_voigt_6_stress(e) * _ENGINEERING
 
 
-def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, list[np.ndarray]]:
-    """Space-group symbol and number and the point-group operations as distinct Cartesian 3x3 matrices, from
-    one spglib call (P1 and the identity when spglib finds nothing)."""
+def _dataset(atoms: Atoms, symprec: float):
+    """spglib's symmetry dataset of ``atoms`` (None when it finds none)."""
+    import warnings
+
     import spglib
 
-    data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
-                                       symprec=symprec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # spglib 2.5's notice about its error handling
+        return spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
+                                           symprec=symprec)
+
+
+def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5, data: Any = None) -> tuple[str, int, list[np.ndarray]]:
+    """Space-group symbol and number and the point-group operations as distinct Cartesian 3x3 matrices, from
+    one spglib call, or from its ``data`` when given (P1 and the identity when spglib finds nothing)."""
+    data = _dataset(atoms, symprec) if data is None else data
     if data is None:
         return "P1", 1, [np.eye(3)]
     lat = np.array(atoms.cell[:])  # rows are lattice vectors: x = latᵀ f
@@ -102,14 +111,11 @@ def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5) -> tuple[str, int, lis
     return str(data.international), int(data.number), [cart[i] for i in sorted(first)]
 
 
-def standard_rotation(atoms: Atoms, symprec: float = 1e-5) -> np.ndarray:
+def standard_rotation(atoms: Atoms, symprec: float = 1e-5, data: Any = None) -> np.ndarray:
     """The rotation q (3x3, orthogonal) that turns ``atoms`` into spglib's standard orientation of its crystal
     (x_std = q x): cubic axes along x, y, z; the hexagonal and tetragonal c along z. The identity when spglib
-    finds no symmetry."""
-    import spglib
-
-    data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
-                                       symprec=symprec)
+    finds no symmetry. ``data``: spglib's dataset of ``atoms``, if already at hand."""
+    data = _dataset(atoms, symprec) if data is None else data
     if data is None:
         return np.eye(3)
     u, _, vt = np.linalg.svd(np.asarray(data.std_rotation_matrix, dtype=float))
@@ -451,10 +457,12 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         # responses beyond linear order, so the tensor would depend on how the input cell happens to be oriented
         # (MP primitive cells of cubic crystals: up to 18 GPa in G_VRH with 5 % shears); there, too, the images
         # of a strain under the point group are other Voigt directions of the same magnitude.
-        q = standard_rotation(unit, symprec)
+        data = _dataset(unit, symprec)  # one spglib call for both: the point group turns with the cell
+        q = standard_rotation(unit, symprec, data)
         work = unit.copy()
         work.set_cell(np.array(unit.cell[:]) @ q.T, scale_atoms=True)
-        spacegroup, sg_number, point_group = crystal_symmetry(work, symprec)
+        spacegroup, sg_number, point_group = crystal_symmetry(unit, symprec, data)
+        point_group = [q @ r @ q.T for r in point_group]
         rotations = point_group if use_symmetry else [np.eye(3)]
         computed = strain_directions(rotations)
         values = {j: np.array(sorted([-m for m in ms] + [0.0] + ms)) for j in range(6)

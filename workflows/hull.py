@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import ase.units as _ase_units
 import numpy as np
 from ase import Atoms
 
 from mattersim.calculator import model_info
 from mattersim.errors import InputError
-from mattersim.io import progress_bar
+from mattersim.io import full_stress, progress_bar
 from mattersim.settings import parse_pressures
-from workflows.cells import structure_record
+from workflows.cells import structure_record, unique_labels
 from workflows.outputs import ArrayStore, RunFolder, figure, load_summary, run_key, summary_header
 
 __all__ = ["CHAINS", "HullResult", "load_candidates", "parse_system", "prescale", "run_hull", "signed_distances",
@@ -57,8 +58,8 @@ logger = logging.getLogger("mattersim.hull")
 
 WORKFLOW_VERSION = 1
 CHAINS = ("down", "up", "none")
-#: eV/Å^3 per GPa
-GPA_TO_EV_A3 = 1.0 / 160.21766208
+#: eV/Å^3 per GPa (ASE's unit)
+GPA_TO_EV_A3 = _ase_units.GPa
 UNITS = {"pressure": "GPa", "enthalpy": "eV/atom", "energy": "eV/atom", "volume": "Å^3/atom",
          "distance_above_hull": "eV/atom", "force": "eV/Å"}
 
@@ -126,12 +127,8 @@ def load_candidates(sources: Sequence[str | os.PathLike], system: Sequence[str])
             a = a.copy()
             a.calc = None
             out.append((_label(f, a, k, len(frames)), a))
-    seen: dict[str, int] = {}
-    unique = []
-    for label, a in out:  # two files with one name in different folders: LaH10, LaH10-2
-        seen[label] = seen.get(label, 0) + 1
-        unique.append((label if seen[label] == 1 else f"{label}-{seen[label]}", a))
-    return unique
+    # two files with one name in different folders: LaH10, LaH10-2
+    return list(zip(unique_labels([label for label, _ in out]), [a for _, a in out]))
 
 
 def _primitive(atoms: Atoms, symprec: float = 1e-3) -> Atoms:
@@ -149,13 +146,9 @@ def _primitive(atoms: Atoms, symprec: float = 1e-3) -> Atoms:
 
 
 def _spacegroup(atoms: Atoms, symprec: float = 1e-3) -> str:
-    import spglib
+    from workflows.elastic import crystal_symmetry
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # spglib 2.5's notice about its error handling
-        data = spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
-                                           symprec=symprec)
-    return "P1" if data is None else str(data.international)
+    return crystal_symmetry(atoms, symprec)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,8 +290,7 @@ def prescale(structures: Sequence[Atoms], calculator, pressure: float, *, max_ev
         n_eval += 1
         still = []
         for i, r in zip(active, results):
-            stress = np.asarray(r.get("stress"), dtype=float)
-            p = -float(np.trace(stress.reshape(3, 3)) if stress.size == 9 else np.sum(stress.reshape(-1)[:3])) / 3.0 / GPA_TO_EV_A3
+            p = -float(np.trace(full_stress(r.get("stress")))) / 3.0 / GPA_TO_EV_A3
             if not np.isfinite(p):
                 continue
             history[i].append((scale[i], p))

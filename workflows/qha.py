@@ -52,7 +52,7 @@ from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from mattersim.io import progress_bar, safe_filename, to_builtin
 from mattersim.settings import parse_mesh, parse_pressures, parse_supercell
-from workflows.cells import structure_record, to_ase_atoms, to_phonopy_atoms
+from workflows.cells import structure_record, to_ase_atoms, to_phonopy_atoms, unique_labels
 from workflows.outputs import ArrayStore, RunFolder, figure, load_summary, run_key, summary_header
 
 __all__ = ["EOS_NAMES", "QHARunResult", "check_free_energy_monotonic", "find_mode_jumps", "parse_volume_grid",
@@ -511,12 +511,7 @@ def _check(structures, calculator, labels, tmax, tstep, eos, fmax, displacement)
     labels = [safe_filename(str(x)) for x in labels]
     if len(labels) != len(structures):
         raise InputError(f"{len(labels)} labels for {len(structures)} structures; give one label per structure.")
-    seen: dict[str, int] = {}
-    unique = []
-    for x in labels:  # two phases of one formula: Mg1O1, Mg1O1-2
-        seen[x] = seen.get(x, 0) + 1
-        unique.append(x if seen[x] == 1 else f"{x}-{seen[x]}")
-    return structures, unique
+    return structures, unique_labels(labels)  # two phases of one formula: MgO, MgO-2
 
 
 @dataclass
