@@ -737,6 +737,7 @@ def qha_command(
     fmax: float = typer.Option(0.01, "--fmax", help="Force threshold of the relaxations, eV/Å."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax each structure to V0 first (space group kept)."),
     symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Phase names, one per file, comma-separated (B1,B2); default the formula for one file, the file names for several. 'mattersim hull --qha' matches phases to candidates by these names."),
     outdir: Path = typer.Option(Path("qha"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
@@ -764,9 +765,18 @@ def qha_command(
 
     from workflows.qha import run_qha  # lazily: the core never imports workflows at module level
 
-    # phase folders: the formula for one file, the file names (B1.vasp -> B1) for several
-    labels = ([structures[0].get_chemical_formula(mode="hill", empirical=True)] if len(files) == 1 else
-              [Path(f).stem if Path(f).stem not in ("POSCAR", "CONTCAR") else Path(f).name for f in files])
+    from workflows.candidates import file_label
+    from workflows.cells import unique_labels
+
+    # phase folders: --labels, else the formula for one file, the file names for several (B1.vasp and
+    # POSCAR_B1 -> B1, as 'mattersim hull' labels its candidates, so that --qha finds them)
+    if labels:
+        labels = [x.strip() for x in labels.split(",")]
+        if len(labels) != len(files) or not all(labels) or len(set(labels)) != len(labels):
+            raise InputError(f"--labels needs {len(files)} distinct names, one per file, comma-separated; got {len(labels)}.")
+    else:
+        labels = ([structures[0].get_chemical_formula(mode="hill", empirical=True)] if len(files) == 1 else
+                  unique_labels([file_label(Path(f), a) for f, a in zip(files, structures)]))
     result = run_qha(structures, calc, labels=labels, volumes=volumes, strains=strains, tmax=tmax, tstep=tstep,
                      pressures=pressures, eos=eos, supercell=smat, mesh=mesh, nac=nac, born_file=born,
                      nac_method=nac_method.value, fmax=fmax, relax=relax, symprec=symprec,
@@ -790,6 +800,14 @@ def hull_command(
     steps: int = typer.Option(500, "--steps", help="Maximum steps of each relaxation."),
     chain: str = typer.Option("down", "--chain", help="down: start each pressure from the one above (highest first); up: the reverse; none: every pressure from the input."),
     optimizer: str = typer.Option("BFGS", "--optimizer", help="BFGS, FIRE or LBFGS (with ASE's FrechetCellFilter)."),
+    mp: bool = typer.Option(False, "--mp", help="Add the Materials Project's structures of the system and its sub-systems (mp-api; needs MP_API_KEY)."),
+    mp_max_above_hull: float = typer.Option(0.2, "--mp-max-above-hull", help="With --mp: only structures at most this far above MP's 0 GPa hull, eV/atom (negative: all)."),
+    search: int = typer.Option(0, "--search", help="Random structure search: N PyXtal crystals per composition and pressure, relaxed; the lowest join the candidates."),
+    compositions: Optional[str] = typer.Option(None, "--compositions", help="With --search: formulas to search, comma-separated (La,H,LaH10); default those of the candidates."),
+    seed: int = typer.Option(0, "--seed", help="With --search: random seed (the same seed gives the same structures)."),
+    search_max_atoms: int = typer.Option(12, "--search-max-atoms", help="With --search: most atoms per random cell."),
+    qha: List[Path] = typer.Option([], "--qha", help="Folders written by 'mattersim qha' (phases labelled like the candidates): those phases enter with G(T, P); repeatable; needs --temperature."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="With --qha: the temperature of the hull, K."),
     outdir: Path = typer.Option(Path("hull"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
@@ -799,20 +817,32 @@ def hull_command(
     """Enthalpy convex hull of a chemical system at each pressure: stable phases, distances above the hull,
     transition pressures, flags for relaxations that went wrong. Writes hull.json, hull.csv, relaxed
     structures and plots to OUTDIR."""
+    import os
+
     from mattersim.io import ensure_writable_dir
-    from workflows.hull import load_candidates, parse_system, run_hull  # lazily: the core never imports workflows
+    from workflows.candidates import load_candidates, mp_candidates, parse_system  # lazily: the core never imports workflows
+    from workflows.hull import run_hull
 
     elements = parse_system(system)
-    if not structures:
-        raise InputError("No candidate structures: give structure files or folders with --structures (e.g. "
-                         "--structures POSCARs/), the elemental phases of the system included.")
+    if not structures and not mp and not search:
+        raise InputError("No candidate structures. Give them with --structures FILES_OR_FOLDERS (POSCAR, CIF, extxyz), "
+                         "--mp (the Materials Project, with MP_API_KEY) or --search N --compositions La,H,LaH10 (a "
+                         "random structure search), the elemental phases of the system included.")
+    if temperature is not None and not qha:
+        raise InputError("--temperature needs --qha: give the folders of 'mattersim qha' runs of the phases (their G(T, P)); "
+                         "without them the hull is the static enthalpy one.")
     ensure_writable_dir(outdir)  # before any work
-    candidates = load_candidates(structures, elements)
+    candidates = load_candidates(structures, elements) if structures else []
+    if mp:
+        candidates += mp_candidates(elements, endpoint=os.environ.get("MP_API_ENDPOINT"),
+                                    max_above_hull=None if mp_max_above_hull < 0 else mp_max_above_hull)
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(candidates, _max_z(calc))
     _check_trained_elements(calc, candidates, allow_untrained_elements, properties=False)
     result = run_hull(candidates, calc, system=elements, pressures=pressures, fmax=fmax, steps=steps, chain=chain,
-                      optimizer=optimizer, output_dir=outdir, progress=sys.stderr.isatty())
+                      optimizer=optimizer, search=search, seed=seed, search_max_atoms=search_max_atoms,
+                      compositions=[c for c in compositions.split(",") if c.strip()] if compositions else None,
+                      qha=list(qha) or None, temperature=temperature, output_dir=outdir, progress=sys.stderr.isatty())
     _print_rows(f"Convex hull of {'-'.join(elements)} ({result.summary['model'].get('name', 'model')})", result.rows(),
                 lambda quantity: quantity.startswith("FLAG"), columns=("pressure / phase", "stable phases / value"),
                 wrap_values=True)

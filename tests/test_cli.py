@@ -494,6 +494,30 @@ def test_cli_qha_writes_and_prints(tmp_path, emt_registry):
     assert (out / "Cu" / "e-v.dat").is_file() and (out / "Cu" / "qha.png").is_file()
 
 
+def test_cli_qha_feeds_a_finite_temperature_hull(tmp_path, emt_registry):
+    folder = tmp_path / "cands"
+    folder.mkdir()
+    bulk("Cu", "fcc", a=3.6).write(folder / "POSCAR_fcc", format="vasp")
+    bulk("Cu", "bcc", a=2.87).write(folder / "POSCAR_bcc", format="vasp")
+    result = _invoke("qha", folder / "POSCAR_fcc", "--labels", "fcc", "--supercell", "2 2 2", "--mesh", "5 5 5",
+                     "--volumes=-0.03:0.03:5", "--tmax", "320", "--pressures", "0,2", "-o", tmp_path / "qha")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "qha" / "fcc" / "e-v.dat").is_file()
+    result = _invoke("hull", "Cu", "--structures", folder, "--pressures", "0,2", "--fmax", "0.05", "--qha", tmp_path / "qha",
+                     "--temperature", "300", "-o", tmp_path / "hull")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "hull" / "hull.json").read_text())
+    ft = summary["finite_temperature"]
+    assert ft["phases_with_free_energy"] == ["fcc"] and ft["phases_static"] == ["bcc"] and "G at 300 K" in result.output
+    # the hull's G is the QHA's table at 300 K
+    from workflows.qha import QHARunResult
+
+    t, p, g = QHARunResult.load(tmp_path / "qha").gibbs("fcc")
+    fcc = next(ph for ph in summary["phases"] if ph["label"] == "fcc")
+    np.testing.assert_allclose(fcc["gibbs_eV_per_atom"], [np.interp(300.0, t, row) for row in g], rtol=0, atol=1e-9)
+    assert_user_error(_invoke("qha", folder / "POSCAR_fcc", "--labels", "a,b", "-o", tmp_path / "o"), "--labels")
+
+
 def test_cli_qha_user_errors(tmp_path, emt_registry):
     poscar = tmp_path / "POSCAR"
     bulk("Cu", "fcc", a=3.6).write(poscar, format="vasp")
@@ -533,3 +557,31 @@ def test_cli_hull_user_errors(tmp_path, emt_registry):
     assert_user_error(_invoke("hull", "Cu-Au", "-o", tmp_path / "o"), "--structures")
     assert_user_error(_invoke("hull", "Cu-Qq", "--structures", folder, "-o", tmp_path / "o"), "not understood")
     assert_user_error(_invoke("hull", "Cu", "--structures", folder, "--chain", "x", "-o", tmp_path / "o"), "chain")
+
+
+def test_cli_hull_random_search_and_sources(tmp_path, emt_registry):
+    pytest.importorskip("pyxtal")
+    out = tmp_path / "search"
+    result = _invoke("hull", "Cu", "--search", "2", "--compositions", "Cu", "--search-max-atoms", "2", "--seed", "1",
+                     "--fmax", "0.05", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "hull.json").read_text())
+    assert summary["search"]["relaxations"] == 2 and summary["search"]["seed"] == 1
+    assert "random search" in result.output and "Cu-search-1" in result.output
+    assert_user_error(_invoke("hull", "Cu", "-o", tmp_path / "o"), "--structures", "--mp", "--search")
+    assert_user_error(_invoke("hull", "Cu", "--search", "2", "--temperature", "300", "-o", tmp_path / "o"), "--qha")
+    assert_user_error(_invoke("hull", "Cu", "--search", "2", "--compositions", "Cq2", "-o", tmp_path / "o"),
+                      "not a chemical formula")
+
+
+def test_cli_hull_from_the_materials_project(tmp_path, emt_registry, fake_mp, monkeypatch):
+    pytest.importorskip("mp_api")
+    monkeypatch.setenv("MP_API_ENDPOINT", fake_mp.url)
+    monkeypatch.delenv("MP_API_KEY", raising=False)
+    assert_user_error(_invoke("hull", "Mg-O", "--mp", "-o", tmp_path / "o"), "MP_API_KEY")
+    monkeypatch.setenv("MP_API_KEY", "k" * 32)
+    result = _invoke("hull", "Cu-Au", "--mp", "--fmax", "0.05", "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o" / "hull.json").read_text())
+    assert [p["label"] for p in summary["phases"]] == ["Au-mp-81", "AuCu-mp-522", "Cu-mp-30"]
+    assert any(r[0].startswith("/materials/summary") for r in fake_mp.requests)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.emt import EMT
 
 from conftest import shared_path
 from mattersim.errors import InputError
@@ -253,3 +254,156 @@ def test_volume_prescaling_starts_the_relaxations_near_the_pressure():
         np.testing.assert_allclose([ph["enthalpy_eV_per_atom"][0] for ph in res.summary["phases"]],
                                    [_h(CU_A, 80.0), _h(CU_B, 80.0)], atol=1e-6)
     assert steps[True] < steps[False]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# random structure search
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CountingEMT(EMT):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def calculate(self, *args, **kwargs):
+        self.calls += 1
+        super().calculate(*args, **kwargs)
+
+
+def _relaxed_fcc_energy(symbol: str) -> float:
+    from ase.build import bulk
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+
+    a = bulk(symbol, "fcc")
+    a.calc = EMT()
+    BFGS(FrechetCellFilter(a), logfile=None).run(fmax=1e-4, steps=200)
+    return a.get_potential_energy() / len(a)
+
+
+def test_random_search_finds_the_ground_state_and_resumes(tmp_path):
+    pytest.importorskip("pyxtal")
+    out = tmp_path / "search"
+    calc = CountingEMT()
+    res = run_hull([], calc, system="Cu", compositions=["Cu"], search=4, search_max_atoms=4, pressures="0",
+                   seed=3, output_dir=out, progress=False)
+    (found,) = res.summary["search"]["found"]
+    assert found["label"] == "Cu-search-1" and res.stable(0.0) == ["Cu-search-1"]
+    assert res.summary["search"]["relaxations"] == 4
+    # the best of four random crystals relaxes to EMT's ground state, close-packed copper, to within the
+    # relaxation's force threshold (0.05 eV/Å in the search, 0.02 in the hull)
+    assert res.summary["phases"][0]["enthalpy_eV_per_atom"][0] == pytest.approx(_relaxed_fcc_energy("Cu"), abs=2e-3)
+    assert (out / "search" / "P-00.npz").is_file()
+    # rerun: the search and the hull relaxations come from the stores, no model call
+    calc.calls = 0
+    again = run_hull([], calc, system="Cu", compositions=["Cu"], search=4, search_max_atoms=4, pressures="0",
+                     seed=3, output_dir=out, progress=False)
+    assert calc.calls == 0 and again.summary["phases"] == res.summary["phases"]
+    # another seed is another search
+    other = run_hull([], CountingEMT(), system="Cu", compositions=["Cu"], search=1, search_max_atoms=4, pressures="0",
+                     seed=4, progress=False)
+    assert other.summary["search"]["relaxations"] == 1
+
+
+def test_search_adds_to_given_candidates_and_checks_its_inputs():
+    pytest.importorskip("pyxtal")
+    from ase.build import bulk
+
+    with pytest.raises(InputError, match="compositions to search"):
+        run_hull([], EMT(), system="Cu", search=2, progress=False)
+    with pytest.raises(InputError, match="outside the system"):
+        run_hull([("Cu", bulk("Cu"))], EMT(), system="Cu", search=1, compositions=["CuAu"], progress=False)
+    with pytest.raises(InputError, match="No elemental phase of Au"):
+        run_hull([("Cu", bulk("Cu"))], EMT(), system="Cu-Au", search=1, compositions=["CuAu"], progress=False)
+    with pytest.raises(InputError, match="search must be"):
+        run_hull([("Cu", bulk("Cu"))], EMT(), search=-1, progress=False)
+    # default compositions: those of the candidates; the searched phases join them
+    res = run_hull([("fcc", bulk("Cu", "fcc", a=3.6))], EMT(), search=2, search_max_atoms=2, pressures="0",
+                   progress=False)
+    assert res.summary["search"]["compositions"] == [{"Cu": 1}]
+    assert res.labels[0] == "fcc" and all(lab.startswith("Cu-search-") for lab in res.labels[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finite-temperature hulls from QHA free energies
+# ---------------------------------------------------------------------------------------------------------
+
+# entropies per atom (eV/K) of the two copper phases: B, the denser one, has the larger entropy here, so
+# temperature moves the transition to lower pressure
+S_A, S_B = 1.0e-4, 2.5e-4
+QHA_T = np.arange(0.0, 1001.0, 100.0)
+QHA_P = np.arange(0.0, 100.1, 5.0)
+
+
+def _fake_qha(calc, phases):
+    """A QHA result whose G(T, P) = h(P) - S T per atom for each (label, formula, params, S)."""
+    from mattersim.calculator import model_info
+    from workflows.qha import QHARunResult
+
+    docs = []
+    for label, formula, params, s in phases:
+        g = [[_h(params, p) - s * t for t in QHA_T] for p in QHA_P]
+        docs.append({"label": label, "structure": {"formula": formula},
+                     "gibbs_table": {"temperatures_K": QHA_T.tolist(), "pressures_GPa": QHA_P.tolist(), "G_eV_per_atom": g}})
+    return QHARunResult(summary={"model": model_info(calc), "phases": docs})
+
+
+def test_finite_temperature_transition_moves_as_the_free_energies_say(tmp_path):
+    from scipy.optimize import brentq
+
+    cands = [("A", _cell("Cu", 13.0)), ("B", _cell("Cu2", 10.0))]
+    calc = QuadraticEOS(UNARY)
+    qha = _fake_qha(calc, [("A", "Cu", CU_A, S_A), ("B", "Cu", CU_B, S_B)])
+    static = brentq(lambda p: _h(CU_A, p) - _h(CU_B, p), 0.0, 100.0)
+    for temperature in (0.0, 350.0, 800.0):
+        res = run_hull(cands, calc, pressures="0:100:20", fmax=1e-5, steps=400, primitive=False, progress=False,
+                       qha=qha, temperature=temperature)
+        # independent: G_A(T, P) = G_B(T, P), i.e. h_A - h_B = (S_A - S_B) T
+        expected = brentq(lambda p: _h(CU_A, p) - _h(CU_B, p) - (S_A - S_B) * temperature, 0.0, 100.0)
+        kinds = {(t["phase"], t["kind"]): t["pressure_GPa"] for t in res.summary["transitions"]}
+        assert kinds[("B", "becomes stable")] == pytest.approx(expected, abs=0.01)
+        ph = {p["label"]: p for p in res.summary["phases"]}
+        np.testing.assert_allclose(ph["B"]["gibbs_eV_per_atom"], [_h(CU_B, p) - S_B * temperature for p in res.pressures],
+                                   atol=1e-9)
+        np.testing.assert_allclose(ph["A"]["enthalpy_eV_per_atom"], [_h(CU_A, p) for p in res.pressures], atol=1e-6)
+        ft = res.summary["finite_temperature"]
+        assert ft["temperature_K"] == temperature and ft["phases_with_free_energy"] == ["A", "B"]
+        assert ft["phases_static"] == [] and "zero-point" in ft["included"]
+    assert expected < static - 10  # 800 K moved it by tens of GPa
+    # between grid temperatures: linear in T, exact here
+    res = run_hull(cands, calc, pressures="0:100:20", fmax=1e-5, steps=400, primitive=False, progress=False,
+                   qha=qha, temperature=333.0, output_dir=tmp_path / "h")
+    expected = brentq(lambda p: _h(CU_A, p) - _h(CU_B, p) - (S_A - S_B) * 333.0, 0.0, 100.0)
+    assert res.summary["transitions"][0]["pressure_GPa"] == pytest.approx(expected, abs=0.01)
+    assert "gibbs_eV_per_atom" in (tmp_path / "h" / "hull.csv").read_text().splitlines()[0]
+    assert res.rows()[0][0] == "G at 333 K"
+
+
+def test_finite_temperature_from_a_qha_folder_and_its_checks(tmp_path):
+    cands = [("A", _cell("Cu", 13.0)), ("B", _cell("Cu2", 10.0))]
+    calc = QuadraticEOS(UNARY)
+    qha = _fake_qha(calc, [("B", "Cu", CU_B, S_B)])
+    qha.save(tmp_path / "qha-B")
+    res = run_hull(cands, calc, pressures="0:100:20", fmax=1e-5, steps=400, primitive=False, progress=False,
+                   qha=[tmp_path / "qha-B"], temperature=300.0)
+    ft = res.summary["finite_temperature"]
+    assert ft["phases_with_free_energy"] == ["B"] and ft["phases_static"] == ["A"]  # mixed: said, and logged
+
+    def fails(fragment, **kwargs):
+        with pytest.raises(InputError, match=fragment):
+            run_hull(cands, calc, pressures=kwargs.pop("pressures", "0:100:20"), primitive=False, progress=False, **kwargs)
+
+    fails("needs free energies", temperature=300.0)
+    fails("need a temperature", qha=qha)
+    fails("outside its temperatures", qha=qha, temperature=2000.0)
+    fails("covering them", qha=qha, temperature=300.0, pressures="0:200:20")
+    fails("not a hull candidate", qha=_fake_qha(calc, [("C", "Cu", CU_B, S_B)]), temperature=300.0)
+    fails("the hull candidate CuAu|is Au", qha=_fake_qha(calc, [("B", "Au", CU_B, S_B)]), temperature=300.0)
+    fails("give each phase once", qha=[qha, qha], temperature=300.0)
+    other = _fake_qha(calc, [("B", "Cu", CU_B, S_B)])
+    other.summary["model"] = {"name": "another-model"}
+    fails("one model", qha=other, temperature=300.0)
+    holey = _fake_qha(calc, [("B", "Cu", CU_B, S_B)])
+    holey.summary["phases"][0]["gibbs_table"]["G_eV_per_atom"][-1] = [None] * len(QHA_T)  # 100 GPa outside its volumes
+    fails("no free energy at 300 K and 100 GPa", qha=holey, temperature=300.0)

@@ -1,7 +1,8 @@
 """Convex hulls under pressure: stable phases, hull distances and transition pressures of a chemical system.
 
 :func:`run_hull` takes candidate structures of a chemical system (several polymorphs per composition and
-the elemental phases) and any ASE calculator with stress:
+the elemental phases; from files, the Materials Project or a random structure search, see
+:mod:`workflows.candidates` and ``search``) and any ASE calculator with stress:
 
 1. every candidate (reduced to its primitive cell) is relaxed at every pressure, cell and positions,
    minimising the enthalpy H = E + PV, all candidates at one pressure together through
@@ -19,7 +20,10 @@ the elemental phases) and any ASE calculator with stress:
    that does not decrease with pressure or jumps away from a smooth equation of state of the phase (a model
    that collapses a phase under pressure).
 
-Units: pressures GPa, energies and enthalpies eV (per atom in the tables), volumes Å^3/atom.
+With ``qha`` and ``temperature``, the phases of the QHA runs enter with their Gibbs free energy G(T, P)
+instead of the static enthalpy (a finite-temperature hull; see :func:`run_hull`).
+
+Units: pressures GPa, energies and enthalpies eV (per atom in the tables), volumes Å^3/atom, K.
 
 Outputs (``output_dir``): ``hull.json`` (summary header, every relaxed enthalpy, distances, stable sets,
 transition pressures, flags), ``hull.csv``, ``relaxed-<P>GPa.extxyz`` per pressure, ``hulls.png`` (the hull
@@ -48,6 +52,7 @@ from mattersim.calculator import model_info
 from mattersim.errors import InputError
 from mattersim.io import full_stress, progress_bar
 from mattersim.settings import parse_pressures
+from workflows.candidates import load_candidates, parse_system
 from workflows.cells import structure_record, unique_labels
 from workflows.outputs import ArrayStore, RunFolder, figure, load_summary, run_key, summary_header
 
@@ -67,68 +72,6 @@ UNITS = {"pressure": "GPa", "enthalpy": "eV/atom", "energy": "eV/atom", "volume"
 # ---------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------
-
-
-def parse_system(system: str | Sequence[str]) -> list[str]:
-    """``"La-H"`` (or ``["La", "H"]``) -> the elements, in the order given (the hull plots put the fraction
-    of the last one on the x axis)."""
-    from ase.data import atomic_numbers
-
-    parts = [p.strip() for p in (system.replace(",", "-").split("-") if isinstance(system, str) else system)]
-    parts = [p for p in parts if p]
-    bad = [p for p in parts if p not in atomic_numbers or p == "X"]
-    if not parts or bad or len(set(parts)) != len(parts):
-        raise InputError(f"Chemical system {system!r} is not understood; write the elements joined by '-', e.g. La-H "
-                         f"or Mg-Si-O{' (unknown: ' + ', '.join(bad) + ')' if bad else ''}.")
-    return parts
-
-
-def _label(path: Path, atoms: Atoms, index: int, count: int) -> str:
-    stem = path.stem if path.suffix.lower() in (".vasp", ".cif", ".xyz", ".extxyz", ".poscar") else path.name
-    for prefix in ("POSCAR_", "POSCAR-", "CONTCAR_", "CONTCAR-"):
-        if stem.startswith(prefix) and len(stem) > len(prefix):
-            stem = stem[len(prefix):]
-    if stem in ("POSCAR", "CONTCAR"):
-        stem = atoms.get_chemical_formula(mode="hill", empirical=True)
-    return stem if count == 1 else f"{stem}-{index + 1}"
-
-
-def load_candidates(sources: Sequence[str | os.PathLike], system: Sequence[str]) -> list[tuple[str, Atoms]]:
-    """``(label, Atoms)`` of every structure in ``sources`` (files in any ASE-readable format, or folders of
-    them; every frame of a trajectory) whose elements belong to ``system``; labels from the file names
-    (``POSCAR_LaH10`` -> ``LaH10``). A file that cannot be read is an error naming it; structures of other
-    systems are skipped (logged)."""
-    import ase.io
-
-    files: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputError(f"Structure source '{p}' does not exist; give structure files or folders of them.")
-    out: list[tuple[str, Atoms]] = []
-    allowed = set(system)
-    for f in files:
-        try:
-            frames = ase.io.read(f, index=":")
-        except Exception as exc:  # ASE raises many types for unreadable files
-            raise InputError(f"'{f}' is not a structure file ASE can read ({type(exc).__name__}: {str(exc)[:120]}); "
-                             "remove it from the folder or convert it (POSCAR, CIF, extxyz).") from None
-        for k, a in enumerate(frames):
-            elements = set(a.get_chemical_symbols())
-            if not elements <= allowed:
-                logger.info(f"{f}: {a.get_chemical_formula()} is not in the {'-'.join(system)} system; skipped")
-                continue
-            if len(a) == 0 or not np.asarray(a.pbc).all() or abs(a.cell.volume) < 1e-6:
-                raise InputError(f"'{f}' (frame {k + 1}) is not a 3D-periodic crystal; hull candidates need a cell.")
-            a = a.copy()
-            a.calc = None
-            out.append((_label(f, a, k, len(frames)), a))
-    # two files with one name in different folders: LaH10, LaH10-2
-    return list(zip(unique_labels([label for label, _ in out]), [a for _, a in out]))
 
 
 def _primitive(atoms: Atoms, symprec: float = 1e-3) -> Atoms:
@@ -373,15 +316,19 @@ class HullResult:
         return cls(summary=load_summary(directory, "hull.json", [], "run_hull / 'mattersim hull'"), output_dir=directory)
 
     def csv(self) -> str:
-        """One row per phase and pressure: label, formula, pressure, enthalpy, formation enthalpy, distance
-        above the hull, volume, stable, converged, space group, flags."""
+        """One row per phase and pressure: label, formula, pressure, static enthalpy, Gibbs free energy (phases
+        with QHA in a finite-temperature hull, else empty), formation enthalpy (or free energy), distance above
+        the hull, volume, stable, converged, space group, flags."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["phase", "formula", "pressure_GPa", "enthalpy_eV_per_atom", "formation_enthalpy_eV_per_atom",
-                    "above_hull_eV_per_atom", "volume_A3_per_atom", "stable", "converged", "spacegroup", "flags"])
+        w.writerow(["phase", "formula", "pressure_GPa", "enthalpy_eV_per_atom", "gibbs_eV_per_atom",
+                    "formation_eV_per_atom", "above_hull_eV_per_atom", "volume_A3_per_atom", "stable", "converged",
+                    "spacegroup", "flags"])
         for ph in self.summary["phases"]:
             for i, pr in enumerate(self.pressures):
-                w.writerow([ph["label"], ph["formula"], pr, ph["enthalpy_eV_per_atom"][i], ph["formation_eV_per_atom"][i],
+                g = ph.get("gibbs_eV_per_atom")
+                w.writerow([ph["label"], ph["formula"], pr, ph["enthalpy_eV_per_atom"][i], "" if g is None else g[i],
+                            ph["formation_eV_per_atom"][i],
                             ph["above_hull_eV_per_atom"][i], ph["volume_A3_per_atom"][i], ph["stable"][i],
                             ph["converged"][i], ph["spacegroup"][i], "; ".join(ph["flags"][i])])
         return buf.getvalue()
@@ -390,6 +337,15 @@ class HullResult:
         """(quantity, value) lines that ``mattersim hull`` prints: the stable phases per pressure, the
         transition pressures and the flags."""
         rows = []
+        ft = self.summary.get("finite_temperature")
+        if ft:
+            rows.append((f"G at {ft['temperature_K']:g} K", f"{', '.join(ft['phases_with_free_energy'])}; static H: "
+                         f"{', '.join(ft['phases_static']) or 'none'}"))
+        search = self.summary.get("search")
+        if search:
+            rows.append(("random search", f"{search['relaxations']} relaxations, kept "
+                         + (", ".join(f"{r['label']} ({r['spacegroup']}, {r['found_at_GPa']:g} GPa)" for r in search["found"])
+                            or "none")))
         for i, pr in enumerate(self.pressures):
             rows.append((f"{pr:g} GPa", ", ".join(self.stable(pr))))
         for t in self.summary["transitions"]:
@@ -411,23 +367,166 @@ class HullResult:
 def _pack(atoms_list: Sequence[Atoms]) -> dict[str, np.ndarray]:
     return {"cells": np.array([np.array(a.cell[:]) for a in atoms_list]),
             "positions": np.concatenate([a.positions for a in atoms_list]),
+            "numbers": np.concatenate([a.numbers for a in atoms_list]),
             "counts": np.array([len(a) for a in atoms_list])}
 
 
-def _unpack(data: dict, templates: Sequence[Atoms]) -> list[Atoms]:
+def _unpack(data: dict, templates: Sequence[Atoms] | None = None) -> list[Atoms]:
+    """The structures stored by :func:`_pack`; with ``templates``, copies of them (labels, info) with the
+    stored cells and positions."""
     out, start = [], 0
-    for k, t in enumerate(templates):
-        a = t.copy()
-        a.set_cell(data["cells"][k])
-        a.positions = data["positions"][start:start + len(t)]
-        start += len(t)
+    for k, n in enumerate(data["counts"]):
+        n = int(n)
+        if templates is not None:
+            a = templates[k].copy()
+            a.set_cell(data["cells"][k])
+            a.positions = data["positions"][start:start + n]
+        else:
+            a = Atoms(numbers=data["numbers"][start:start + n], cell=data["cells"][k],
+                      positions=data["positions"][start:start + n], pbc=True)
+        start += n
         out.append(a)
+    return out
+
+
+def _search(compositions: list[dict], calculator, pressures: list[float], *, count: int, seed: int, max_atoms: int,
+            fmax: float, steps: int, optimizer: str, out: Path | None, info: dict, log, progress: bool
+            ) -> tuple[list[tuple[str, Atoms]], dict]:
+    """The random structure search: at every pressure, ``count`` PyXtal crystals of every composition,
+    scaled towards that pressure and relaxed together (one batched relaxation per pressure, stored in
+    ``search/P-NN.npz``); the lowest enthalpy per composition and pressure is kept, and the distinct ones
+    (StructureMatcher) across pressures become candidates ``<formula>-search-<k>``."""
+    from mattersim.relax import BatchRelaxer
+    from workflows.candidates import distinct, random_structures
+
+    settings = {"count": int(count), "seed": int(seed), "max_atoms": int(max_atoms), "fmax_eV_per_A": float(fmax),
+                "steps": int(steps), "optimizer": optimizer, "compositions": compositions}
+    best: list[list[tuple[float, float, Atoms]]] = [[] for _ in compositions]  # (P, H/atom, structure)
+    n_relaxed = n_converged = 0
+    if out is not None:
+        (out / "search").mkdir(exist_ok=True)
+    with progress_bar(progress, len(pressures), "hull: random search") as bar:
+        for i, pressure in enumerate(pressures):
+            store = ArrayStore(None if out is None else out / "search" / f"P-{i:02d}.npz",
+                               run_key([], {**settings, "pressure_GPa": pressure}, info))
+            if store.load(log):
+                log.info(f"search at {pressure:g} GPa: reusing the stored relaxations")
+            else:
+                starts, owner = [], []
+                for c, comp in enumerate(compositions):
+                    sub_seed = int(np.random.SeedSequence([int(seed), i, c]).generate_state(1)[0])
+                    starts += random_structures(comp, count, seed=sub_seed, max_atoms=max_atoms)
+                    owner += [c] * count
+                starts, _ = prescale(starts, calculator, pressure)
+                rs = BatchRelaxer(calculator, fmax=fmax, steps=steps, pressure=pressure, mode="full",
+                                  optimizer=optimizer).relax(starts)
+                store.data = {**_pack([r.atoms for r in rs]), "owner": np.array(owner),
+                              "enthalpy": np.array([r.enthalpy / len(r.atoms) for r in rs]),
+                              "converged": np.array([r.converged for r in rs])}
+                store.save()
+            d = store.data
+            relaxed = _unpack(d)
+            n_relaxed += len(relaxed)
+            n_converged += int(d["converged"].sum())
+            for c in range(len(compositions)):
+                mine = [k for k in range(len(relaxed)) if d["owner"][k] == c and np.isfinite(d["enthalpy"][k])]
+                pool = [k for k in mine if d["converged"][k]] or mine  # converged ones first
+                if pool:
+                    k = min(pool, key=lambda k: d["enthalpy"][k])
+                    best[c].append((pressure, float(d["enthalpy"][k]), relaxed[k]))
+            bar.advance(1)
+    found, records = [], []
+    for c, comp in enumerate(compositions):
+        structures = [a for _, _, a in best[c]]
+        for j, k in enumerate(distinct(structures) if structures else []):
+            pressure, h, a = best[c][k]
+            label = f"{a.get_chemical_formula(mode='hill', empirical=True)}-search-{j + 1}"
+            found.append((label, a))
+            records.append({"label": label, "found_at_GPa": pressure, "enthalpy_eV_per_atom": h,
+                            "spacegroup": _spacegroup(a)})
+    log.info(f"random search: {n_relaxed} relaxations ({n_converged} converged), {len(found)} distinct lowest "
+             f"structures kept: {', '.join(r['label'] for r in records)}")
+    return found, {**settings, "relaxations": n_relaxed, "converged": n_converged, "found": records}
+
+
+def _free_energies(qha: Any, temperature: float | None, labels: list[str], inputs: list[Atoms],
+                   pressures: list[float], info: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{candidate index: (G eV/atom, dG/dP as Å^3/atom) at every hull pressure} at ``temperature`` from the
+    QHA runs in ``qha`` (:class:`workflows.qha.QHARunResult`, a folder written by ``mattersim qha``, or a list
+    of them), each phase matched to the candidate with its label. Checked before any relaxation: the model is
+    the hull's, the compositions agree, and the QHA's G(T, P) table covers the temperature and every hull
+    pressure."""
+    from scipy.interpolate import CubicSpline
+
+    from workflows.qha import QHARunResult
+
+    if qha is None:
+        if temperature is not None:
+            raise InputError("A temperature needs free energies: give QHA runs of the phases with it (--qha DIR, "
+                             "folders written by 'mattersim qha'); without them the hull is the static enthalpy one.")
+        return {}
+    if temperature is None or not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise InputError(f"QHA free energies need a temperature (K, >= 0), not {temperature!r}: give --temperature.")
+    runs = qha if isinstance(qha, (list, tuple)) else [qha]
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for run in runs:
+        where = "a QHA result"
+        if not isinstance(run, QHARunResult):
+            where = f"the QHA run in '{run}'"
+            run = QHARunResult.load(run)
+        elif run.output_dir is not None:
+            where = f"the QHA run in '{run.output_dir}'"
+        name = (run.summary.get("model") or {}).get("name")
+        if name != info.get("name"):
+            raise InputError(f"{where} used the model {name!r}, the hull {info.get('name')!r}: free energies and "
+                             "enthalpies must come from one model; rerun one of them.")
+        for ph in run.summary["phases"]:
+            label = ph["label"]
+            if label not in labels:
+                raise InputError(f"{where} has a phase {label!r} that is not a hull candidate ({', '.join(labels)}); "
+                                 "name the QHA phases like the candidates (mattersim qha --labels).")
+            k = labels.index(label)
+            if k in out:
+                raise InputError(f"Two QHA runs give the phase {label!r}; give each phase once.")
+            formula = inputs[k].get_chemical_formula(mode="hill", empirical=True)
+            qha_formula = (ph.get("structure") or {}).get("formula")
+            if qha_formula is not None and Atoms(qha_formula).get_chemical_formula(mode="hill", empirical=True) != formula:
+                raise InputError(f"{where}: phase {label!r} is {qha_formula}, the hull candidate {formula}.")
+            t, p, g = run.gibbs(label)
+            if not (len(t) and t[0] <= temperature <= t[-1]):
+                raise InputError(f"{where}: {temperature:g} K is outside its temperatures "
+                                 f"({t[0]:g}-{t[-1]:g} K); rerun mattersim qha with a larger --tmax." if len(t) else
+                                 f"{where}: phase {label!r} has no G(T, P) table.")
+            if not (p[0] <= min(pressures) and max(pressures) <= p[-1]) or len(p) < 2:
+                raise InputError(f"{where}: phase {label!r} has G(T, P) at {p.tolist()} GPa, the hull needs "
+                                 f"{min(pressures):g}-{max(pressures):g} GPa; rerun mattersim qha with --pressures "
+                                 "covering them (and --volumes reaching the volumes of those pressures).")
+            g_t = np.array([np.interp(temperature, t, row) if np.isfinite(row).all() else
+                            (np.interp(temperature, t[np.isfinite(row)], row[np.isfinite(row)])
+                             if np.isfinite(row).sum() >= 2 and t[np.isfinite(row)][-1] >= temperature else np.nan)
+                            for row in g])
+            lo, hi = np.searchsorted(p, min(pressures), side="right") - 1, np.searchsorted(p, max(pressures))
+            if not np.isfinite(g_t[max(lo, 0):hi + 1]).all():
+                bad = [f"{x:g}" for x, y in zip(p, g_t) if not np.isfinite(y)]
+                raise InputError(f"{where}: phase {label!r} has no free energy at {temperature:g} K and "
+                                 f"{', '.join(bad)} GPa (the equilibrium volume leaves its sampled volumes); rerun "
+                                 "mattersim qha with --volumes reaching further.")
+            ok = np.isfinite(g_t)
+            spline = CubicSpline(p[ok], g_t[ok]) if ok.sum() >= 4 else None
+            x = np.asarray(pressures, dtype=float)
+            if spline is not None:
+                g_at, dg = spline(x), spline(x, 1)
+            else:
+                g_at, dg = np.interp(x, p[ok], g_t[ok]), np.interp(x, p[ok], np.gradient(g_t[ok], p[ok]))
+            out[k] = (np.asarray(g_at, dtype=float), np.asarray(dg, dtype=float) / GPA_TO_EV_A3)
     return out
 
 
 def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, system: str | Sequence[str] | None = None,
              pressures: Any = "0", fmax: float = 0.02, steps: int = 500, chain: str = "down",
              optimizer: str = "BFGS", primitive: bool = True, prescale_volume: bool = True, symprec: float = 1e-3,
+             search: int = 0, compositions: Sequence[str | dict] | None = None, seed: int = 0,
+             search_max_atoms: int = 12, qha: Any = None, temperature: float | None = None,
              output_dir: str | os.PathLike | None = None, progress: bool = True) -> HullResult:
     """The enthalpy convex hull of ``candidates`` (Atoms, or ``(label, Atoms)``) at every pressure (GPa;
     ``"0:200:20"``, a list or one number) with ``calculator``; see the module docstring. ``system``: the
@@ -437,14 +536,34 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
     candidate's primitive cell (spglib; the enthalpy per atom is the same, the work smaller).
     ``prescale_volume``: before each pressure's relaxations, scale every starting cell to about the volume of
     that pressure (:func:`prescale`, a few batched stress evaluations), so that the cell filter does not have
-    to compress it step by step."""
+    to compress it step by step.
+
+    ``search`` > 0: a random structure search first (:func:`_search`): at every pressure, ``search`` PyXtal
+    crystals (at most ``search_max_atoms`` atoms, reproducible from ``seed``) of every composition in
+    ``compositions`` (formulas like ``"LaH10"``; default: those of the candidates) are relaxed (with
+    max(fmax, 0.05) eV/Å, at most min(steps, 300) steps), and the distinct lowest-enthalpy ones join the
+    candidates as ``<formula>-search-<k>``; the search alone is enough when ``compositions`` include the
+    elements.
+
+    ``qha`` with ``temperature`` (K): a finite-temperature hull. The phases of the QHA runs (results of
+    :func:`workflows.qha.run_qha` or their folders; each phase labelled like its candidate) enter with their
+    Gibbs free energy G(T, P) (static energy, zero-point energy and harmonic vibrational free energy at the
+    quasi-harmonic volume) instead of the static enthalpy; the other phases keep the static enthalpy, and
+    configurational, anharmonic and electronic terms are left out."""
     from mattersim.relax import BatchRelaxer, _optimizer_class
 
     items = [(c if isinstance(c, tuple) else (c.info.get("label") or c.get_chemical_formula(mode="hill"), c))
              for c in candidates]
-    if not items:
-        raise InputError("No candidate structures: give structure files or folders (--structures), e.g. the "
-                         "POSCARs of the phases of the system, including its elements.")
+    search = int(search or 0)
+    if search < 0:
+        raise InputError(f"search must be a number of random structures per composition and pressure (>= 0), not {search}.")
+    if not items and not search:
+        raise InputError("No candidate structures: give structure files or folders (--structures), the Materials "
+                         "Project's (--mp, with MP_API_KEY) or a random search (--search N --compositions ...), the "
+                         "elemental phases of the system included.")
+    if search and not items and not compositions:
+        raise InputError("A random search without candidate structures needs the compositions to search "
+                         "(--compositions La,H,LaH10), the elements included.")
     for label, a in items:
         if not isinstance(a, Atoms) or len(a) == 0 or not np.asarray(a.pbc).all() or abs(a.cell.volume) < 1e-6:
             raise InputError(f"Candidate {label!r} is not a 3D-periodic crystal; hull candidates need a cell.")
@@ -454,7 +573,21 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
     if outside:
         raise InputError(f"Candidates hold {', '.join(outside)}, outside the system {'-'.join(elements)}; filter them "
                          "(load_candidates does) or widen the system.")
-    missing = [el for el in elements if not any(set(a.get_chemical_symbols()) == {el} for _, a in items)]
+    from workflows.candidates import parse_composition
+
+    search_comps: list[dict] = []
+    if search:
+        if compositions:
+            search_comps = [c if isinstance(c, dict) else parse_composition(c) for c in compositions]
+        else:  # the reduced compositions of the candidates, in order of appearance
+            formulas = [a.get_chemical_formula(mode="hill", empirical=True) for _, a in items]
+            search_comps = [parse_composition(f) for f in dict.fromkeys(formulas)]
+        odd = sorted({el for c in search_comps for el in c} - set(elements))
+        if odd:
+            raise InputError(f"Search compositions hold {', '.join(odd)}, outside the system {'-'.join(elements)}.")
+    searched_elements = {next(iter(c)) for c in search_comps if len(c) == 1}
+    missing = [el for el in elements if el not in searched_elements
+               and not any(set(a.get_chemical_symbols()) == {el} for _, a in items)]
     if missing:
         raise InputError(f"No elemental phase of {', '.join(missing)} among the candidates; the hull needs every end "
                          f"member of {'-'.join(elements)}: add a structure of {missing[0]} (e.g. its ground state).")
@@ -470,14 +603,18 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                          "pressure need stresses. Use a potential with stress (MatterSim, CHGNet, SevenNet).")
     from mattersim.registry import check_trained_elements
 
-    check_trained_elements(calculator, [a for _, a in items], labels=[lab for lab, _ in items], properties=False)
+    if search:
+        from ase.data import atomic_numbers
+
+        check_trained_elements(calculator, [Atoms([atomic_numbers[el] for el in elements])], labels=["search"],
+                               properties=False)
+    if items:
+        check_trained_elements(calculator, [a for _, a in items], labels=[lab for lab, _ in items], properties=False)
     out = RunFolder.check(output_dir)
     info = model_info(calculator)
     labels = [lab for lab, _ in items]
     inputs = [(_primitive(a, symprec) if primitive else a.copy()) for _, a in items]
-    for a in inputs:
-        a.calc = None
-    input_groups = [_spacegroup(a, symprec) for a in inputs]
+    free = _free_energies(qha, temperature, labels, inputs, pressure_list, info)  # checked before any work
     settings = {"system": elements, "pressures_GPa": pressure_list, "fmax_eV_per_A": float(fmax), "steps": int(steps),
                 "chain": chain, "optimizer": str(optimizer), "primitive": bool(primitive),
                 "prescale_volume": bool(prescale_volume), "symprec": float(symprec),
@@ -491,6 +628,23 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
         log = folder.log
         log.info(f"run_hull: {'-'.join(elements)}, {len(items)} candidates ({', '.join(labels)}), pressures "
                  f"{pressure_list} GPa, chain {chain}, model {info.get('name')}, output {out}")
+        search_summary = None
+        if search:
+            t0 = time.perf_counter()
+            found, search_summary = _search(search_comps, calculator, pressure_list, count=search, seed=seed,
+                                            max_atoms=search_max_atoms, fmax=max(float(fmax), 0.05),
+                                            steps=min(int(steps), 300), optimizer=optimizer, out=out, info=info,
+                                            log=log, progress=progress)
+            timings["search"] = time.perf_counter() - t0
+            found_labels = unique_labels(labels + [lab for lab, _ in found])[len(labels):]
+            labels += found_labels
+            items += list(zip(found_labels, [a for _, a in found]))
+            inputs += [(_primitive(a, symprec) if primitive else a.copy()) for _, a in found]
+            settings["search"] = {k: search_summary[k] for k in ("count", "seed", "max_atoms", "fmax_eV_per_A", "steps",
+                                                                 "compositions")}
+        for a in inputs:
+            a.calc = None
+        input_groups = [_spacegroup(a, symprec) for a in inputs]
         if out is not None:
             (out / "relaxed").mkdir(exist_ok=True)
         results: dict[int, dict] = {}
@@ -545,7 +699,10 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             r = results[i]
             volumes = np.array([a.get_volume() for a in r["atoms"]])
             enthalpy = r["energies"] + pressure * GPA_TO_EV_A3 * volumes
-            hull = signed_distances(compositions, enthalpy, volumes)
+            energy, slope = enthalpy.copy(), volumes.copy()  # what the hull is built on, and its dP-derivative
+            for k, (g, dg) in free.items():
+                energy[k], slope[k] = g[i] * n_atoms[k], dg[i] * n_atoms[k]
+            hull = signed_distances(compositions, energy, slope)
             per_p.append({"enthalpy": enthalpy / n_atoms, "volume": volumes / n_atoms, **hull,
                           "spacegroup": [_spacegroup(a, symprec) for a in r["atoms"]]})
             log.info(f"{pressure:g} GPa: stable {', '.join(lab for lab, s in zip(labels, hull['stable']) if s)}")
@@ -578,6 +735,7 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                 "converged": [bool(results[i]["converged"][k]) for i in range(len(pressure_list))],
                 "steps": [int(results[i]["steps"][k]) for i in range(len(pressure_list))], "flags": flags,
                 "stable_ranges_GPa": _ranges(pressure_list, [bool(pp["stable"][k]) for pp in per_p], roots),
+                **({"gibbs_eV_per_atom": free[k][0].tolist()} if k in free else {}),
             })
         transitions.sort(key=lambda t: (t["pressure_GPa"], t["phase"]))
         for ph in phases:
@@ -589,7 +747,8 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                    "system": elements, "pressures_GPa": pressure_list, "phases": phases,
                    "stable_sets": {f"{p:g}": [lab for lab, ph in zip(labels, phases) if ph["stable"][i]]
                                    for i, p in enumerate(pressure_list)},
-                   "transitions": transitions,
+                   "transitions": transitions, **({"search": search_summary} if search_summary else {}),
+                   **_finite_temperature(free, labels, temperature, log),
                    "meaning": {"enthalpy": "H = E + PV of the relaxed cell (static lattice: no zero-point energy, no "
                                            "vibrational, configurational or anharmonic terms)",
                                "formation": "relative to the lowest-enthalpy elemental phases at the same pressure",
@@ -615,6 +774,25 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             result._write(folder)
             log.info(f"done in {timings['total']:.1f} s (relaxations {timings['relaxation']:.1f} s)")
     return result
+
+
+def _finite_temperature(free: dict, labels: list[str], temperature: float | None, log) -> dict:
+    """The summary's record of a finite-temperature hull (empty for a static one), with its warning."""
+    if not free:
+        return {}
+    with_g = [labels[k] for k in sorted(free)]
+    without = [lab for k, lab in enumerate(labels) if k not in free]
+    note = {"temperature_K": float(temperature), "phases_with_free_energy": with_g, "phases_static": without,
+            "included": "for the phases with QHA: static energy + PV + zero-point energy + harmonic vibrational free "
+                        "energy, at the quasi-harmonic equilibrium volume (phonopy's QHA G(T, P))",
+            "not_included": "configurational entropy, anharmonic terms beyond the quasi-harmonic approximation, "
+                            "electronic free energy; phases without QHA enter with the static enthalpy"}
+    if without:
+        log.warning(f"finite-temperature hull at {temperature:g} K: {', '.join(without)} enter with the static "
+                    "enthalpy (no zero-point energy or vibrational entropy), the others with G(T, P); mixing "
+                    "them biases the hull (vibrational entropy usually lowers G by tens of meV/atom at 1000 K); "
+                    "give QHA runs of every phase that matters, the elemental ones included.")
+    return {"finite_temperature": note}
 
 
 def _phase_transitions(k: int, pressures: Sequence[float], per_p: list[dict]) -> list[tuple[float, str]]:
@@ -676,6 +854,8 @@ def _ranges(pressures: Sequence[float], stable: Sequence[bool], roots: Sequence[
 def _plot_hulls(path, summary, info) -> None:
     el = summary["system"]
     pressures = summary["pressures_GPa"]
+    ft = summary.get("finite_temperature")
+    quantity = f"ΔG_f at {ft['temperature_K']:g} K" if ft else "ΔH_f"
     n = len(pressures)
     ncols = min(4, n)
     nrows = int(math.ceil(n / ncols))
@@ -696,7 +876,7 @@ def _plot_hulls(path, summary, info) -> None:
                 if s:
                     ax.annotate(lab, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
             ax.set_title(f"{p:g} GPa", fontsize=9)
-            ax.set_xlabel(f"x({el[1]})", fontsize=8), ax.set_ylabel("ΔH_f (meV/atom)", fontsize=8)
+            ax.set_xlabel(f"x({el[1]})", fontsize=8), ax.set_ylabel(f"{quantity} (meV/atom)", fontsize=8)
         for j in range(n, nrows * ncols):
             axes[j // ncols][j % ncols].axis("off")
 
