@@ -78,6 +78,9 @@ class RelaxResult:
     mode: str = "full"
     fmax_target: float | None = None
     label: str | None = None
+    #: why the relaxation stopped early (non-finite model output, or the optimizer broke down), else None;
+    #: ``converged`` is False and the structure is the last one evaluated
+    error: str | None = None
 
     def to_dict(self, *, include_structure: bool = False) -> dict[str, Any]:
         """JSON-serialisable summary (stress as a 3x3 nested list)."""
@@ -100,6 +103,7 @@ class RelaxResult:
             "target_pressure": float(self.target_pressure),
             "initial_volume": self.initial_volume,
             "volume": self.volume,
+            "error": self.error,
         }
         if include_structure:
             d["cell"] = np.asarray(self.atoms.cell[:], dtype=float).tolist()
@@ -185,6 +189,7 @@ def _final_result(
     initial_volume: float | None,
     initial_energy: float | None,
     label: str | None,
+    error: str | None = None,
 ) -> RelaxResult:
     energy = float(atoms.get_potential_energy())
     forces = np.array(atoms.get_forces(), dtype=float)
@@ -208,7 +213,7 @@ def _final_result(
     if label is not None:
         relaxed.info["label"] = label
 
-    if not converged:
+    if not converged and error is None:
         what = f"Structure {label!r}" if label else "The structure"
         logger.warning(
             "%s did not converge within %d steps (fmax %.4g eV/Å > %.4g eV/Å); its result is not a minimum.",
@@ -233,7 +238,17 @@ def _final_result(
         mode=mode,
         fmax_target=float(fmax_target),
         label=label,
+        error=error,
     )
+
+
+def _non_finite(results: dict) -> str:
+    """The first of energy, forces, stress in ``results`` that holds a NaN or infinity ('' if none)."""
+    for name in ("energy", "forces", "stress"):
+        value = results.get(name)
+        if value is not None and not np.isfinite(np.asarray(value, dtype=float)).all():
+            return name
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -506,15 +521,33 @@ class BatchRelaxer:
                     entering.append(job)
                     n_active_atoms += len(job.atoms)
 
-                # one step for the running ones (entering ones are evaluated at their start geometry)
+                # one step for the running ones (entering ones are evaluated at their start geometry); an
+                # optimizer that breaks down (BFGS on forces from a model far outside its data) ends that
+                # relaxation alone, at the last evaluated structure
+                stepped = []
                 for job in active:
-                    job.opt.step()
+                    try:
+                        job.opt.step()
+                    except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+                        job.atoms.set_cell(job.cache.atoms.cell[:])
+                        job.atoms.positions = job.cache.atoms.positions
+                        results[job.index] = self._finish(job, False, error=f"optimizer failed: {type(exc).__name__}: {exc}")
+                        if progress is not None:
+                            progress.advance(task)
+                        continue
                     job.opt.nsteps += 1
-                batch = active + entering
+                    stepped.append(job)
+                batch = stepped + entering
                 self._evaluate(batch)
 
                 still_active = []
                 for job in batch:
+                    bad = _non_finite(job.cache.results)
+                    if bad:
+                        results[job.index] = self._finish(job, False, error=f"non-finite {bad} from the model")
+                        if progress is not None:
+                            progress.advance(task)
+                        continue
                     opt = job.opt
                     if job in entering:
                         if opt.nsteps == 0:
@@ -581,9 +614,11 @@ class BatchRelaxer:
                 if job.initial_energy is None:
                     job.initial_energy = float(result["energy"])
 
-    def _finish(self, job: _Job, converged: bool) -> RelaxResult:
+    def _finish(self, job: _Job, converged: bool, error: str | None = None) -> RelaxResult:
         if self.symmetry:
             job.atoms.set_constraint()  # as relax(): the result carries no constraint
+        if error is not None:
+            logger.warning("Structure %r: relaxation stopped after %d steps, %s.", job.label, job.opt.nsteps, error)
         return _final_result(
             job.atoms,
             job.optimizable,
@@ -595,4 +630,5 @@ class BatchRelaxer:
             initial_volume=job.initial_volume,
             initial_energy=job.initial_energy,
             label=job.label,
+            error=error,
         )

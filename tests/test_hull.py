@@ -256,6 +256,31 @@ def test_volume_prescaling_starts_the_relaxations_near_the_pressure():
     assert steps[True] < steps[False]
 
 
+class FailsUnderPressure(QuadraticEOS):
+    """QuadraticEOS whose 'B' polymorph (2-atom cells) returns NaN forces below 10.5 Å^3/atom, as a model
+    outside its data does: above about 20 GPa its relaxation fails."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if len(self.atoms) == 2 and self.atoms.get_volume() / 2 < 10.5:
+            self.results["forces"] = np.full((2, 3), np.nan)
+
+
+def test_a_failed_relaxation_is_left_out_and_flagged_not_fatal():
+    cands = [("A", _cell("Cu", 13.0)), ("B", _cell("Cu2", 10.0))]
+    res = run_hull(cands, FailsUnderPressure(UNARY), pressures="0:60:20", fmax=1e-4, steps=300, primitive=False,
+                   progress=False)
+    b = next(ph for ph in res.summary["phases"] if ph["label"] == "B")
+    failed = [i for i, f in enumerate(b["flags"]) if any("relaxation failed" in x for x in f)]
+    assert failed and 0 not in failed  # B relaxes at 0 GPa; fails once compressed
+    for i in failed:
+        assert np.isnan(b["above_hull_eV_per_atom"][i]) and not b["stable"][i]
+        assert res.stable(res.pressures[i]) == ["A"]  # the hull of the others is still built
+    # at 0 GPa, where B relaxed, it is where the analytic enthalpy puts it
+    assert b["enthalpy_eV_per_atom"][0] == pytest.approx(_h(CU_B, 0.0), abs=1e-6)
+    assert not any(t["phase"] == "B" for t in res.summary["transitions"])  # no transition through a failed point
+
+
 # ---------------------------------------------------------------------------------------------------------
 # random structure search
 # ---------------------------------------------------------------------------------------------------------

@@ -369,3 +369,41 @@ def test_symmetry_option_keeps_the_space_group():
     assert spacegroup(free.atoms) != 221  # the check has teeth: without the constraint symmetry is lost
     assert not kept.atoms.constraints  # the constraint is not left on the returned structure
     assert abs(kept.volume - atoms.get_volume()) > 0.1  # the cell did relax
+
+
+class _BlowsUpEMT(EMT):
+    """EMT, except that gold comes back with NaN forces once its cell has shrunk below 95 % of the start:
+    a model far outside its data."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        super().calculate(atoms, properties, system_changes or ["positions", "numbers", "cell", "pbc"])
+        a = self.atoms
+        if "Au" in a.get_chemical_symbols() and a.get_volume() / len(a) < 0.95 * 16.9:
+            self.results["forces"] = np.full((len(a), 3), np.nan)
+
+
+def test_a_relaxation_that_blows_up_ends_alone(monkeypatch, caplog):
+    cu, au, ag = bulk("Cu", "fcc", a=3.7), bulk("Au", "fcc", a=4.08), bulk("Ag", "fcc", a=4.2)
+    relaxer = BatchRelaxer(_BlowsUpEMT(), fmax=1e-3, steps=200, pressure=30.0, mode="full")
+    with caplog.at_level(logging.WARNING):
+        rs = relaxer.relax([("Cu", cu), ("Au", au), ("Ag", ag)])
+    assert [r.label for r in rs] == ["Cu", "Au", "Ag"]
+    assert rs[0].converged and rs[2].converged and rs[0].error is None
+    assert not rs[1].converged and rs[1].error == "non-finite forces from the model"
+    assert "non-finite forces" in caplog.text and rs[1].to_dict()["error"] == rs[1].error
+    # the optimizer breaking down (BFGS's eigen-decomposition on such forces) ends that relaxation alone too
+    real_step = BFGS.step
+
+    def step(self, *args, **kwargs):
+        if "Ag" in self.optimizable.filterobj.atoms.get_chemical_symbols() and self.nsteps >= 2:
+            raise np.linalg.LinAlgError("Eigenvalues did not converge")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(BFGS, "step", step)
+    rs = BatchRelaxer(EMT(), fmax=1e-3, steps=200, optimizer="BFGS").relax([("Cu", cu), ("Ag", ag)])
+    assert rs[0].converged and not rs[1].converged and rs[1].steps == 2
+    assert rs[1].error.startswith("optimizer failed: LinAlgError")
+    # the result is the last evaluated structure, with its own energy
+    check = rs[1].atoms.copy()
+    check.calc = EMT()
+    assert check.get_potential_energy() == pytest.approx(rs[1].energy, abs=1e-10)

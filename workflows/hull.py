@@ -649,12 +649,15 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             (out / "relaxed").mkdir(exist_ok=True)
         results: dict[int, dict] = {}
         previous_key = ""
+        failed_before = [False] * len(inputs)
         previous: list[Atoms] | None = None
         t0 = time.perf_counter()
         with progress_bar(progress, len(order), "hull: pressures") as bar:
             for step, i in enumerate(order):
                 pressure = pressure_list[i]
                 start = previous if (chain != "none" and previous is not None) else inputs
+                if start is previous:  # a failed relaxation does not seed the next pressure: its input does
+                    start = [inputs[k] if failed_before[k] else a for k, a in enumerate(previous)]
                 key = run_key([structure_record(a) for a in inputs], {**settings, "pressure_GPa": pressure,
                                                                      "chained_from": previous_key if chain != "none" else None}, info)
                 store = ArrayStore(None if out is None else out / "relaxed" / f"P-{i:02d}.npz", key)
@@ -677,15 +680,19 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
                         relaxed.append(a)
                     d = {**_pack(relaxed), "energies": np.array([r.energy for r in rs]),
                          "converged": np.array([r.converged for r in rs]), "steps": np.array([r.steps for r in rs]),
-                         "fmax": np.array([r.fmax for r in rs])}
+                         "fmax": np.array([r.fmax for r in rs]), "errors": np.array([r.error or "" for r in rs])}
                     store.data = d
                     store.save()
                     n_bad = int((~d["converged"]).sum())
                     log.info(f"{pressure:g} GPa: relaxed {len(rs)} candidates in {n_pre} + {relaxer.n_batch_calls} batched calls "
                              "(volume prescaling + relaxation), "
                              f"{int(d['steps'].sum())} steps in all" + (f", {n_bad} NOT converged" if n_bad else ""))
+                errors = [str(e) for e in d.get("errors", [""] * len(relaxed))]
+                errors = [e or ("" if np.isfinite(x) else "non-finite energy") for e, x in zip(errors, d["energies"])]
                 results[i] = {"atoms": relaxed, "energies": np.asarray(d["energies"], dtype=float),
-                              "converged": np.asarray(d["converged"], dtype=bool), "steps": np.asarray(d["steps"])}
+                              "converged": np.asarray(d["converged"], dtype=bool), "steps": np.asarray(d["steps"]),
+                              "errors": errors}
+                failed_before = [bool(e) for e in errors]
                 previous, previous_key = relaxed, key
                 bar.advance(1)
         timings["relaxation"] = time.perf_counter() - t0
@@ -702,8 +709,10 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             energy, slope = enthalpy.copy(), volumes.copy()  # what the hull is built on, and its dP-derivative
             for k, (g, dg) in free.items():
                 energy[k], slope[k] = g[i] * n_atoms[k], dg[i] * n_atoms[k]
-            hull = signed_distances(compositions, energy, slope)
-            per_p.append({"enthalpy": enthalpy / n_atoms, "volume": volumes / n_atoms, **hull,
+            ok = [k for k in range(len(labels)) if not r["errors"][k] and np.isfinite(energy[k]) and np.isfinite(slope[k])]
+            hull = _hull_of(ok, len(labels), compositions, energy, slope, f"{pressure:g} GPa", log)
+            per_p.append({"enthalpy": enthalpy / n_atoms, "volume": volumes / n_atoms, "energy": energy / n_atoms,
+                          "dedp": slope / n_atoms, **hull,
                           "spacegroup": [_spacegroup(a, symprec) for a in r["atoms"]]})
             log.info(f"{pressure:g} GPa: stable {', '.join(lab for lab, s in zip(labels, hull['stable']) if s)}")
 
@@ -713,7 +722,9 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
             vols = [float(pp["volume"][k]) for pp in per_p]
             flags: list[list[str]] = [[] for _ in pressure_list]
             for i in range(len(pressure_list)):
-                if not results[i]["converged"][k]:
+                if results[i]["errors"][k]:
+                    flags[i].append(f"relaxation failed ({results[i]['errors'][k][:80]}): left out of this hull")
+                elif not results[i]["converged"][k]:
                     flags[i].append("relaxation not converged")
                 if sgs[i] != input_groups[k]:
                     flags[i].append(f"space group {input_groups[k]} -> {sgs[i]}")
@@ -795,6 +806,26 @@ def _finite_temperature(free: dict, labels: list[str], temperature: float | None
     return {"finite_temperature": note}
 
 
+def _hull_of(ok: list[int], n: int, compositions, energy, slope, where: str, log) -> dict:
+    """:func:`signed_distances` of the phases ``ok`` (the others failed at this pressure), spread back over all
+    ``n`` phases: NaN distances and not stable for those left out, competitors in the full numbering. A
+    hull that cannot be built (an end member failed) is all NaN, with a warning."""
+    out = {"formation": [math.nan] * n, "above_hull": [math.nan] * n, "signed": [math.nan] * n,
+           "slope": [math.nan] * n, "stable": [False] * n, "competitor": [{} for _ in range(n)]}
+    if len(ok) < n:
+        log.warning(f"{where}: {n - len(ok)} relaxation(s) failed and are left out of this hull")
+    try:
+        sub = signed_distances([compositions[k] for k in ok], energy[ok], slope[ok])
+    except InputError:
+        log.warning(f"{where}: no hull (an elemental end member's relaxation failed)")
+        return out
+    for j, k in enumerate(ok):
+        for name in ("formation", "above_hull", "signed", "slope", "stable"):
+            out[name][k] = sub[name][j]
+        out["competitor"][k] = {ok[m]: x for m, x in sub["competitor"][j].items()}
+    return out
+
+
 def _phase_transitions(k: int, pressures: Sequence[float], per_p: list[dict]) -> list[tuple[float, str]]:
     """(pressure, "becomes stable" | "becomes unstable") of phase ``k``. On a grid interval where its signed
     distance changes sign, the competitors found at its two ends (a polymorph, or a decomposition) are each
@@ -814,7 +845,7 @@ def _phase_transitions(k: int, pressures: Sequence[float], per_p: list[dict]) ->
                 continue
             vals, slopes = [], []
             for j in (i, i + 1):
-                h, v = per_p[j]["enthalpy"], per_p[j]["volume"]
+                h, v = per_p[j]["energy"], per_p[j]["dedp"]  # H and V, or G and dG/dP in a finite-T hull
                 vals.append(h[k] - sum(x * h[m] for m, x in comp))
                 slopes.append((v[k] - sum(x * v[m] for m, x in comp)) * GPA_TO_EV_A3)
             found += transition_pressures(pressures[i:i + 2], np.array(vals), np.array(slopes))
