@@ -91,6 +91,10 @@ def run_mgo(model: str, device: str, work: Path) -> dict:
     calc = load_calculator(model, device=device)
     cands = [("B1", bulk("MgO", "rocksalt", a=4.21)), ("B2", bulk("MgO", "cesiumchloride", a=2.65)),
              ("Mg", bulk("Mg", "hcp", a=3.21, c=5.21)), ("O2", _solid_oxygen())]
+    scan = {lab: _pv_scan(calc, a) for lab, a in cands[:2]}
+    for lab, sc in scan.items():
+        print(f"MgO {model} {lab}: P(V) rises monotonically under compression up to {sc['monotonic_up_to_GPa']:.0f} GPa "
+              f"(V/V0 {sc['monotonic_down_to_fraction']:.2f}); beyond it the model's equation of state is unphysical", flush=True)
     t0 = time.perf_counter()
     res = run_hull(cands, calc, system="Mg-O", pressures="0:800:50", output_dir=work / f"mgo-{model}", progress=False)
     trans = [t for t in res.summary["transitions"] if t["phase"] in ("B1", "B2")]
@@ -101,10 +105,29 @@ def run_mgo(model: str, device: str, work: Path) -> dict:
            "H_B2_minus_B1_meV_per_atom": dict(zip([f"{p:g}" for p in res.pressures], dh.round(1).tolist())),
            "flags": {ph["label"]: {f"{p:g}": f for p, f in zip(res.pressures, ph["flags"]) if f}
                      for ph in (b1, b2) if any(ph["flags"])},
-           "static_pbe_literature_GPa": 500.0}
+           "static_pbe_literature_GPa": 500.0, "pv_scan": scan}
     print(f"MgO {model}: B1/B2 transitions {[(t['phase'], t['kind'], round(t['pressure_GPa'])) for t in trans]}; "
           f"H(B2) - H(B1) {row['H_B2_minus_B1_meV_per_atom']} meV/atom; flags {row['flags']}", flush=True)
     return row
+
+
+def _pv_scan(calc, atoms, fractions=np.linspace(1.05, 0.45, 25)) -> dict:
+    """The pressure -trace(stress)/3 of ``atoms`` scaled to V/V0 = ``fractions`` (no relaxation: B1 and B2
+    have no free parameter), and how far it rises monotonically under compression: a model whose P(V) turns
+    over cannot place a transition beyond that pressure."""
+    from ase.units import GPa
+
+    pressures = []
+    for f in fractions:
+        a = atoms.copy()
+        a.set_cell(atoms.cell[:] * f ** (1 / 3), scale_atoms=True)
+        a.calc = calc
+        pressures.append(float(-np.trace(a.get_stress(voigt=False)) / 3 / GPa))
+    k = 0
+    while k + 1 < len(pressures) and pressures[k + 1] > pressures[k]:
+        k += 1
+    return {"volume_fractions": [float(f) for f in fractions], "pressures_GPa": pressures,
+            "monotonic_up_to_GPa": pressures[k], "monotonic_down_to_fraction": float(fractions[k])}
 
 
 def _solid_oxygen():

@@ -86,7 +86,6 @@ import os
 import tarfile
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -99,7 +98,8 @@ from benchmarks.common import (entry_key, load_json, metric, metrics_document, m
 from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
-from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar
+from mattersim.distributed import ModelSpec, TaskResult, TaskRunner, add_dask_options
+from mattersim.io import RunLog, atomic_path, atomic_write_json
 from mattersim.settings import parse_mesh
 from workflows.cells import to_phonopy_atoms
 from workflows.outputs import model_identity
@@ -837,7 +837,8 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                  benchmark: str = "phonondb", max_entries: int | None = None, fmax: float = FMAX,
                  relax_steps: int = RELAX_STEPS, retry_failed: bool = False,
                  dataset_path: str | os.PathLike | None = None, displacement: float = DISPLACEMENT,
-                 at_dft_volume: bool = False) -> dict:
+                 at_dft_volume: bool = False, runner: TaskRunner | None = None,
+                 spec: ModelSpec | None = None) -> dict:
     """Benchmark ``calculator`` on PhononDB ``entries`` and write the results to ``output_dir``.
 
     ``at_dft_volume``: the model relaxes the positions only, at the DFT cell, so that the phonons and the
@@ -852,6 +853,11 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     document (see the module docstring for all files). A failing entry is recorded and listed in
     ``failures``; it never stops the run. Rerunning resumes (``retry_failed=True`` evaluates the failed
     entries again).
+
+    ``runner`` (:class:`mattersim.distributed.TaskRunner`): where the entries are evaluated, one task each;
+    by default in this process with ``calculator``. On Dask, ``spec`` names the model each worker loads
+    (``calculator`` then only gives the model's identity); the entry files are written here as results
+    arrive.
     """
     t_start = time.perf_counter()
     items = list(entries)
@@ -885,59 +891,56 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                  f"mesh {mesh_length if mesh_length is not None else mesh_numbers}, relaxation fmax {fmax} eV/Å, "
                  f"at most {relax_steps} steps; output {out}")
         used_names: set[str] = set()
-        with progress_bar(progress, len(items), f"{benchmark} · {info.get('name')}") as bar:
-            for index, item in enumerate(items):
-                t0 = time.perf_counter()
-                files, read_error = None, None
-                if isinstance(item, PhononDBEntry):
-                    eid, source, input_sha = item.id, item.source, item.input_sha256
-                else:
-                    try:
-                        files = _read_entry_files(item)
-                        eid, source, input_sha = files[0], files[1], entry_input_sha256(files[2])
-                    except Exception as exc:  # unreadable entry: it fails alone, below
-                        eid, source, read_error = entry_id(item), Path(item), exc
-                        input_sha = f"unreadable ({type(exc).__name__})"
-                fname = eid if eid not in used_names else f"{eid}_{index}"
-                used_names.add(fname)
-                json_path = entries_dir / f"{_safe(fname)}.json"
-                key = entry_key(ENTRY_SCHEMA, model_id, settings, input_sha)
-                fingerprints.append(f"{eid} {input_sha}")
-                old = load_json(json_path) if json_path.is_file() else None
-                if (old is not None and old.get("key") == key
-                        and (old.get("status") == "ok" or (old.get("status") == "failed" and not retry_failed))):
-                    rec = old
-                    n_reused += 1
-                else:
-                    rec = {"schema": ENTRY_SCHEMA, "id": eid, "index": index, "source": str(source), "key": key,
-                           "input_sha256": input_sha, "model": model_id, "settings": settings, "date": utc_now()}
-                    try:
-                        if read_error is not None:
-                            raise read_error
-                        rec.update(_evaluate_entry(item, calculator, settings, files, root / "reference"))
-                    except Exception as exc:
-                        rec.update({"status": "failed", "error": {"type": type(exc).__name__, "message": str(exc)},
-                                    "traceback": traceback.format_exc(limit=20),
-                                    "timings_s": {"total": time.perf_counter() - t0}})
-                    n_evaluated += 1
-                    rec["peak_rss_mib"] = peak_rss_mib()  # of the process so far (it only grows)
-                    atomic_write_json(json_path, rec)
-                    rec = load_json(json_path) or rec  # the metrics come from what is on disk (JSON types)
-                rec["index"] = index
-                records.append(rec)
-                if rec.get("status") == "ok":
-                    r, p = rec["reference"]["no_nac"], rec["prediction"]["no_nac"]
-                    log.info(f"[{index + 1}/{len(items)}] {eid} {rec.get('formula', '')}: "
-                             f"{'reused' if rec is old else 'done in %.1f s' % rec['timings_s']['total']}; ω_max "
-                             f"ref {r['omega_max_THz']:.3f} / pred {p['omega_max_THz']:.3f} THz, imaginary modes "
-                             f"{r['imaginary_modes']} / {p['imaginary_modes']}, NAC: {rec.get('nac')}; "
-                             f"peak RSS {peak_rss_mib():.0f} MiB")
-                else:
-                    err = rec.get("error") or {}
-                    message = f"{err.get('type', 'Error')}: {str(err.get('message', ''))[:500]}"
-                    failures.append({"index": index, "id": eid, "error": message})
-                    log.warning(f"[{index + 1}/{len(items)}] {eid} failed{' (earlier run)' if rec is old else ''}: {message}")
-                bar.advance(1)
+        slots: list[dict | None] = [None] * len(items)
+        pending: list[dict] = []  # entries to evaluate now: {index, eid, rec, json_path}
+        for index, item in enumerate(items):
+            files, read_error = None, None
+            if isinstance(item, PhononDBEntry):
+                eid, source, input_sha = item.id, item.source, item.input_sha256
+            else:
+                try:
+                    files = _read_entry_files(item)
+                    eid, source, input_sha = files[0], files[1], entry_input_sha256(files[2])
+                except Exception as exc:  # unreadable entry: it fails alone, below
+                    eid, source, read_error = entry_id(item), Path(item), exc
+                    input_sha = f"unreadable ({type(exc).__name__})"
+            fname = eid if eid not in used_names else f"{eid}_{index}"
+            used_names.add(fname)
+            json_path = entries_dir / f"{_safe(fname)}.json"
+            key = entry_key(ENTRY_SCHEMA, model_id, settings, input_sha)
+            fingerprints.append(f"{eid} {input_sha}")
+            old = load_json(json_path) if json_path.is_file() else None
+            if (old is not None and old.get("key") == key
+                    and (old.get("status") == "ok" or (old.get("status") == "failed" and not retry_failed))):
+                old["index"] = index
+                slots[index] = old
+                n_reused += 1
+                _log_entry(log, old, index, len(items), reused=True)
+                continue
+            rec = {"schema": ENTRY_SCHEMA, "id": eid, "index": index, "source": str(source), "key": key,
+                   "input_sha256": input_sha, "model": model_id, "settings": settings, "date": utc_now()}
+            job = {"index": index, "eid": eid, "rec": rec, "json_path": json_path}
+            if read_error is not None:  # fails here, without a task
+                _store_entry(job, TaskResult(index, False, error={"type": type(read_error).__name__,
+                                                                 "message": str(read_error), "traceback": ""}),
+                             slots, log, len(items))
+                n_evaluated += 1
+                continue
+            job["payload"] = (item if files is None else files, settings, root / "reference")
+            pending.append(job)
+
+        runner = runner or TaskRunner()
+        n_evaluated += len(pending)
+        with runner.started():
+            runner.run(_entry_task, [job["payload"] for job in pending], calculator=calculator, spec=spec,
+                       on_result=lambda r: _store_entry(pending[r.index], r, slots, log, len(items)),
+                       progress=progress, description=f"{benchmark} · {info.get('name')}")
+        records = [r for r in slots if r is not None]
+        for rec in records:
+            if rec.get("status") != "ok":
+                err = rec.get("error") or {}
+                failures.append({"index": rec["index"], "id": rec["id"],
+                                 "error": f"{err.get('type', 'Error')}: {str(err.get('message', ''))[:500]}"})
 
         metrics, groups, parity = _metrics(records, len(items), len(failures))
         dataset = {
@@ -968,6 +971,49 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
         log.info(f"done: {doc['n_done']} of {len(items)} entries, {len(failures)} failed, {n_evaluated} evaluated now, "
                  f"{n_reused} reused; {summary}")
     return doc
+
+
+def _entry_task(calculator, payload) -> dict:
+    """One PhononDB entry (a task, in this process or on a Dask worker): its evaluation and the worker's peak
+    RSS."""
+    source, settings, reference_cache = payload
+    files = source if isinstance(source, tuple) else None
+    item = source if files is None else files[1]
+    return {**_evaluate_entry(item, calculator, settings, files, reference_cache), "peak_rss_mib": peak_rss_mib()}
+
+
+def _store_entry(job: dict, result: "TaskResult", slots: list, log, n_items: int) -> None:
+    """A finished entry, written atomically by the calling process (the only writer, also when a task ran
+    twice on Dask), then read back: the metrics come from what is on disk (JSON types)."""
+    rec = job["rec"]
+    if result.ok:
+        rec.update(result.value)
+    else:
+        err = result.error or {}
+        rec.update({"status": "failed", "error": {"type": err.get("type"), "message": err.get("message")},
+                    "traceback": err.get("traceback", ""), "timings_s": {"total": result.seconds}})
+    if result.worker != "local":
+        rec["worker"] = result.worker
+    atomic_write_json(job["json_path"], rec)
+    rec = load_json(job["json_path"]) or rec
+    rec["index"] = job["index"]
+    slots[job["index"]] = rec
+    _log_entry(log, rec, job["index"], n_items, reused=False)
+
+
+def _log_entry(log, rec: dict, index: int, n_items: int, reused: bool) -> None:
+    eid = rec.get("id")
+    if rec.get("status") == "ok":
+        r, p = rec["reference"]["no_nac"], rec["prediction"]["no_nac"]
+        log.info(f"[{index + 1}/{n_items}] {eid} {rec.get('formula', '')}: "
+                 f"{'reused' if reused else 'done in %.1f s' % rec['timings_s']['total']}; ω_max "
+                 f"ref {r['omega_max_THz']:.3f} / pred {p['omega_max_THz']:.3f} THz, imaginary modes "
+                 f"{r['imaginary_modes']} / {p['imaginary_modes']}, NAC: {rec.get('nac')}; "
+                 f"peak RSS {rec.get('peak_rss_mib', 0):.0f} MiB")
+    else:
+        err = rec.get("error") or {}
+        log.warning(f"[{index + 1}/{n_items}] {eid} failed{' (earlier run)' if reused else ''}: "
+                    f"{err.get('type', 'Error')}: {str(err.get('message', ''))[:500]}")
 
 
 def _safe(name: str) -> str:
@@ -1002,6 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--float64", action="store_true", help="evaluate MatterSim models in double precision")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-o", "--output", required=True)
+    add_dask_options(parser)
     args = parser.parse_args(argv)
 
     def documents():
@@ -1012,11 +1059,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         one = Path(args.entries[0])
         folder_of_entries = len(args.entries) == 1 and one.is_dir() and not (one / "FORCE_SETS").exists()
         entries = find_entries(one if folder_of_entries else args.entries, args.subset)
-        for name in args.model:
-            calc = load_calculator(name, device=args.device, dtype="float64" if args.float64 else "float32")
-            yield run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
-                               max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
-                               displacement=args.displacement, at_dft_volume=args.at_dft_volume)
+        dtype = "float64" if args.float64 else "float32"
+        with TaskRunner(workers=args.workers, scheduler=args.scheduler) as runner:
+            for name in args.model:
+                calc = load_calculator(name, device=args.device, dtype=dtype)
+                spec = ModelSpec(model=name, device=args.device, dtype=dtype) if runner.distributed else None
+                yield run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
+                                   max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
+                                   displacement=args.displacement, at_dft_volume=args.at_dft_volume, runner=runner,
+                                   spec=spec)
 
     return print_metrics_main(documents())
 

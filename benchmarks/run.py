@@ -42,17 +42,25 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
                   max_items: int | None = None, device: str = "cpu", dtype: str = "float32",
                   trust_pickle: bool = False, download: bool = True, progress: bool = True,
                   allow_untrained_elements: bool = False, displacement: float | None = None,
-                  energy_convention: str | None = None) -> list[dict]:
+                  energy_convention: str | None = None, workers: int | None = None,
+                  scheduler: str | None = None) -> list[dict]:
     """Run ``target`` for each of ``models`` (names, checkpoint paths or calculators); returns the
     ``metrics.json`` documents, one per (model, set). A structure with an element a model was not trained
     on fails alone (listed in ``failures``) unless ``allow_untrained_elements``. ``displacement``: the
     PhononDB prediction's finite displacement in Å (None: PhononDB's 0.01). ``energy_convention``
     (``raw``/``mp2020``): the energies of models that record none (checkpoint files, other calculators);
-    registry models keep their own."""
-    from mattersim.calculator import model_info
+    registry models keep their own. ``workers`` (local Dask worker processes) or ``scheduler`` (an existing
+    Dask cluster's address): the PhononDB entries run as tasks there (:mod:`mattersim.distributed`), each
+    worker loading the model once; the models must then be names or checkpoint paths."""
     from mattersim.conventions import check_convention
-    from mattersim.registry import load_calculator
+    from mattersim.distributed import TaskRunner
 
+    runner = TaskRunner(workers=workers, scheduler=scheduler)  # checks the two options
+    if runner.distributed and str(target).strip().lower() != "phonondb":
+        raise InputError(f"--workers/--scheduler run the PhononDB entries on Dask; '{target}' runs in this process "
+                         "for now (drop the option).")
+    if runner.distributed and not all(isinstance(m, (str, os.PathLike)) for m in models):
+        raise InputError("On Dask every worker loads the model itself: give models by name or checkpoint path.")
     if energy_convention is not None:
         check_convention(energy_convention, "--energy-convention")
     if not models:
@@ -102,30 +110,48 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
         entries = find_entries(root, subset=subset_file)
 
     documents = []
-    for model in models:
-        calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
-                               allow_untrained_elements=allow_untrained_elements)
-        convention = energy_convention if model_info(calc).get("energy_convention") is None else None
-        for kind, arg in jobs:
-            if kind == "efs":
-                from benchmarks.efs import run_efs
+    with runner.started():
+        for model in models:
+            documents += _run_model(model, jobs, runner, entries, out, data=data, max_items=max_items, device=device,
+                                    dtype=dtype, trust_pickle=trust_pickle, download=download, progress=progress,
+                                    allow_untrained_elements=allow_untrained_elements, displacement=displacement,
+                                    energy_convention=energy_convention, elastic_set=elastic_set if lowered == "elasticity" else None)
+    return documents
 
-                dataset, folder = arg
-                documents.append(run_efs(dataset, calc, folder, progress=progress, energy_convention=convention))
-            elif kind == "elasticity":
-                from benchmarks.elasticity import run_elasticity
 
-                records, path, sha = elastic_set
-                documents.append(run_elasticity(records, calc, out, max_entries=max_items, progress=progress,
-                                                dataset={"name": "elasticity", "path": str(path), "sha256": sha}))
-            elif kind == "hex":
-                from benchmarks.hex import run_hex
+def _run_model(model, jobs, runner, entries, out, *, data, max_items, device, dtype, trust_pickle, download, progress,
+               allow_untrained_elements, displacement, energy_convention, elastic_set) -> list[dict]:
+    from mattersim.calculator import model_info
+    from mattersim.distributed import ModelSpec
+    from mattersim.registry import load_calculator
 
-                documents.append(run_hex(data, calc, out, max_items=max_items, progress=progress,
-                                         energy_convention=convention))
-            else:
-                from benchmarks.phonondb import run_phonondb
+    documents = []
+    calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
+                           allow_untrained_elements=allow_untrained_elements)
+    convention = energy_convention if model_info(calc).get("energy_convention") is None else None
+    for kind, arg in jobs:
+        if kind == "efs":
+            from benchmarks.efs import run_efs
 
-                kw = {} if displacement is None else {"displacement": float(displacement)}
-                documents.append(run_phonondb(entries, calc, out, progress=progress, max_entries=max_items, **kw))
+            dataset, folder = arg
+            documents.append(run_efs(dataset, calc, folder, progress=progress, energy_convention=convention))
+        elif kind == "elasticity":
+            from benchmarks.elasticity import run_elasticity
+
+            records, path, sha = elastic_set
+            documents.append(run_elasticity(records, calc, out, max_entries=max_items, progress=progress,
+                                            dataset={"name": "elasticity", "path": str(path), "sha256": sha}))
+        elif kind == "hex":
+            from benchmarks.hex import run_hex
+
+            documents.append(run_hex(data, calc, out, max_items=max_items, progress=progress,
+                                     energy_convention=convention))
+        else:
+            from benchmarks.phonondb import run_phonondb
+
+            kw = {} if displacement is None else {"displacement": float(displacement)}
+            spec = (ModelSpec(model=str(model), device=device, dtype=dtype, trust_pickle=trust_pickle,
+                              allow_untrained_elements=allow_untrained_elements) if runner.distributed else None)
+            documents.append(run_phonondb(entries, calc, out, progress=progress, max_entries=max_items,
+                                          runner=runner, spec=spec, **kw))
     return documents

@@ -31,6 +31,9 @@ MODEL_HELP = ("Model name (see 'mattersim models'), A+B (a potential plus a prop
 #: the --allow-untrained-elements help of every command that loads a model
 ALLOW_UNTRAINED_HELP = ("Run the model on elements it was not trained on (a warning instead of an error) where it can; "
                         "its results for them are an extrapolation.")
+WORKERS_HELP = ("Run the independent tasks on N local Dask worker processes (each loads the model once); default: "
+                "in this process. See docs/dask.md.")
+SCHEDULER_HELP = "Run the independent tasks on an existing Dask cluster: its scheduler address (tcp://host:8786)."
 EXIT_USER_ERROR = 2
 EXIT_NOT_CONVERGED = 1
 
@@ -941,6 +944,8 @@ def bench_run_command(
     download: bool = typer.Option(True, "--download/--no-download", help="Download missing sets and MatterSim weights."),
     displacement: Optional[float] = typer.Option(None, "--displacement", help="PhononDB: finite displacement of the prediction in Å (default PhononDB's 0.01)."),
     energy_convention: Optional[str] = typer.Option(None, "--energy-convention", help="raw or mp2020: the energies of models that record none (checkpoint files); registry models keep their own. Energies are compared in the reference's convention."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
 ) -> None:
     """Evaluate one or more models on a benchmark and write metrics, predictions, parity data and a log."""
     if energy_convention is not None:
@@ -959,7 +964,7 @@ def bench_run_command(
     docs = run_benchmark(target, model, outdir, data=data, subset=subset, max_items=max_items, device=device,
                          dtype="float64" if float64 else "float32", trust_pickle=trust_pickle, download=download,
                          progress=True, allow_untrained_elements=allow_untrained_elements, displacement=displacement,
-                         energy_convention=energy_convention)
+                         energy_convention=energy_convention, workers=workers, scheduler=scheduler)
     from rich.markup import escape
 
     table = _table(escape(f"Benchmark results ({outdir})"))

@@ -1,0 +1,199 @@
+"""Independent tasks on Dask (mattersim.distributed): a real dask.distributed scheduler with two worker processes
+on 127.0.0.1, started and stopped by the tests. The PhononDB benchmark gives the same records there as in this
+process, the model is loaded once per worker, a killed worker's task is re-run, a raising task is a failure.
+
+Test-local functions and calculators reach the workers by value (cloudpickle.register_pickle_by_value), as a
+user's own module would by import."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import cloudpickle  # noqa: E402  (after the skip: it comes with distributed)
+
+import test_bench_phonondb as tbp  # noqa: E402
+from conftest import shared_path  # noqa: E402
+from mattersim.distributed import ModelSpec, TaskRunner, worker_calculator, worker_loads  # noqa: E402
+from mattersim.errors import InputError  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(tbp)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A scheduler and two worker processes (one thread each) on 127.0.0.1."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as c:
+        yield c
+
+
+class Doubler:
+    """A stand-in calculator: what the tasks below 'compute' with."""
+
+    def __init__(self, factor=2):
+        self.factor = factor
+
+
+def _slow_double(calculator, x):
+    time.sleep(0.4)
+    if x == "boom":
+        raise ValueError("boom is not a number")
+    return x * calculator.factor, os.getpid()
+
+
+def _pids(client) -> dict:
+    return client.run(os.getpid)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the runner itself
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_in_process_runner_records_failures_and_keeps_order():
+    seen = []
+    res = TaskRunner().run(_slow_double, [1, "boom", 3], calculator=Doubler(3), on_result=lambda r: seen.append(r.index))
+    assert [r.ok for r in res] == [True, False, True] and seen == [0, 1, 2]
+    assert res[0].value[0] == 3 and res[2].value[0] == 9 and res[0].worker == "local"
+    assert res[1].error["type"] == "ValueError" and "boom" in res[1].error["message"] and res[1].error["traceback"]
+
+
+def test_runner_options_are_checked():
+    with pytest.raises(InputError, match="not both"):
+        TaskRunner(workers=2, scheduler="tcp://127.0.0.1:1")
+    with pytest.raises(InputError, match="positive"):
+        TaskRunner(workers=0)
+    with pytest.raises(InputError, match="No Dask scheduler answers"):
+        with TaskRunner(scheduler="tcp://127.0.0.1:9", connect_timeout=1.0):
+            pass
+    with pytest.raises(InputError, match="package.module:callable"):
+        ModelSpec(factory="EMT")
+    with pytest.raises(InputError, match="exactly one"):
+        ModelSpec()
+    # one calculator per spec and process, whatever object the factory arrives as
+    spec = ModelSpec(factory="ase.calculators.emt:EMT")
+    assert worker_calculator(spec) is worker_calculator(ModelSpec(factory="ase.calculators.emt:EMT"))
+    assert worker_loads()[spec.token()] == 1
+
+
+def test_tasks_on_two_workers_a_failure_and_a_killed_worker(cluster):
+    from distributed import Client
+
+    spec = ModelSpec(factory=Doubler, kwargs=(("factor", 5),))
+    killed = []
+    seen = []
+    with Client(cluster) as client:
+        client.wait_for_workers(2)
+        pids = set(_pids(client).values())
+
+    def on_result(r):
+        seen.append(r.index)
+        if not killed:  # the first result in: kill a worker that is busy with another task
+            victim = next(p for p in pids if p != r.value[1]) if r.ok else next(iter(pids))
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    payloads = [1, 2, "boom", 4, 5, 6, 7, 8]
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        res = runner.run(_slow_double, payloads, spec=spec, on_result=on_result)
+        loads = runner.client.run(worker_loads)
+    assert killed and sorted(seen) == list(range(len(payloads)))  # every task reported once
+    assert [r.value[0] for r in res if r.ok] == [5 * x for x in payloads if x != "boom"]
+    (failed,) = [r for r in res if not r.ok]
+    assert failed.index == 2 and failed.error["type"] == "ValueError"
+    # the killed worker's pid computed nothing after it died; the model was loaded once per live worker
+    assert all(v.get(spec.token(), 0) <= 1 for v in loads.values())
+    with Client(cluster) as client:  # the nanny restarted the killed worker for the next tests
+        client.wait_for_workers(2, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the PhononDB benchmark on Dask
+# ---------------------------------------------------------------------------------------------------------
+
+VOLATILE = {"date", "timings_s", "peak_rss_mib", "worker"}
+
+
+def _records(folder):
+    out = {}
+    for f in sorted((folder / "entries").glob("*.json")):
+        rec = json.loads(f.read_text())
+        out[f.name] = {k: v for k, v in rec.items() if k not in VOLATILE}
+    return out
+
+
+def test_phonondb_on_two_workers_equals_in_process(tmp_path, cluster):
+    entries_dir = shared_path("data", "phonondb", "entries")
+    broken, _ = tbp._broken(tmp_path, "truncated")
+    twin = tbp._copy_entry(tbp.SIC, tmp_path, "SiC-twin")  # a fourth task: more tasks than workers
+    entries = [entries_dir / tbp.SIC, broken, entries_dir / tbp.NASBF6, twin]
+    known = (str(entries_dir / tbp.SIC), str(entries_dir / tbp.NASBF6))
+    calc = tbp.HarmonicDFT(list(known), scale=1.1)
+    local = tbp.run_phonondb(entries, calc, tmp_path / "local", progress=False)
+    spec = ModelSpec(factory=tbp.HarmonicDFT, kwargs=(("entries", list(known)), ("scale", 1.1)))
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        before = runner.client.run(worker_loads)
+        remote = tbp.run_phonondb(entries, calc, tmp_path / "dask", progress=False, runner=runner, spec=spec)
+        loads = runner.client.run(worker_loads)
+    # the same records and metrics (HarmonicDFT is float64 numpy: the same numbers to the last bit)
+    a, b = _records(tmp_path / "local" / "HarmonicDFT"), _records(tmp_path / "dask" / "HarmonicDFT")
+    assert list(a) == list(b) and a == b
+    assert [m["value"] for m in remote["metrics"]] == [m["value"] for m in local["metrics"]]
+    assert remote["failures"] == local["failures"] and len(remote["failures"]) == 1
+    assert (remote["n_done"], remote["n_failed"]) == (3, 1)
+    # each worker loaded the model at most once for three tasks
+    token = spec.token()
+    assert sum(v.get(token, 0) - before[w].get(token, 0) for w, v in loads.items()) <= 2
+    assert all(v.get(token, 0) <= 1 for v in loads.values())
+    workers = {json.loads(f.read_text()).get("worker") for f in (tmp_path / "dask" / "HarmonicDFT" / "entries").glob("*.json")}
+    assert workers - {None} <= set(loads)
+    # resume: a second run on Dask evaluates nothing
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        again = tbp.run_phonondb(entries, calc, tmp_path / "dask", progress=False, runner=runner, spec=spec)
+    assert again["settings"]["evaluated_now"] == 0 and again["settings"]["reused"] == 4
+
+
+def test_a_calculator_object_cannot_go_to_dask(tmp_path):
+    from benchmarks.run import run_benchmark
+
+    with pytest.raises(InputError, match="by name or checkpoint path"):
+        run_benchmark("phonondb", [tbp.HarmonicDFT([])], tmp_path, data=tmp_path, workers=2)
+    with pytest.raises(InputError, match="PhononDB entries on Dask"):
+        run_benchmark("mpf-TP", ["sevennet-0"], tmp_path, workers=2)
+
+
+def test_phonondb_script_with_local_workers_and_a_checkpoint(tmp_path, small_checkpoint, capsys):
+    """--workers 2 starts (and stops) its own local cluster; each worker loads the checkpoint by path."""
+    import shutil
+
+    from benchmarks.phonondb import main
+
+    root = tmp_path / "entries"
+    root.mkdir()
+    shutil.copytree(shared_path("data", "phonondb", "entries") / tbp.SIC, root / tbp.SIC)
+    args = ["--model", str(small_checkpoint), "--entries", str(root), "--relax-steps", "2", "--mesh", "20",
+            "--no-progress"]
+    assert main(args + ["-o", str(tmp_path / "local")]) == 0
+    assert main(args + ["--workers", "2", "-o", str(tmp_path / "dask")]) == 0
+    capsys.readouterr()
+    (slug,) = json.loads((tmp_path / "dask" / "benchmark.json").read_text())["models"]
+    a = json.loads((tmp_path / "local" / slug / "entries" / f"{tbp.SIC}.json").read_text())
+    b = json.loads((tmp_path / "dask" / slug / "entries" / f"{tbp.SIC}.json").read_text())
+    assert a["status"] == b["status"] and b["worker"].startswith("tcp://127.0.0.1")
+    if a["status"] == "ok":  # random weights: whatever came out, the same in both (float32, other thread counts)
+        for variant in ("no_nac", "nac"):
+            assert b["prediction"][variant]["omega_max_THz"] == pytest.approx(a["prediction"][variant]["omega_max_THz"],
+                                                                              rel=1e-4, abs=1e-4)
+    assert main(args + ["--workers", "2", "--scheduler", "tcp://127.0.0.1:1", "-o", str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err
