@@ -172,6 +172,20 @@ def _load_calculator(model: Optional[str], device: str, float64: bool, trust_pic
     return registry.load_calculator(model, device=device, dtype="float64" if float64 else "float32", trust_pickle=trust_pickle)
 
 
+def _runner_and_spec(workers: Optional[int], scheduler: Optional[str], model: Optional[str], device: str, float64: bool,
+                     trust_pickle: bool = False, allow_untrained_elements: bool = False):
+    """The TaskRunner of --workers/--scheduler and the model spec its workers load (None in this process)."""
+    from mattersim import registry
+    from mattersim.distributed import ModelSpec, TaskRunner
+
+    runner = TaskRunner(workers=workers, scheduler=scheduler)
+    if not runner.distributed:
+        return runner, None
+    return runner, ModelSpec(model=str(model or registry.default_model()), device=device,
+                             dtype="float64" if float64 else "float32", trust_pickle=trust_pickle,
+                             allow_untrained_elements=allow_untrained_elements)
+
+
 def _model_info(calc) -> dict[str, Any]:
     from mattersim.calculator import model_info
 
@@ -811,6 +825,8 @@ def hull_command(
     search_max_atoms: int = typer.Option(12, "--search-max-atoms", help="With --search: most atoms per random cell."),
     qha: List[Path] = typer.Option([], "--qha", help="Folders written by 'mattersim qha' (phases labelled like the candidates): those phases enter with G(T, P); repeatable; needs --temperature."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="With --qha: the temperature of the hull, K."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
     outdir: Path = typer.Option(Path("hull"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
@@ -834,6 +850,7 @@ def hull_command(
     if temperature is not None and not qha:
         raise InputError("--temperature needs --qha: give the folders of 'mattersim qha' runs of the phases (their G(T, P)); "
                          "without them the hull is the static enthalpy one.")
+    runner, spec = _runner_and_spec(workers, scheduler, model, device, float64, trust_pickle, allow_untrained_elements)
     ensure_writable_dir(outdir)  # before any work
     candidates = load_candidates(structures, elements) if structures else []
     if mp:
@@ -845,7 +862,8 @@ def hull_command(
     result = run_hull(candidates, calc, system=elements, pressures=pressures, fmax=fmax, steps=steps, chain=chain,
                       optimizer=optimizer, search=search, seed=seed, search_max_atoms=search_max_atoms,
                       compositions=[c for c in compositions.split(",") if c.strip()] if compositions else None,
-                      qha=list(qha) or None, temperature=temperature, output_dir=outdir, progress=sys.stderr.isatty())
+                      qha=list(qha) or None, temperature=temperature, output_dir=outdir, progress=sys.stderr.isatty(),
+                      runner=runner, spec=spec)
     _print_rows(f"Convex hull of {'-'.join(elements)} ({result.summary['model'].get('name', 'model')})", result.rows(),
                 lambda quantity: quantity.startswith("FLAG"), columns=("pressure / phase", "stable phases / value"),
                 wrap_values=True)

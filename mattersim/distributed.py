@@ -126,16 +126,17 @@ def _failure(exc: BaseException) -> dict:
     return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(limit=20)}
 
 
-def _call(fn: Callable, calculator, payload) -> tuple[bool, Any, dict | None, float]:
+def _call(fn: Callable, calculator, payload, *previous) -> tuple[bool, Any, dict | None, float]:
     t0 = time.perf_counter()
     try:
-        return True, fn(calculator, payload), None, time.perf_counter() - t0
+        return True, fn(calculator, payload, *previous), None, time.perf_counter() - t0
     except Exception as exc:  # a task that raises is a failed task, never a stopped run
         return False, None, _failure(exc), time.perf_counter() - t0
 
 
-def _remote(fn: Callable, spec: ModelSpec, payload) -> tuple[bool, Any, dict | None, float, str]:
-    """What runs on a worker: its calculator for ``spec``, then ``fn``."""
+def _remote(fn: Callable, spec: ModelSpec, payload, *previous) -> tuple[bool, Any, dict | None, float, str]:
+    """What runs on a worker: its calculator for ``spec``, then ``fn`` (given the outcomes of the tasks it
+    depends on, each as ``(ok, value, error, seconds, worker)``)."""
     try:
         from distributed import get_worker
 
@@ -146,7 +147,7 @@ def _remote(fn: Callable, spec: ModelSpec, payload) -> tuple[bool, Any, dict | N
         calculator = worker_calculator(spec)
     except Exception as exc:
         return False, None, _failure(exc), 0.0, where
-    return (*_call(fn, calculator, payload), where)
+    return (*_call(fn, calculator, payload, *previous), where)
 
 
 @dataclass
@@ -244,16 +245,26 @@ class TaskRunner:
                 ok, value, error, seconds = _call(fn, calculator, payload)
                 yield TaskResult(i, ok, value, error, seconds)
             return
+        futures = {self.submit(fn, payload, spec=spec): i for i, payload in enumerate(payloads)}
+        yield from self.completed(futures)
+
+    def submit(self, fn: Callable, payload, *previous, spec: ModelSpec):
+        """A Dask future of ``fn(calculator, payload, *outcomes of previous)`` on a worker (``previous``:
+        futures from this method, whose outcomes it waits for: a chain of dependent tasks)."""
         if spec is None:
             raise InputError("Running on Dask needs the model by name or checkpoint path (or a calculator factory), "
                              "so that each worker loads it once; a calculator object cannot be sent.")
         if self.client is None:
             raise RuntimeError("use the TaskRunner as a context manager (with TaskRunner(...) as runner:)")
+        return self.client.submit(_remote, fn, spec, payload, *previous, pure=False)
+
+    def completed(self, futures: dict) -> Iterable[TaskResult]:
+        """The outcome of each future in ``futures`` ({future: index}) as it finishes, as a
+        :class:`TaskResult` with that index."""
         from distributed import as_completed
 
         if self.dashboard:
             logger.info(f"Dask dashboard: {self.dashboard}")
-        futures = {self.client.submit(_remote, fn, spec, payload, pure=False): i for i, payload in enumerate(payloads)}
         for future in as_completed(list(futures)):
             i = futures[future]
             try:
@@ -262,7 +273,6 @@ class TaskRunner:
                 yield TaskResult(i, False, None, _failure(exc), 0.0, "lost")
                 continue
             yield TaskResult(i, ok, value, error, seconds, where)
-            future.release()
 
 
 def add_dask_options(parser) -> None:

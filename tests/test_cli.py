@@ -557,6 +557,9 @@ def test_cli_hull_user_errors(tmp_path, emt_registry):
     assert_user_error(_invoke("hull", "Cu-Au", "-o", tmp_path / "o"), "--structures")
     assert_user_error(_invoke("hull", "Cu-Qq", "--structures", folder, "-o", tmp_path / "o"), "not understood")
     assert_user_error(_invoke("hull", "Cu", "--structures", folder, "--chain", "x", "-o", tmp_path / "o"), "chain")
+    assert_user_error(_invoke("hull", "Cu", "--structures", folder, "--workers", "0", "-o", tmp_path / "o"), "--workers")
+    assert_user_error(_invoke("hull", "Cu", "--structures", folder, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1",
+                              "-o", tmp_path / "o"), "not both")
 
 
 def test_cli_hull_random_search_and_sources(tmp_path, emt_registry):

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 
 distributed = pytest.importorskip("distributed")
@@ -197,3 +198,48 @@ def test_phonondb_script_with_local_workers_and_a_checkpoint(tmp_path, small_che
                                                                               rel=1e-4, abs=1e-4)
     assert main(args + ["--workers", "2", "--scheduler", "tcp://127.0.0.1:1", "-o", str(tmp_path / "x")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the hull on Dask
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_hull_on_two_workers_equals_in_process(tmp_path, cluster, monkeypatch):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from workflows.hull import HullResult, run_hull
+
+    l10 = bulk("Cu", "fcc", a=3.85, cubic=True)
+    l10.symbols[[0, 1]] = "Au"
+    cands = [("Cu", bulk("Cu", "fcc", a=3.6)), ("Au", bulk("Au", "fcc", a=4.1)), ("CuAu", l10),
+             ("Cu-bcc", bulk("Cu", "bcc", a=2.9))]
+    kw = dict(system="Cu-Au", pressures="0:40:20", fmax=0.02, progress=False)
+    local = run_hull(cands, EMT(), output_dir=tmp_path / "local", **kw)
+    spec = ModelSpec(factory="ase.calculators.emt:EMT")
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        remote = run_hull(cands, EMT(), output_dir=tmp_path / "dask", runner=runner, spec=spec, **kw)
+    # EMT is deterministic float64: every relaxed enthalpy, volume, step count and verdict is the same
+    assert local.summary["phases"] == remote.summary["phases"]
+    assert local.summary["transitions"] == remote.summary["transitions"]
+    for i in range(3):
+        x, y = np.load(tmp_path / "local" / "relaxed" / f"P-{i:02d}.npz"), np.load(tmp_path / "dask" / "relaxed" / f"P-{i:02d}.npz")
+        # positions to rounding (a coordinate that should be 0 comes out 1e-14 in another process's BLAS)
+        assert str(x["key"]) == str(y["key"]) and np.allclose(x["positions"], y["positions"], rtol=0, atol=1e-10)
+    # the stores are the same: a run in this process resumes from the Dask run without a model call
+    calls = []
+    real = EMT.calculate
+    monkeypatch.setattr(EMT, "calculate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = run_hull(cands, EMT(), output_dir=tmp_path / "dask", **kw)
+    assert calls == [] and again.summary["phases"] == remote.summary["phases"]
+    monkeypatch.undo()
+    # and a Dask run resumes from a partial store: drop the 0 GPa (last in the chain) and rerun
+    (tmp_path / "dask" / "relaxed" / "P-00.npz").unlink()
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        resumed = run_hull(cands, EMT(), output_dir=tmp_path / "dask", runner=runner, spec=spec, **kw)
+    assert resumed.summary["phases"] == local.summary["phases"]
+    loaded = HullResult.load(tmp_path / "dask").summary
+    assert [p["enthalpy_eV_per_atom"] for p in loaded["phases"]] == [p["enthalpy_eV_per_atom"] for p in local.summary["phases"]]
+    assert loaded["stable_sets"] == local.summary["stable_sets"]
+

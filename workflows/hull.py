@@ -389,6 +389,136 @@ def _unpack(data: dict, templates: Sequence[Atoms] | None = None) -> list[Atoms]
     return out
 
 
+def _results_of(d: dict, inputs: Sequence[Atoms]) -> dict:
+    """One pressure's relaxations as the hull reads them, from the stored arrays ``d``."""
+    relaxed = _unpack(d, inputs)
+    errors = [str(e) for e in d.get("errors", [""] * len(relaxed))]
+    errors = [e or ("" if np.isfinite(x) else "non-finite energy") for e, x in zip(errors, d["energies"])]
+    return {"atoms": relaxed, "energies": np.asarray(d["energies"], dtype=float),
+            "converged": np.asarray(d["converged"], dtype=bool), "steps": np.asarray(d["steps"]), "errors": errors}
+
+
+def _store_pressure(store: ArrayStore, relaxed: list[Atoms], rows: list[dict]) -> dict:
+    store.data = {**_pack(relaxed), "energies": np.array([r["energy"] for r in rows], dtype=float),
+                  "converged": np.array([r["converged"] for r in rows], dtype=bool),
+                  "steps": np.array([r["steps"] for r in rows]), "fmax": np.array([r["fmax"] for r in rows], dtype=float),
+                  "errors": np.array([r["error"] or "" for r in rows])}
+    store.save()
+    return store.data
+
+
+def _relax_here(calculator, order, chain, inputs, labels, pressures, stores, relax: dict, log, progress) -> dict[int, dict]:
+    """Every pressure in chain ``order`` in this process: all candidates of one pressure together (volume
+    prescaling and :class:`mattersim.relax.BatchRelaxer`), each pressure stored as it finishes."""
+    from mattersim.relax import BatchRelaxer
+
+    results: dict[int, dict] = {}
+    previous: list[Atoms] | None = None
+    failed_before = [False] * len(inputs)
+    with progress_bar(progress, len(order), "hull: pressures") as bar:
+        for i in order:
+            pressure = pressures[i]
+            start = inputs
+            if chain != "none" and previous is not None:  # a failed relaxation does not seed the next pressure
+                start = [inputs[k] if failed_before[k] else a for k, a in enumerate(previous)]
+            store = stores[i]
+            if store.load(log):
+                log.info(f"{pressure:g} GPa: reusing the stored relaxations")
+            else:
+                n_pre = 0
+                if relax["prescale"]:
+                    start, n_pre = prescale(start, calculator, pressure)
+                relaxer = BatchRelaxer(calculator, fmax=relax["fmax"], steps=relax["steps"], pressure=pressure,
+                                       mode="full", optimizer=relax["optimizer"])
+                rs = relaxer.relax([(lab, a) for lab, a in zip(labels, start)])
+                rows = [{"energy": r.energy, "converged": r.converged, "steps": r.steps, "fmax": r.fmax,
+                         "error": r.error} for r in rs]
+                d = _store_pressure(store, [_placed(t, r.atoms.cell[:], r.atoms.positions) for t, r in zip(inputs, rs)],
+                                    rows)
+                n_bad = int((~d["converged"]).sum())
+                log.info(f"{pressure:g} GPa: relaxed {len(rs)} candidates in {n_pre} + {relaxer.n_batch_calls} batched "
+                         f"calls (volume prescaling + relaxation), {int(d['steps'].sum())} steps in all"
+                         + (f", {n_bad} NOT converged" if n_bad else ""))
+            results[i] = _results_of(store.data, inputs)
+            failed_before = [bool(e) for e in results[i]["errors"]]
+            previous = results[i]["atoms"]
+            bar.advance(1)
+    return results
+
+
+def _placed(template: Atoms, cell, positions) -> Atoms:
+    a = template.copy()
+    a.set_cell(np.asarray(cell))
+    a.positions = np.asarray(positions)
+    return a
+
+
+def _relax_task(calculator, payload: dict, *previous) -> dict:
+    """One candidate at one pressure (a Dask task): from the structure relaxed at the pressure before it in
+    the chain (``previous``: that task's outcome) when it succeeded, else from ``payload["start"]`` (stored
+    earlier) or the input; volume prescaling and a relaxation, as :func:`_relax_here` does for a batch."""
+    from mattersim.relax import BatchRelaxer
+
+    start = payload["start"] if payload["start"] is not None else payload["input"]
+    if previous:
+        ok, value, _error, _seconds, _where = previous[0]
+        start = _placed(payload["input"], value["cell"], value["positions"]) if ok and not value["error"] else payload["input"]
+    if payload["prescale"]:
+        (start,), _ = prescale([start], calculator, payload["pressure"])
+    (r,) = BatchRelaxer(calculator, fmax=payload["fmax"], steps=payload["steps"], pressure=payload["pressure"],
+                        mode="full", optimizer=payload["optimizer"]).relax([(payload["label"], start)])
+    return {"cell": np.array(r.atoms.cell[:]), "positions": np.array(r.atoms.positions), "energy": r.energy,
+            "converged": r.converged, "steps": r.steps, "fmax": r.fmax, "error": r.error}
+
+
+def _relax_on_dask(runner, spec, order, chain, inputs, labels, pressures, stores, relax: dict, log,
+                   progress) -> dict[int, dict]:
+    """The same relaxations as :func:`_relax_here`, one Dask task per candidate and pressure, each chained on
+    the same candidate's task at the pressure before it: the candidates' chains run in parallel. A pressure
+    is stored (the same store as in this process) as soon as all its candidates are in; stored pressures
+    are reused and seed the next ones."""
+    results: dict[int, dict] = {}
+    futures: dict = {}
+    last: list = [None] * len(inputs)  # per candidate: the future, or the stored structure, that seeds the next
+    pending: dict[int, list] = {}
+    for i in order:
+        if stores[i].load(log):
+            log.info(f"{pressures[i]:g} GPa: reusing the stored relaxations")
+            results[i] = _results_of(stores[i].data, inputs)
+            last = [None if err else a for a, err in zip(results[i]["atoms"], results[i]["errors"])]
+            continue
+        pending[i] = [None] * len(inputs)
+        for k in range(len(inputs)):
+            seed = last[k] if chain != "none" else None
+            payload = {"input": inputs[k], "label": labels[k], "pressure": pressures[i],
+                       "start": seed if isinstance(seed, Atoms) else None, **relax}
+            deps = [seed] if seed is not None and not isinstance(seed, Atoms) else []
+            future = runner.submit(_relax_task, payload, *deps, spec=spec)
+            futures[future] = (i, k)
+            last[k] = future
+    tags = {f: n for n, f in enumerate(futures)}
+    where = list(futures.values())
+    with progress_bar(progress, len(futures), "hull: relaxations") as bar:
+        for r in runner.completed(tags):
+            i, k = where[r.index]
+            if r.ok:
+                pending[i][k] = r.value
+            else:  # the task itself failed (its worker died too often, or it raised): a failed relaxation
+                err = r.error or {}
+                pending[i][k] = {"cell": np.array(inputs[k].cell[:]), "positions": inputs[k].positions.copy(),
+                                 "energy": math.nan, "converged": False, "steps": 0, "fmax": math.nan,
+                                 "error": f"task failed: {err.get('type')}: {err.get('message')}"}
+            if all(x is not None for x in pending[i]):
+                rows = pending.pop(i)
+                d = _store_pressure(stores[i], [_placed(t, x["cell"], x["positions"]) for t, x in zip(inputs, rows)], rows)
+                results[i] = _results_of(d, inputs)
+                n_bad = int((~d["converged"]).sum())
+                log.info(f"{pressures[i]:g} GPa: relaxed {len(rows)} candidates on Dask, {int(d['steps'].sum())} steps "
+                         "in all" + (f", {n_bad} NOT converged" if n_bad else ""))
+            bar.advance(1)
+    return results
+
+
 def _search(compositions: list[dict], calculator, pressures: list[float], *, count: int, seed: int, max_atoms: int,
             fmax: float, steps: int, optimizer: str, out: Path | None, info: dict, log, progress: bool
             ) -> tuple[list[tuple[str, Atoms]], dict]:
@@ -527,7 +657,8 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
              optimizer: str = "BFGS", primitive: bool = True, prescale_volume: bool = True, symprec: float = 1e-3,
              search: int = 0, compositions: Sequence[str | dict] | None = None, seed: int = 0,
              search_max_atoms: int = 12, qha: Any = None, temperature: float | None = None,
-             output_dir: str | os.PathLike | None = None, progress: bool = True) -> HullResult:
+             output_dir: str | os.PathLike | None = None, progress: bool = True, runner: Any = None,
+             spec: Any = None) -> HullResult:
     """The enthalpy convex hull of ``candidates`` (Atoms, or ``(label, Atoms)``) at every pressure (GPa;
     ``"0:200:20"``, a list or one number) with ``calculator``; see the module docstring. ``system``: the
     chemical system (default: the candidates' elements); every element needs an elemental candidate.
@@ -549,8 +680,13 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
     :func:`workflows.qha.run_qha` or their folders; each phase labelled like its candidate) enter with their
     Gibbs free energy G(T, P) (static energy, zero-point energy and harmonic vibrational free energy at the
     quasi-harmonic volume) instead of the static enthalpy; the other phases keep the static enthalpy, and
-    configurational, anharmonic and electronic terms are left out."""
-    from mattersim.relax import BatchRelaxer, _optimizer_class
+    configurational, anharmonic and electronic terms are left out.
+
+    ``runner`` (:class:`mattersim.distributed.TaskRunner` on Dask) with ``spec`` (the model each worker
+    loads): the relaxations run there, one task per candidate and pressure, each candidate's chain in
+    parallel (``calculator`` still serves the checks and the search, in this process); the same results and
+    stores as in this process."""
+    from mattersim.relax import _optimizer_class
 
     items = [(c if isinstance(c, tuple) else (c.info.get("label") or c.get_chemical_formula(mode="hill"), c))
              for c in candidates]
@@ -647,54 +783,20 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
         input_groups = [_spacegroup(a, symprec) for a in inputs]
         if out is not None:
             (out / "relaxed").mkdir(exist_ok=True)
-        results: dict[int, dict] = {}
-        previous_key = ""
-        failed_before = [False] * len(inputs)
-        previous: list[Atoms] | None = None
-        t0 = time.perf_counter()
-        with progress_bar(progress, len(order), "hull: pressures") as bar:
-            for step, i in enumerate(order):
-                pressure = pressure_list[i]
-                start = previous if (chain != "none" and previous is not None) else inputs
-                if start is previous:  # a failed relaxation does not seed the next pressure: its input does
-                    start = [inputs[k] if failed_before[k] else a for k, a in enumerate(previous)]
-                key = run_key([structure_record(a) for a in inputs], {**settings, "pressure_GPa": pressure,
+        keys, previous_key = {}, ""  # each pressure's store key, chained on the one before it in the chain
+        for i in order:
+            keys[i] = run_key([structure_record(a) for a in inputs], {**settings, "pressure_GPa": pressure_list[i],
                                                                      "chained_from": previous_key if chain != "none" else None}, info)
-                store = ArrayStore(None if out is None else out / "relaxed" / f"P-{i:02d}.npz", key)
-                if store.load(log):
-                    relaxed = _unpack(store.data, inputs)
-                    d = store.data
-                    log.info(f"{pressure:g} GPa: reusing the stored relaxations")
-                else:
-                    n_pre = 0
-                    if prescale_volume:
-                        start, n_pre = prescale(start, calculator, pressure)
-                    relaxer = BatchRelaxer(calculator, fmax=fmax, steps=steps, pressure=pressure, mode="full",
-                                           optimizer=optimizer)
-                    rs = relaxer.relax([(lab, a) for lab, a in zip(labels, start)])
-                    relaxed = []
-                    for lab, r, template in zip(labels, rs, inputs):
-                        a = template.copy()
-                        a.set_cell(r.atoms.cell[:])
-                        a.positions = r.atoms.positions
-                        relaxed.append(a)
-                    d = {**_pack(relaxed), "energies": np.array([r.energy for r in rs]),
-                         "converged": np.array([r.converged for r in rs]), "steps": np.array([r.steps for r in rs]),
-                         "fmax": np.array([r.fmax for r in rs]), "errors": np.array([r.error or "" for r in rs])}
-                    store.data = d
-                    store.save()
-                    n_bad = int((~d["converged"]).sum())
-                    log.info(f"{pressure:g} GPa: relaxed {len(rs)} candidates in {n_pre} + {relaxer.n_batch_calls} batched calls "
-                             "(volume prescaling + relaxation), "
-                             f"{int(d['steps'].sum())} steps in all" + (f", {n_bad} NOT converged" if n_bad else ""))
-                errors = [str(e) for e in d.get("errors", [""] * len(relaxed))]
-                errors = [e or ("" if np.isfinite(x) else "non-finite energy") for e, x in zip(errors, d["energies"])]
-                results[i] = {"atoms": relaxed, "energies": np.asarray(d["energies"], dtype=float),
-                              "converged": np.asarray(d["converged"], dtype=bool), "steps": np.asarray(d["steps"]),
-                              "errors": errors}
-                failed_before = [bool(e) for e in errors]
-                previous, previous_key = relaxed, key
-                bar.advance(1)
+            previous_key = keys[i]
+        stores = {i: ArrayStore(None if out is None else out / "relaxed" / f"P-{i:02d}.npz", keys[i]) for i in order}
+        relax = {"fmax": fmax, "steps": steps, "optimizer": optimizer, "prescale": prescale_volume}
+        t0 = time.perf_counter()
+        if runner is not None and runner.distributed:
+            with runner.started():
+                results = _relax_on_dask(runner, spec, order, chain, inputs, labels, pressure_list, stores, relax, log,
+                                         progress)
+        else:
+            results = _relax_here(calculator, order, chain, inputs, labels, pressure_list, stores, relax, log, progress)
         timings["relaxation"] = time.perf_counter() - t0
 
         # hulls per pressure
