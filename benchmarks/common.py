@@ -204,3 +204,70 @@ def print_metrics_main(documents) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_entry_tasks(jobs: list[dict], task, *, calculator, runner=None, spec=None, log, progress: bool,
+                    description: str, describe, retry_failed: bool = False) -> tuple[list[dict], int, int]:
+    """The per-entry loop of a resumable benchmark: each job ``{"index", "id", "path", "key", "record",
+    "payload"}`` is reused from its JSON file at ``path`` when the key matches (and it succeeded, or failed
+    and ``retry_failed`` is off), else evaluated as ``task(calculator, payload) -> dict`` (merged into
+    ``record``), in this process or on Dask (``runner``, :class:`mattersim.distributed.TaskRunner`, with the
+    model ``spec`` each worker loads). This process writes each result atomically as it arrives, with the
+    task's peak RSS and, on Dask, its worker; a failing task is a ``failed`` record with its error, never a
+    stopped run. ``describe(record)`` gives the log line of a succeeded entry. Returns (records in index
+    order, read back from disk so that metrics use JSON types; evaluated now; reused)."""
+    from mattersim.distributed import TaskRunner
+
+    records: dict[int, dict] = {}
+    pending = []
+    n_items = len(jobs)
+
+    def log_entry(rec: dict, reused: bool) -> None:
+        where = f"[{rec['index'] + 1}/{n_items}] {rec.get('id')}"
+        if rec.get("status") == "ok":
+            how = "reused" if reused else f"done in {float((rec.get('timings_s') or {}).get('total', 0.0)):.1f} s"
+            log.info(f"{where} {rec.get('formula', '')}: {how}; {describe(rec)}")
+        else:
+            err = rec.get("error") or {}
+            log.warning(f"{where} failed{' (earlier run)' if reused else ''}: {err.get('type', 'Error')}: "
+                        f"{str(err.get('message', ''))[:500]}")
+
+    for job in jobs:
+        old = load_json(job["path"]) if Path(job["path"]).is_file() else None
+        if (old is not None and old.get("key") == job["key"]
+                and (old.get("status") == "ok" or (old.get("status") == "failed" and not retry_failed))):
+            old["index"] = job["index"]
+            records[job["index"]] = old
+            log_entry(old, True)
+        else:
+            pending.append(job)
+
+    def store(result) -> None:
+        job = pending[result.index]
+        rec = dict(job["record"])
+        if result.ok:
+            rec.update(result.value)
+        else:
+            err = result.error or {}
+            rec.update({"status": "failed", "error": {"type": err.get("type"), "message": err.get("message")},
+                        "traceback": err.get("traceback", "")})
+        rec.setdefault("timings_s", {}).setdefault("total", result.seconds)
+        if result.worker != "local":
+            rec["worker"] = result.worker
+        atomic_write_json(job["path"], rec)
+        rec = load_json(job["path"]) or rec
+        rec["index"] = job["index"]
+        records[job["index"]] = rec
+        log_entry(rec, False)
+
+    runner = runner or TaskRunner()
+    with runner.started():
+        runner.run(_with_peak_rss, [(task, job["payload"]) for job in pending], calculator=calculator, spec=spec,
+                   on_result=store, progress=progress, description=description)
+    return [records[i] for i in sorted(records)], len(pending), n_items - len(pending)
+
+
+def _with_peak_rss(calculator, payload) -> dict:
+    """``task(calculator, item)`` of a (task, item) payload, with the peak RSS of the process that ran it."""
+    task, item = payload
+    return {**task(calculator, item), "peak_rss_mib": peak_rss_mib()}

@@ -27,17 +27,17 @@ import json
 import logging
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from benchmarks.common import (entry_key, load_json, metric, metrics_document, model_folder, peak_rss_mib,
-                               print_metrics_main, utc_now, write_benchmark_json)
+from benchmarks.common import (entry_key, metric, metrics_document, model_folder, peak_rss_mib, print_metrics_main,
+                               run_entry_tasks, utc_now, write_benchmark_json)
 from mattersim.calculator import model_info
+from mattersim.distributed import ModelSpec, TaskRunner, add_dask_options
 from mattersim.errors import InputError
-from mattersim.io import RunLog, atomic_path, atomic_write_json, progress_bar, safe_filename
+from mattersim.io import RunLog, atomic_path, atomic_write_json, safe_filename
 from workflows.outputs import model_identity
 
 __all__ = ["DEFAULT_FILE", "load_elasticity_set", "run_elasticity"]
@@ -113,6 +113,17 @@ def _evaluate(rec: dict, calculator, settings: dict) -> dict:
     }
 
 
+def _entry_task(calculator, payload) -> dict:
+    rec, settings = payload
+    return _evaluate(rec, calculator, settings)
+
+
+def _describe(doc: dict) -> str:
+    p, r = doc["prediction"], doc["reference"]
+    return (f"K {p['bulk_modulus_vrh']:.1f} (ref {r['bulk_modulus_vrh']:.1f}), G {p['shear_modulus_vrh']:.1f} "
+            f"(ref {r['shear_modulus_vrh']:.1f}) GPa{'' if doc['stable'] else ', UNSTABLE'}")
+
+
 def _metrics(records: list[dict], n_entries: int, n_failed: int) -> tuple[list[dict], dict, dict]:
     ok = [r for r in records if r.get("status") == "ok"]
     stable = [r for r in ok if r.get("stable")]
@@ -152,11 +163,12 @@ def definitions(settings: dict) -> dict:
 def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.PathLike, *, relax_ions: bool = True,
                    strains: Sequence[float] = (0.005, 0.01), fmax: float = 0.005, relax_steps: int = 500,
                    symprec: float = 1e-3, max_entries: int | None = None, progress: bool = True,
-                   dataset: dict | None = None, benchmark: str = "elasticity") -> dict:
+                   dataset: dict | None = None, benchmark: str = "elasticity", runner=None, spec=None) -> dict:
     """Benchmark ``calculator`` on the elasticity ``records`` (:func:`load_elasticity_set`) into
     ``output_dir``; returns the ``metrics.json`` document. A failing entry is listed, never fatal; a rerun
-    resumes. ``symprec`` (Å) is looser than the workflow's default, as MP structures are not exactly
-    symmetric."""
+    resumes. ``symprec`` (Å) is looser than the workflow's default, as
+    MP structures are not exactly symmetric. ``runner``/``spec``: the entries as tasks on Dask
+    (:func:`benchmarks.common.run_entry_tasks`)."""
     t_start = time.perf_counter()
     items = list(records)[: max_entries] if max_entries is not None else list(records)
     info = model_info(calculator)
@@ -167,41 +179,24 @@ def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.Pat
                 "fmax_eV_per_A": float(fmax), "relax_steps": int(relax_steps), "symprec": float(symprec),
                 "strain_frame": "the crystal's standard orientation (spglib)"}
     model_id = model_identity(info)
-    records_out, failures, fingerprints = [], [], []
-    n_new = n_reused = 0
+    failures, fingerprints, jobs = [], [], []
     with RunLog(out / "run.log", logger) as log:
         log.info(f"{benchmark}: {len(items)} entries, model {info.get('name')}, {settings['ions']}, output {out}")
-        with progress_bar(progress, len(items), f"{benchmark} · {info.get('name')}") as bar:
-            for index, rec in enumerate(items):
-                eid = str(rec.get("mp_id", index))
-                input_sha = hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
-                fingerprints.append(f"{eid} {input_sha}")
-                path = entries_dir / f"{safe_filename(eid)}.json"
-                key = entry_key(ENTRY_SCHEMA, model_id, settings, input_sha)
-                old = load_json(path) if path.is_file() else None
-                if old is not None and old.get("key") == key:
-                    doc, n_reused = old, n_reused + 1
-                else:
-                    doc = {"schema": ENTRY_SCHEMA, "id": eid, "key": key, "settings": settings, "date": utc_now()}
-                    try:
-                        doc.update(_evaluate(rec, calculator, settings))
-                    except Exception as exc:  # one bad entry never stops the run
-                        doc.update({"status": "failed", "error": {"type": type(exc).__name__, "message": str(exc)[:500]},
-                                    "traceback": traceback.format_exc(limit=10)})
-                    doc["peak_rss_mib"] = peak_rss_mib()
-                    atomic_write_json(path, doc)
-                    n_new += 1
-                if doc.get("status") == "ok":
-                    p = doc["prediction"]
-                    log.info(f"[{index + 1}/{len(items)}] {eid} {doc.get('formula')}: K {p['bulk_modulus_vrh']:.1f} "
-                             f"(ref {doc['reference']['bulk_modulus_vrh']:.1f}), G {p['shear_modulus_vrh']:.1f} "
-                             f"(ref {doc['reference']['shear_modulus_vrh']:.1f}) GPa{'' if doc['stable'] else ', UNSTABLE'}")
-                else:
-                    message = f"{doc['error']['type']}: {doc['error']['message']}"
-                    failures.append({"index": index, "id": eid, "error": message})
-                    log.warning(f"[{index + 1}/{len(items)}] {eid} failed: {message}")
-                records_out.append(doc)
-                bar.advance(1)
+        for index, rec in enumerate(items):
+            eid = str(rec.get("mp_id", index))
+            input_sha = hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
+            fingerprints.append(f"{eid} {input_sha}")
+            key = entry_key(ENTRY_SCHEMA, model_id, settings, input_sha)
+            jobs.append({"index": index, "id": eid, "path": entries_dir / f"{safe_filename(eid)}.json", "key": key,
+                         "record": {"schema": ENTRY_SCHEMA, "id": eid, "key": key, "settings": settings, "date": utc_now()},
+                         "payload": (rec, settings)})
+        records_out, n_new, n_reused = run_entry_tasks(
+            jobs, _entry_task, calculator=calculator, runner=runner, spec=spec, log=log, progress=progress,
+            description=f"{benchmark} · {info.get('name')}", describe=_describe)
+        for doc in records_out:
+            if doc.get("status") != "ok":
+                failures.append({"index": doc["index"], "id": doc["id"],
+                                 "error": f"{doc['error']['type']}: {str(doc['error']['message'])[:500]}"})
         metrics, groups, parity = _metrics(records_out, len(items), len(failures))
         dataset = dict(dataset or {})
         dataset.setdefault("name", benchmark)
@@ -233,14 +228,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clamped-ion", action="store_true", help="do not relax the ions of the strained cells")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-o", "--output", required=True)
+    add_dask_options(parser)
     args = parser.parse_args(argv)
 
     def documents():
         records, path, sha = load_elasticity_set(args.data)
-        for name in args.model:
-            yield run_elasticity(records, load_calculator(name), args.output, relax_ions=not args.clamped_ion,
-                                 max_entries=args.max, progress=not args.no_progress,
-                                 dataset={"name": "elasticity", "path": str(path), "sha256": sha})
+        with TaskRunner(workers=args.workers, scheduler=args.scheduler) as runner:
+            for name in args.model:
+                spec = ModelSpec(model=name) if runner.distributed else None
+                yield run_elasticity(records, load_calculator(name), args.output, relax_ions=not args.clamped_ion,
+                                     max_entries=args.max, progress=not args.no_progress,
+                                     dataset={"name": "elasticity", "path": str(path), "sha256": sha},
+                                     runner=runner, spec=spec)
 
     return print_metrics_main(documents())
 

@@ -94,11 +94,11 @@ import numpy as np
 from ase import Atoms
 
 from benchmarks.common import (entry_key, load_json, metric, metrics_document, model_folder, peak_rss_mib,
-                               print_metrics_main, utc_now, write_benchmark_json)
+                               print_metrics_main, run_entry_tasks, utc_now, write_benchmark_json)
 from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
-from mattersim.distributed import ModelSpec, TaskResult, TaskRunner, add_dask_options
+from mattersim.distributed import ModelSpec, TaskRunner, add_dask_options
 from mattersim.io import RunLog, atomic_path, atomic_write_json
 from mattersim.settings import parse_mesh
 from workflows.cells import to_phonopy_atoms
@@ -885,14 +885,12 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     records: list[dict] = []
     failures: list[dict] = []
     fingerprints: list[str] = []
-    n_evaluated = n_reused = 0
     with RunLog(out / "run.log", logger) as log:
         log.info(f"{benchmark}: {len(items)} entries, model {info.get('name')} (sha256 {str(info.get('sha256'))[:12]}), "
                  f"mesh {mesh_length if mesh_length is not None else mesh_numbers}, relaxation fmax {fmax} eV/Å, "
                  f"at most {relax_steps} steps; output {out}")
         used_names: set[str] = set()
-        slots: list[dict | None] = [None] * len(items)
-        pending: list[dict] = []  # entries to evaluate now: {index, eid, rec, json_path}
+        jobs = []
         for index, item in enumerate(items):
             files, read_error = None, None
             if isinstance(item, PhononDBEntry):
@@ -901,41 +899,22 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                 try:
                     files = _read_entry_files(item)
                     eid, source, input_sha = files[0], files[1], entry_input_sha256(files[2])
-                except Exception as exc:  # unreadable entry: it fails alone, below
+                except Exception as exc:  # unreadable entry: its task fails alone
                     eid, source, read_error = entry_id(item), Path(item), exc
                     input_sha = f"unreadable ({type(exc).__name__})"
             fname = eid if eid not in used_names else f"{eid}_{index}"
             used_names.add(fname)
-            json_path = entries_dir / f"{_safe(fname)}.json"
             key = entry_key(ENTRY_SCHEMA, model_id, settings, input_sha)
             fingerprints.append(f"{eid} {input_sha}")
-            old = load_json(json_path) if json_path.is_file() else None
-            if (old is not None and old.get("key") == key
-                    and (old.get("status") == "ok" or (old.get("status") == "failed" and not retry_failed))):
-                old["index"] = index
-                slots[index] = old
-                n_reused += 1
-                _log_entry(log, old, index, len(items), reused=True)
-                continue
-            rec = {"schema": ENTRY_SCHEMA, "id": eid, "index": index, "source": str(source), "key": key,
-                   "input_sha256": input_sha, "model": model_id, "settings": settings, "date": utc_now()}
-            job = {"index": index, "eid": eid, "rec": rec, "json_path": json_path}
-            if read_error is not None:  # fails here, without a task
-                _store_entry(job, TaskResult(index, False, error={"type": type(read_error).__name__,
-                                                                 "message": str(read_error), "traceback": ""}),
-                             slots, log, len(items))
-                n_evaluated += 1
-                continue
-            job["payload"] = (item if files is None else files, settings, root / "reference")
-            pending.append(job)
-
-        runner = runner or TaskRunner()
-        n_evaluated += len(pending)
-        with runner.started():
-            runner.run(_entry_task, [job["payload"] for job in pending], calculator=calculator, spec=spec,
-                       on_result=lambda r: _store_entry(pending[r.index], r, slots, log, len(items)),
-                       progress=progress, description=f"{benchmark} · {info.get('name')}")
-        records = [r for r in slots if r is not None]
+            jobs.append({"index": index, "id": eid, "path": entries_dir / f"{_safe(fname)}.json", "key": key,
+                         "record": {"schema": ENTRY_SCHEMA, "id": eid, "index": index, "source": str(source),
+                                    "key": key, "input_sha256": input_sha, "model": model_id, "settings": settings,
+                                    "date": utc_now()},
+                         "payload": (read_error if read_error is not None else item if files is None else files,
+                                     settings, root / "reference")})
+        records, n_evaluated, n_reused = run_entry_tasks(
+            jobs, _entry_task, calculator=calculator, runner=runner, spec=spec, log=log, progress=progress,
+            description=f"{benchmark} · {info.get('name')}", describe=_describe, retry_failed=retry_failed)
         for rec in records:
             if rec.get("status") != "ok":
                 err = rec.get("error") or {}
@@ -974,46 +953,21 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
 
 
 def _entry_task(calculator, payload) -> dict:
-    """One PhononDB entry (a task, in this process or on a Dask worker): its evaluation and the worker's peak
-    RSS."""
+    """One PhononDB entry (a task, in this process or on a Dask worker): its evaluation. An entry whose files
+    could not be read arrives as that error, and fails here."""
     source, settings, reference_cache = payload
+    if isinstance(source, Exception):
+        raise source
     files = source if isinstance(source, tuple) else None
     item = source if files is None else files[1]
-    return {**_evaluate_entry(item, calculator, settings, files, reference_cache), "peak_rss_mib": peak_rss_mib()}
+    return _evaluate_entry(item, calculator, settings, files, reference_cache)
 
 
-def _store_entry(job: dict, result: "TaskResult", slots: list, log, n_items: int) -> None:
-    """A finished entry, written atomically by the calling process (the only writer, also when a task ran
-    twice on Dask), then read back: the metrics come from what is on disk (JSON types)."""
-    rec = job["rec"]
-    if result.ok:
-        rec.update(result.value)
-    else:
-        err = result.error or {}
-        rec.update({"status": "failed", "error": {"type": err.get("type"), "message": err.get("message")},
-                    "traceback": err.get("traceback", ""), "timings_s": {"total": result.seconds}})
-    if result.worker != "local":
-        rec["worker"] = result.worker
-    atomic_write_json(job["json_path"], rec)
-    rec = load_json(job["json_path"]) or rec
-    rec["index"] = job["index"]
-    slots[job["index"]] = rec
-    _log_entry(log, rec, job["index"], n_items, reused=False)
-
-
-def _log_entry(log, rec: dict, index: int, n_items: int, reused: bool) -> None:
-    eid = rec.get("id")
-    if rec.get("status") == "ok":
-        r, p = rec["reference"]["no_nac"], rec["prediction"]["no_nac"]
-        log.info(f"[{index + 1}/{n_items}] {eid} {rec.get('formula', '')}: "
-                 f"{'reused' if reused else 'done in %.1f s' % rec['timings_s']['total']}; ω_max "
-                 f"ref {r['omega_max_THz']:.3f} / pred {p['omega_max_THz']:.3f} THz, imaginary modes "
-                 f"{r['imaginary_modes']} / {p['imaginary_modes']}, NAC: {rec.get('nac')}; "
-                 f"peak RSS {rec.get('peak_rss_mib', 0):.0f} MiB")
-    else:
-        err = rec.get("error") or {}
-        log.warning(f"[{index + 1}/{n_items}] {eid} failed{' (earlier run)' if reused else ''}: "
-                    f"{err.get('type', 'Error')}: {str(err.get('message', ''))[:500]}")
+def _describe(rec: dict) -> str:
+    r, p = rec["reference"]["no_nac"], rec["prediction"]["no_nac"]
+    return (f"ω_max ref {r['omega_max_THz']:.3f} / pred {p['omega_max_THz']:.3f} THz, imaginary modes "
+            f"{r['imaginary_modes']} / {p['imaginary_modes']}, NAC: {rec.get('nac')}; peak RSS "
+            f"{rec.get('peak_rss_mib', 0):.0f} MiB")
 
 
 def _safe(name: str) -> str:

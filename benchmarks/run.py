@@ -51,14 +51,15 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
     (``raw``/``mp2020``): the energies of models that record none (checkpoint files, other calculators);
     registry models keep their own. ``workers`` (local Dask worker processes) or ``scheduler`` (an existing
     Dask cluster's address): the PhononDB entries run as tasks there (:mod:`mattersim.distributed`), each
-    worker loading the model once; the models must then be names or checkpoint paths."""
+    worker loading the model once (the elasticity entries too); the models must then be names or checkpoint
+    paths."""
     from mattersim.conventions import check_convention
     from mattersim.distributed import TaskRunner
 
     runner = TaskRunner(workers=workers, scheduler=scheduler)  # checks the two options
-    if runner.distributed and str(target).strip().lower() != "phonondb":
-        raise InputError(f"--workers/--scheduler run the PhononDB entries on Dask; '{target}' runs in this process "
-                         "for now (drop the option).")
+    if runner.distributed and str(target).strip().lower() not in ("phonondb", "elasticity"):
+        raise InputError(f"--workers/--scheduler run the PhononDB and elasticity entries on Dask; '{target}' runs in "
+                         "this process for now (drop the option).")
     if runner.distributed and not all(isinstance(m, (str, os.PathLike)) for m in models):
         raise InputError("On Dask every worker loads the model itself: give models by name or checkpoint path.")
     if energy_convention is not None:
@@ -126,6 +127,8 @@ def _run_model(model, jobs, runner, entries, out, *, data, max_items, device, dt
     from mattersim.registry import load_calculator
 
     documents = []
+    spec = (ModelSpec(model=str(model), device=device, dtype=dtype, trust_pickle=trust_pickle,
+                      allow_untrained_elements=allow_untrained_elements) if runner.distributed else None)
     calc = load_calculator(model, device=device, dtype=dtype, trust_pickle=trust_pickle, download=download,
                            allow_untrained_elements=allow_untrained_elements)
     convention = energy_convention if model_info(calc).get("energy_convention") is None else None
@@ -140,7 +143,8 @@ def _run_model(model, jobs, runner, entries, out, *, data, max_items, device, dt
 
             records, path, sha = elastic_set
             documents.append(run_elasticity(records, calc, out, max_entries=max_items, progress=progress,
-                                            dataset={"name": "elasticity", "path": str(path), "sha256": sha}))
+                                            dataset={"name": "elasticity", "path": str(path), "sha256": sha},
+                                            runner=runner, spec=spec))
         elif kind == "hex":
             from benchmarks.hex import run_hex
 
@@ -150,8 +154,6 @@ def _run_model(model, jobs, runner, entries, out, *, data, max_items, device, dt
             from benchmarks.phonondb import run_phonondb
 
             kw = {} if displacement is None else {"displacement": float(displacement)}
-            spec = (ModelSpec(model=str(model), device=device, dtype=dtype, trust_pickle=trust_pickle,
-                              allow_untrained_elements=allow_untrained_elements) if runner.distributed else None)
             documents.append(run_phonondb(entries, calc, out, progress=progress, max_entries=max_items,
                                           runner=runner, spec=spec, **kw))
     return documents

@@ -170,7 +170,7 @@ def test_a_calculator_object_cannot_go_to_dask(tmp_path):
 
     with pytest.raises(InputError, match="by name or checkpoint path"):
         run_benchmark("phonondb", [tbp.HarmonicDFT([])], tmp_path, data=tmp_path, workers=2)
-    with pytest.raises(InputError, match="PhononDB entries on Dask"):
+    with pytest.raises(InputError, match="PhononDB and elasticity entries on Dask"):
         run_benchmark("mpf-TP", ["sevennet-0"], tmp_path, workers=2)
 
 
