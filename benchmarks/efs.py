@@ -134,20 +134,25 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def _evaluate(calc, data: Dataset, idx: list[int], store: _Store) -> None:
-    """Evaluate the structures ``idx``; a failing batch is retried one structure at a time."""
+def _evaluate_chunk(calc, structures: list) -> list[tuple[bool, dict | str]]:
+    """(True, result) or (False, error text) per structure of one chunk (a task, in this process or on a
+    Dask worker): one batched call; a failing batch is retried one structure at a time."""
     try:
-        results = evaluate_batch(calc, [data.structures[i] for i in idx])
-        if len(results) != len(idx):
-            raise RuntimeError(f"the calculator returned {len(results)} results for {len(idx)} structures")
+        results = evaluate_batch(calc, structures)
+        if len(results) != len(structures):
+            raise RuntimeError(f"the calculator returned {len(results)} results for {len(structures)} structures")
     except Exception as exc:
-        if len(idx) == 1:
-            store.fail(idx[0], _error_text(exc))
-            return
-        for i in idx:
-            _evaluate(calc, data, [i], store)
-        return
-    for i, res in zip(idx, results):
+        if len(structures) == 1:
+            return [(False, _error_text(exc))]
+        return [out for a in structures for out in _evaluate_chunk(calc, [a])]
+    return [(True, r) for r in results]
+
+
+def _put_chunk(store: _Store, idx: list[int], outcomes) -> None:
+    for i, (ok, res) in zip(idx, outcomes):
+        if not ok:
+            store.fail(i, res)
+            continue
         try:
             store.put(i, res)
         except Exception as exc:  # malformed result (missing key, wrong shape)
@@ -228,7 +233,7 @@ def _write_outputs(out: Path, data: Dataset, store: _Store, info: dict, offset: 
 
 def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchmark: str | None = None,
             chunk_atoms: int | None = None, pressure_bins: Sequence[float] | None = None, progress: bool = True,
-            kind: str = "efs", energy_convention: str | None = None) -> dict:
+            kind: str = "efs", energy_convention: str | None = None, runner=None, spec=None) -> dict:
     """Evaluate ``calculator`` on every structure of ``data`` and write the results to ``output_dir``.
 
     Chunks of structures (one ``evaluate_batch`` call each) stay within the calculator's memory budget by
@@ -243,6 +248,9 @@ def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchma
     Energies are compared in the reference's convention (``raw`` or ``mp2020``, :mod:`mattersim.conventions`):
     the model's convention comes from its ``model_info`` (the registry records it) or ``energy_convention``
     (for any other calculator); a model without one is taken to share the reference's.
+
+    ``runner`` (:class:`mattersim.distributed.TaskRunner` on Dask) with ``spec``: each chunk is a task there;
+    the predictions are stored here as chunks come back (checkpointed like the in-process run).
     """
     if energy_convention is not None:
         check_convention(energy_convention, "energy_convention")
@@ -267,20 +275,33 @@ def run_efs(data: Dataset, calculator, output_dir: str | os.PathLike, *, benchma
             sizes, estimate, budget = plan
             size_of = lambda i: sizes([data.structures[i]])[0]  # noqa: E731
         max_atoms = chunk_atoms if chunk_atoms is not None else (math.inf if plan is not None else CHUNK_ATOMS)
-        last_save = time.perf_counter()
-        t0 = time.perf_counter()
+        clock = {"t0": time.perf_counter(), "saved": time.perf_counter()}
+
+        def checkpoint(force: bool = False) -> None:
+            if force or time.perf_counter() - clock["saved"] > SAVE_EVERY_S:
+                store.elapsed += time.perf_counter() - clock["t0"]
+                clock["t0"] = clock["saved"] = time.perf_counter()
+                store.save()
+
+        chunks = list(_chunks(todo, data.n_atoms, max_atoms, size_of, estimate, budget))
         try:
-            with progress_bar(progress, len(todo), f"{benchmark} · {info.get('name')}") as bar:
-                for idx in _chunks(todo, data.n_atoms, max_atoms, size_of, estimate, budget):
-                    _evaluate(calculator, data, idx, store)
-                    bar.advance(len(idx))
-                    if time.perf_counter() - last_save > SAVE_EVERY_S:
-                        store.elapsed += time.perf_counter() - t0
-                        t0 = last_save = time.perf_counter()
-                        store.save()
+            if runner is not None and runner.distributed:  # one task per chunk; results stored here
+                def on_result(r) -> None:
+                    idx = chunks[r.index]
+                    _put_chunk(store, idx, r.value if r.ok else [(False, f"{r.error['type']}: {r.error['message'][:300]}")] * len(idx))
+                    checkpoint()
+
+                with runner.started():
+                    runner.run(_evaluate_chunk, [[data.structures[i] for i in idx] for idx in chunks], spec=spec,
+                               on_result=on_result, progress=progress, description=f"{benchmark} · {info.get('name')}")
+            else:
+                with progress_bar(progress, len(todo), f"{benchmark} · {info.get('name')}") as bar:
+                    for idx in chunks:
+                        _put_chunk(store, idx, _evaluate_chunk(calculator, [data.structures[i] for i in idx]))
+                        bar.advance(len(idx))
+                        checkpoint()
         finally:
-            store.elapsed += time.perf_counter() - t0
-            store.save()
+            checkpoint(force=True)
         ok_mask = store.status == _DONE
         failures = [{"index": int(i), "id": data.ids[i], "error": store.errors.get(int(i), "unknown")}
                     for i in np.flatnonzero(store.status == _FAILED)]

@@ -27,9 +27,10 @@ PRESSURE_BINS_GPA = (0.0, 25.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0)
 
 def run_hex(path: str | os.PathLike, calculator, output_dir: str | os.PathLike, *,
             bins: Sequence[float] = PRESSURE_BINS_GPA, max_items: int | None = None, progress: bool = True,
-            energy_convention: str | None = None) -> dict:
+            energy_convention: str | None = None, runner=None, spec=None) -> dict:
     """Run the HEX benchmark from the reference file ``path``; returns the ``metrics.json`` document.
-    ``energy_convention``: as in :func:`benchmarks.efs.run_efs` (elements carry no MP2020 correction)."""
+    ``energy_convention``, ``runner``, ``spec``: as in :func:`benchmarks.efs.run_efs` (elements carry no
+    MP2020 correction)."""
     data = read_reference_file(path, name="HEX")
     if max_items:
         data = data.subset(range(min(int(max_items), len(data))))
@@ -39,4 +40,4 @@ def run_hex(path: str | os.PathLike, calculator, output_dir: str | os.PathLike, 
     if elements and elements[-1] > 57:
         data.notes.append(f"elements beyond Z = 57 present (up to Z = {elements[-1]})")
     return run_efs(data, calculator, output_dir, benchmark="HEX", pressure_bins=bins, progress=progress, kind="hex",
-                   energy_convention=energy_convention)
+                   energy_convention=energy_convention, runner=runner, spec=spec)

@@ -50,16 +50,13 @@ def run_benchmark(target: str, models: Sequence[Any], output_dir: str | os.PathL
     PhononDB prediction's finite displacement in Å (None: PhononDB's 0.01). ``energy_convention``
     (``raw``/``mp2020``): the energies of models that record none (checkpoint files, other calculators);
     registry models keep their own. ``workers`` (local Dask worker processes) or ``scheduler`` (an existing
-    Dask cluster's address): the PhononDB entries run as tasks there (:mod:`mattersim.distributed`), each
-    worker loading the model once (the elasticity entries too); the models must then be names or checkpoint
-    paths."""
+    Dask cluster's address): the work runs as tasks there (:mod:`mattersim.distributed`: PhononDB and
+    elasticity entries, energy/force/stress chunks), each worker loading the model once; the models must
+    then be names or checkpoint paths."""
     from mattersim.conventions import check_convention
     from mattersim.distributed import TaskRunner
 
     runner = TaskRunner(workers=workers, scheduler=scheduler)  # checks the two options
-    if runner.distributed and str(target).strip().lower() not in ("phonondb", "elasticity"):
-        raise InputError(f"--workers/--scheduler run the PhononDB and elasticity entries on Dask; '{target}' runs in "
-                         "this process for now (drop the option).")
     if runner.distributed and not all(isinstance(m, (str, os.PathLike)) for m in models):
         raise InputError("On Dask every worker loads the model itself: give models by name or checkpoint path.")
     if energy_convention is not None:
@@ -137,7 +134,8 @@ def _run_model(model, jobs, runner, entries, out, *, data, max_items, device, dt
             from benchmarks.efs import run_efs
 
             dataset, folder = arg
-            documents.append(run_efs(dataset, calc, folder, progress=progress, energy_convention=convention))
+            documents.append(run_efs(dataset, calc, folder, progress=progress, energy_convention=convention,
+                                     runner=runner, spec=spec))
         elif kind == "elasticity":
             from benchmarks.elasticity import run_elasticity
 
@@ -149,7 +147,7 @@ def _run_model(model, jobs, runner, entries, out, *, data, max_items, device, dt
             from benchmarks.hex import run_hex
 
             documents.append(run_hex(data, calc, out, max_items=max_items, progress=progress,
-                                     energy_convention=convention))
+                                     energy_convention=convention, runner=runner, spec=spec))
         else:
             from benchmarks.phonondb import run_phonondb
 

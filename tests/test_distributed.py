@@ -170,8 +170,6 @@ def test_a_calculator_object_cannot_go_to_dask(tmp_path):
 
     with pytest.raises(InputError, match="by name or checkpoint path"):
         run_benchmark("phonondb", [tbp.HarmonicDFT([])], tmp_path, data=tmp_path, workers=2)
-    with pytest.raises(InputError, match="PhononDB and elasticity entries on Dask"):
-        run_benchmark("mpf-TP", ["sevennet-0"], tmp_path, workers=2)
 
 
 def test_phonondb_script_with_local_workers_and_a_checkpoint(tmp_path, small_checkpoint, capsys):
@@ -243,3 +241,30 @@ def test_hull_on_two_workers_equals_in_process(tmp_path, cluster, monkeypatch):
     assert [p["enthalpy_eV_per_atom"] for p in loaded["phases"]] == [p["enthalpy_eV_per_atom"] for p in local.summary["phases"]]
     assert loaded["stable_sets"] == local.summary["stable_sets"]
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# energy / force / stress chunks on Dask
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_efs_chunks_on_two_workers_equal_in_process(tmp_path, cluster):
+    from ase.calculators.emt import EMT
+
+    from benchmarks.datasets import read_reference_file
+    from benchmarks.efs import run_efs
+    from test_bench_efs import _emt_set
+
+    strains = [0.0, 0.01, 0.02, -0.01, -0.02, 0.03, 0.015]
+    data = read_reference_file(_emt_set(tmp_path / "set.xyz", strains))
+    local = run_efs(data, EMT(), tmp_path / "local", progress=False, chunk_atoms=8)  # two structures per chunk
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        remote = run_efs(data, EMT(), tmp_path / "dask", progress=False, chunk_atoms=8, runner=runner,
+                         spec=ModelSpec(factory="ase.calculators.emt:EMT"))
+    keys = [m["key"] for m in local["metrics"] if not m["key"].startswith("time")]
+    values = {m["key"]: m["value"] for m in remote["metrics"]}
+    assert [values[k] for k in keys] == [m["value"] for m in local["metrics"] if m["key"] in keys]
+    a, b = np.load(tmp_path / "local" / "EMT" / "predictions.npz"), np.load(tmp_path / "dask" / "EMT" / "predictions.npz")
+    for name in ("energy", "forces", "stress", "status"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert local["metrics"][0]["value"] == pytest.approx(0.0, abs=1e-9)  # EMT against its own labels
