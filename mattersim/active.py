@@ -130,13 +130,32 @@ def _explore_rattle(seeds: Sequence[Atoms], cfg: ActiveLearningConfig, rng: np.r
     return frames
 
 
-def label_structures(structures: Sequence[Atoms], labeller) -> list[Atoms]:
+def _label_one(labeller, atoms: Atoms) -> dict:
+    """One structure's labels (a Dask task: a DFT calculation is worth a worker)."""
+    (res,) = evaluate_batch(labeller, [atoms])
+    return res
+
+
+def label_structures(structures: Sequence[Atoms], labeller, *, runner=None, spec=None) -> list[Atoms]:
     """Copies of ``structures`` carrying the labeller's energy, forces and (periodic cells) stress as a
-    single-point calculator, ready for :func:`ase.io.write` (extxyz) and for training."""
+    single-point calculator, ready for :func:`ase.io.write` (extxyz) and for training. With ``runner``
+    (:class:`mattersim.distributed.TaskRunner` on Dask) and ``spec`` (the labeller each worker builds,
+    e.g. ``ModelSpec(factory="mypackage.dft:make_calculator")``), one task per structure there; a
+    structure whose labelling failed is an error naming it."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
+    if runner is not None and runner.distributed:
+        with runner.started():
+            done = runner.run(_label_one, list(structures), spec=spec, description="labelling")
+        bad = [f"structure {r.index} ({structures[r.index].get_chemical_formula()}): {r.error['type']}: "
+               f"{r.error['message'][:200]}" for r in done if not r.ok]
+        if bad:
+            raise InputError("Labelling failed on Dask: " + "; ".join(bad))
+        results = [r.value for r in done]
+    else:
+        results = evaluate_batch(labeller, structures)
     out = []
-    for atoms, res in zip(structures, evaluate_batch(labeller, structures)):
+    for atoms, res in zip(structures, results):
         frame = atoms.copy()
         values = {"energy": res["energy"], "forces": res["forces"]}
         if "stress" in res:
@@ -198,6 +217,8 @@ def run_active_learning(
     holdout: Sequence[Atoms] | None = None,
     dtype: str = "float32",
     progress: bool = True,
+    runner=None,
+    labeller_spec=None,
 ) -> ActiveLearningResult:
     """Run active learning (see the module docstring) and return its per-round record.
 
@@ -205,6 +226,7 @@ def run_active_learning(
     seeds); ``seeds``: starting structures; ``labeller``: any ASE calculator (DFT, or EMT in tests);
     ``train``: labelled structures the members were trained on (kept in every fine-tuning set);
     ``holdout``: labelled structures never trained on, to record the error after each round.
+    ``runner``/``labeller_spec``: label on Dask, one structure per task (:func:`label_structures`).
     """
     import ase.io
 
@@ -257,7 +279,8 @@ def run_active_learning(
                 if chosen.size == 0:
                     converged = True
                 else:
-                    labelled = labelled + label_structures([candidates[i] for i in chosen], labeller)
+                    labelled = labelled + label_structures([candidates[i] for i in chosen], labeller, runner=runner,
+                                                           spec=labeller_spec)
                     with atomic_path(output / "labelled.extxyz") as tmp:
                         ase.io.write(tmp, labelled, format="extxyz")
                     data = _samples(list(train) + labelled)

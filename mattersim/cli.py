@@ -755,6 +755,8 @@ def qha_command(
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax each structure to V0 first (space group kept)."),
     symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Phase names, one per file, comma-separated (B1,B2); default the formula for one file, the file names for several. 'mattersim hull --qha' matches phases to candidates by these names."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
     outdir: Path = typer.Option(Path("qha"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
@@ -768,6 +770,7 @@ def qha_command(
     from mattersim.settings import parse_supercell
 
     smat = parse_supercell(supercell, "--supercell")
+    runner, spec = _runner_and_spec(workers, scheduler, model, device, float64, trust_pickle, allow_untrained_elements)
     ensure_writable_dir(outdir)  # before any work
     structures = []
     for f in files:
@@ -797,7 +800,7 @@ def qha_command(
     result = run_qha(structures, calc, labels=labels, volumes=volumes, strains=strains, tmax=tmax, tstep=tstep,
                      pressures=pressures, eos=eos, supercell=smat, mesh=mesh, nac=nac, born_file=born,
                      nac_method=nac_method.value, fmax=fmax, relax=relax, symprec=symprec,
-                     output_dir=outdir, progress=sys.stderr.isatty())
+                     output_dir=outdir, progress=sys.stderr.isatty(), runner=runner, spec=spec)
     _print_rows(f"Quasi-harmonic thermodynamics ({result.summary['model'].get('name', 'model')})", result.rows(),
                 lambda quantity: quantity.strip() == "WARNING", wrap_values=True)
 

@@ -268,3 +268,49 @@ def test_efs_chunks_on_two_workers_equal_in_process(tmp_path, cluster):
     for name in ("energy", "forces", "stress", "status"):
         np.testing.assert_array_equal(a[name], b[name])
     assert local["metrics"][0]["value"] == pytest.approx(0.0, abs=1e-9)  # EMT against its own labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# QHA: each volume's displaced supercells on Dask
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_qha_volumes_on_two_workers_equal_in_process(tmp_path, cluster):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from workflows.qha import run_qha
+
+    settings = dict(supercell=[2, 2, 2], mesh=[5, 5, 5], volumes="-0.03:0.03:5", tmax=300.0, tstep=20.0, progress=False)
+    local = run_qha(bulk("Cu", "fcc", a=3.6), EMT(), output_dir=tmp_path / "local", **settings)
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        remote = run_qha(bulk("Cu", "fcc", a=3.6), EMT(), output_dir=tmp_path / "dask", runner=runner,
+                         spec=ModelSpec(factory="ase.calculators.emt:EMT"), **settings)
+    for i in range(5):
+        a = np.load(tmp_path / "local" / "Cu" / f"V-{i:02d}" / "forces.npz")
+        b = np.load(tmp_path / "dask" / "Cu" / f"V-{i:02d}" / "forces.npz")
+        np.testing.assert_array_equal(a["forces"], b["forces"])
+    ta, pa, ga = local.gibbs()
+    tb, pb, gb = remote.gibbs()
+    np.testing.assert_array_equal(ga, gb)
+    assert local.value_at("bulk_modulus_GPa", 300.0) == remote.value_at("bulk_modulus_GPa", 300.0)
+
+
+def test_active_learning_labels_on_two_workers(cluster):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from mattersim.active import label_structures
+
+    frames = [bulk("Cu", "fcc", a=3.6 + 0.02 * k, cubic=True) for k in range(5)]
+    for k, a in enumerate(frames):
+        a.rattle(0.05, seed=k)
+    here = label_structures(frames, EMT())
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        there = label_structures(frames, EMT(), runner=runner, spec=ModelSpec(factory="ase.calculators.emt:EMT"))
+    for a, b in zip(here, there):
+        assert a.get_potential_energy() == b.get_potential_energy()
+        np.testing.assert_array_equal(a.get_forces(), b.get_forces())
+        np.testing.assert_array_equal(a.get_stress(), b.get_stress())
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner, pytest.raises(InputError, match="structure 0"):
+        label_structures(frames[:1], EMT(), runner=runner, spec=ModelSpec(factory=Doubler))  # not a calculator

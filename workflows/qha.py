@@ -546,7 +546,7 @@ def run_qha(structures: Atoms | Sequence[Atoms], calculator, *, labels: Sequence
             relax: bool = True, fmax: float = 0.01,
             relax_steps: int = 500, optimizer: str = "BFGS", symprec: float = 1e-5,
             output_dir: str | os.PathLike | None = None, batch_size: int | None = None,
-            progress: bool = True) -> QHARunResult:
+            progress: bool = True, runner: Any = None, spec: Any = None) -> QHARunResult:
     """Quasi-harmonic thermodynamics of one or more phases (see the module docstring).
 
     ``structures``: one crystal or several phases (``labels`` name them; default the formula);
@@ -563,7 +563,9 @@ def run_qha(structures: Atoms | Sequence[Atoms], calculator, *, labels: Sequence
     gonze or wang) at every volume, with Z* and eps_inf from a phonopy BORN file (the same at every volume),
     a predictor or the model's own predictions (at each volume's cell); it changes the LO modes near Γ only,
     so the free energies little. ``batch_size``: supercells per batched model call (default: ~1024 atoms per
-    call)."""
+    call). ``runner`` (:class:`mattersim.distributed.TaskRunner` on Dask) with ``spec`` (the model each
+    worker loads): the displaced supercells' forces run there, one task per volume, stored here as they
+    come back; relaxations and the QHA stay in this process."""
     from workflows.phonon import DEFAULT_MIN_LENGTH_A, _build_phonopy, auto_supercell, model_cutoff
 
     if volumes is not None and strains is not None:
@@ -719,22 +721,15 @@ def run_qha(structures: Atoms | Sequence[Atoms], calculator, *, labels: Sequence
         log.info(f"forces: {n_total} displaced supercells over {len(phases) * len(fractions)} volumes, "
                  f"{n_total - len(queue)} reused, {len(queue)} to evaluate in chunks of {chunk}")
         t0 = time.perf_counter()
-        with progress_bar(progress, len(queue), "QHA forces") as bar:
-            for start in range(0, len(queue), chunk):
-                part = queue[start:start + chunk]
-                res = evaluate_batch(calculator, [v.supercells[i] for v, i in part], ("energy", "forces"))
-                touched = {}
-                for (v, i), r in zip(part, res):
-                    f = np.asarray(r["forces"], dtype=float).reshape(-1, 3)
-                    if not np.all(np.isfinite(f)):
-                        raise InputError(f"The calculator returned non-finite forces for a displaced supercell at volume "
-                                         f"{v.fraction:+.3f}; check the structure and the volume range.")
-                    v.store.data["forces"][i] = f
-                    v.store.data["done"][i] = True
-                    touched[id(v)] = v
-                for v in touched.values():
-                    v.store.save()
-                bar.advance(len(part))
+        if runner is not None and runner.distributed:
+            _forces_on_dask(runner, spec, queue, chunk, progress)
+        else:
+            with progress_bar(progress, len(queue), "QHA forces") as bar:
+                for start in range(0, len(queue), chunk):
+                    part = queue[start:start + chunk]
+                    res = evaluate_batch(calculator, [v.supercells[i] for v, i in part], ("energy", "forces"))
+                    _store_forces(part, [r["forces"] for r in res])
+                    bar.advance(len(part))
         timings["force_evaluation"] = time.perf_counter() - t0
 
         # 4. thermal properties per volume, checks, QHA per pressure --------------------------------------
@@ -766,6 +761,56 @@ def run_qha(structures: Atoms | Sequence[Atoms], calculator, *, labels: Sequence
             log.info(f"done in {timings['total']:.1f} s (relaxations {timings['relaxation']:.1f} s, forces "
                      f"{timings['force_evaluation']:.1f} s, QHA {timings['qha']:.1f} s)")
     return result
+
+
+def _store_forces(part: list, forces: list) -> None:
+    """Forces of the displaced supercells ``part`` ((volume, index) pairs) into their volumes' stores."""
+    touched = {}
+    for (v, i), f in zip(part, forces):
+        f = np.asarray(f, dtype=float).reshape(-1, 3)
+        if not np.all(np.isfinite(f)):
+            raise InputError(f"The calculator returned non-finite forces for a displaced supercell at volume "
+                             f"{v.fraction:+.3f}; check the structure and the volume range.")
+        v.store.data["forces"][i] = f
+        v.store.data["done"][i] = True
+        touched[id(v)] = v
+    for v in touched.values():
+        v.store.save()
+
+
+def _volume_forces(calculator, payload) -> list[np.ndarray]:
+    """The forces of one volume's displaced supercells (a Dask task), in batched calls of ``chunk``."""
+    supercells, chunk = payload
+    out = []
+    for start in range(0, len(supercells), chunk):
+        out += [np.asarray(r["forces"], dtype=float) for r in
+                evaluate_batch(calculator, supercells[start:start + chunk], ("energy", "forces"))]
+    return out
+
+
+def _forces_on_dask(runner, spec, queue: list, chunk: int, progress: bool) -> None:
+    """The supercells of ``queue`` on Dask, one task per volume; each volume's forces are stored here as its
+    task comes back. A volume whose task failed is an error naming it, after the others are stored (a
+    rerun resumes with it alone)."""
+    groups: dict[int, tuple] = {}
+    for v, i in queue:
+        groups.setdefault(id(v), (v, []))[1].append(i)
+    groups_list = list(groups.values())
+    failed = []
+
+    def on_result(r) -> None:
+        v, idx = groups_list[r.index]
+        if r.ok:
+            _store_forces([(v, i) for i in idx], r.value)
+        else:
+            failed.append(f"volume {v.fraction:+.3f}: {r.error['type']}: {r.error['message'][:200]}")
+
+    with runner.started():
+        runner.run(_volume_forces, [([v.supercells[i] for i in idx], chunk) for v, idx in groups_list], spec=spec,
+                   on_result=on_result, progress=progress, description="QHA forces")
+    if failed:
+        raise InputError("Force evaluations failed on Dask (the finished volumes are stored; rerun to resume): "
+                         + "; ".join(failed))
 
 
 def _set_nac(ph_: _Phase, born_file, predictor, calculator, method: str, symprec: float, log) -> None:
