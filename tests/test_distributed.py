@@ -314,3 +314,22 @@ def test_active_learning_labels_on_two_workers(cluster):
         np.testing.assert_array_equal(a.get_stress(), b.get_stress())
     with TaskRunner(scheduler=cluster.scheduler_address) as runner, pytest.raises(InputError, match="structure 0"):
         label_structures(frames[:1], EMT(), runner=runner, spec=ModelSpec(factory=Doubler))  # not a calculator
+
+
+def test_hull_random_search_on_two_workers_equals_in_process(tmp_path, cluster):
+    pytest.importorskip("pyxtal")
+    from ase.calculators.emt import EMT
+
+    from workflows.hull import run_hull
+
+    kw = dict(system="Cu", compositions=["Cu"], search=3, search_max_atoms=4, pressures="0,10", seed=2, progress=False)
+    local = run_hull([], EMT(), output_dir=tmp_path / "local", **kw)
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        remote = run_hull([], EMT(), output_dir=tmp_path / "dask", runner=runner,
+                          spec=ModelSpec(factory="ase.calculators.emt:EMT"), **kw)
+    assert remote.summary["search"]["relaxations"] == 6
+    for a, b in zip(local.summary["search"]["found"], remote.summary["search"]["found"]):
+        assert a["label"] == b["label"] and a["spacegroup"] == b["spacegroup"]
+        assert a["enthalpy_eV_per_atom"] == pytest.approx(b["enthalpy_eV_per_atom"], abs=1e-12)
+    np.testing.assert_allclose([p["enthalpy_eV_per_atom"] for p in local.summary["phases"]],
+                               [p["enthalpy_eV_per_atom"] for p in remote.summary["phases"]], rtol=0, atol=1e-12)

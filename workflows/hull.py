@@ -33,6 +33,7 @@ at each pressure), ``distance.png`` (distance above the hull of every phase agai
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -520,11 +521,12 @@ def _relax_on_dask(runner, spec, order, chain, inputs, labels, pressures, stores
 
 
 def _search(compositions: list[dict], calculator, pressures: list[float], *, count: int, seed: int, max_atoms: int,
-            fmax: float, steps: int, optimizer: str, out: Path | None, info: dict, log, progress: bool
-            ) -> tuple[list[tuple[str, Atoms]], dict]:
+            fmax: float, steps: int, optimizer: str, out: Path | None, info: dict, log, progress: bool,
+            runner=None, spec=None) -> tuple[list[tuple[str, Atoms]], dict]:
     """The random structure search: at every pressure, ``count`` PyXtal crystals of every composition,
     scaled towards that pressure and relaxed together (one batched relaxation per pressure, stored in
-    ``search/P-NN.npz``); the lowest enthalpy per composition and pressure is kept, and the distinct ones
+    ``search/P-NN.npz``; on Dask, with ``runner`` and ``spec``, one task per structure, every pressure at
+    once); the lowest enthalpy per composition and pressure is kept, and the distinct ones
     (StructureMatcher) across pressures become candidates ``<formula>-search-<k>``."""
     from mattersim.relax import BatchRelaxer
     from workflows.candidates import distinct, random_structures
@@ -535,36 +537,63 @@ def _search(compositions: list[dict], calculator, pressures: list[float], *, cou
     n_relaxed = n_converged = 0
     if out is not None:
         (out / "search").mkdir(exist_ok=True)
-    with progress_bar(progress, len(pressures), "hull: random search") as bar:
-        for i, pressure in enumerate(pressures):
-            store = ArrayStore(None if out is None else out / "search" / f"P-{i:02d}.npz",
-                               run_key([], {**settings, "pressure_GPa": pressure}, info))
-            if store.load(log):
-                log.info(f"search at {pressure:g} GPa: reusing the stored relaxations")
-            else:
-                starts, owner = [], []
-                for c, comp in enumerate(compositions):
-                    sub_seed = int(np.random.SeedSequence([int(seed), i, c]).generate_state(1)[0])
-                    starts += random_structures(comp, count, seed=sub_seed, max_atoms=max_atoms)
-                    owner += [c] * count
-                starts, _ = prescale(starts, calculator, pressure)
-                rs = BatchRelaxer(calculator, fmax=fmax, steps=steps, pressure=pressure, mode="full",
+    stores, todo = [], {}  # todo: pressure index -> (starts, owner)
+    for i, pressure in enumerate(pressures):
+        store = ArrayStore(None if out is None else out / "search" / f"P-{i:02d}.npz",
+                           run_key([], {**settings, "pressure_GPa": pressure}, info))
+        stores.append(store)
+        if store.load(log):
+            log.info(f"search at {pressure:g} GPa: reusing the stored relaxations")
+            continue
+        starts, owner = [], []
+        for c, comp in enumerate(compositions):
+            sub_seed = int(np.random.SeedSequence([int(seed), i, c]).generate_state(1)[0])
+            starts += random_structures(comp, count, seed=sub_seed, max_atoms=max_atoms)
+            owner += [c] * count
+        todo[i] = (starts, owner)
+
+    def save(i: int, relaxed: list[Atoms], enthalpy_per_atom: list[float], converged: list[bool]) -> None:
+        stores[i].data = {**_pack(relaxed), "owner": np.array(todo[i][1]), "enthalpy": np.array(enthalpy_per_atom),
+                          "converged": np.array(converged)}
+        stores[i].save()
+
+    if runner is not None and runner.distributed and todo:
+        jobs = [(i, k) for i in todo for k in range(len(todo[i][0]))]
+        tags = {runner.submit(_relax_task, {"input": todo[i][0][k], "start": None, "label": f"search-{i}-{k}",
+                                            "pressure": pressures[i], "prescale": True, "fmax": fmax, "steps": steps,
+                                            "optimizer": optimizer}, spec=spec): n for n, (i, k) in enumerate(jobs)}
+        got: dict[int, list] = {i: [None] * len(todo[i][0]) for i in todo}
+        with progress_bar(progress, len(jobs), "hull: random search") as bar:
+            for r in runner.completed(tags):
+                i, k = jobs[r.index]
+                a0 = todo[i][0][k]
+                v = r.value if r.ok else {"cell": a0.cell[:], "positions": a0.positions, "energy": math.nan,
+                                          "converged": False}
+                got[i][k] = v
+                if all(x is not None for x in got[i]):
+                    relaxed = [_placed(a, x["cell"], x["positions"]) for a, x in zip(todo[i][0], got[i])]
+                    save(i, relaxed, [(x["energy"] + pressures[i] * GPA_TO_EV_A3 * a.get_volume()) / len(a)
+                                      for a, x in zip(relaxed, got[i])], [x["converged"] for x in got[i]])
+                bar.advance(1)
+    elif todo:
+        with progress_bar(progress, len(todo), "hull: random search") as bar:
+            for i, (starts, owner) in todo.items():
+                starts, _ = prescale(starts, calculator, pressures[i])
+                rs = BatchRelaxer(calculator, fmax=fmax, steps=steps, pressure=pressures[i], mode="full",
                                   optimizer=optimizer).relax(starts)
-                store.data = {**_pack([r.atoms for r in rs]), "owner": np.array(owner),
-                              "enthalpy": np.array([r.enthalpy / len(r.atoms) for r in rs]),
-                              "converged": np.array([r.converged for r in rs])}
-                store.save()
-            d = store.data
-            relaxed = _unpack(d)
-            n_relaxed += len(relaxed)
-            n_converged += int(d["converged"].sum())
-            for c in range(len(compositions)):
-                mine = [k for k in range(len(relaxed)) if d["owner"][k] == c and np.isfinite(d["enthalpy"][k])]
-                pool = [k for k in mine if d["converged"][k]] or mine  # converged ones first
-                if pool:
-                    k = min(pool, key=lambda k: d["enthalpy"][k])
-                    best[c].append((pressure, float(d["enthalpy"][k]), relaxed[k]))
-            bar.advance(1)
+                save(i, [r.atoms for r in rs], [r.enthalpy / len(r.atoms) for r in rs], [r.converged for r in rs])
+                bar.advance(1)
+    for i, pressure in enumerate(pressures):
+        d = stores[i].data
+        relaxed = _unpack(d)
+        n_relaxed += len(relaxed)
+        n_converged += int(d["converged"].sum())
+        for c in range(len(compositions)):
+            mine = [k for k in range(len(relaxed)) if d["owner"][k] == c and np.isfinite(d["enthalpy"][k])]
+            pool = [k for k in mine if d["converged"][k]] or mine  # converged ones first
+            if pool:
+                k = min(pool, key=lambda k: d["enthalpy"][k])
+                best[c].append((pressure, float(d["enthalpy"][k]), relaxed[k]))
     found, records = [], []
     for c, comp in enumerate(compositions):
         structures = [a for _, _, a in best[c]]
@@ -767,10 +796,11 @@ def run_hull(candidates: Sequence[Atoms | tuple[str, Atoms]], calculator, *, sys
         search_summary = None
         if search:
             t0 = time.perf_counter()
-            found, search_summary = _search(search_comps, calculator, pressure_list, count=search, seed=seed,
-                                            max_atoms=search_max_atoms, fmax=max(float(fmax), 0.05),
-                                            steps=min(int(steps), 300), optimizer=optimizer, out=out, info=info,
-                                            log=log, progress=progress)
+            with (runner.started() if runner is not None else contextlib.nullcontext()):
+                found, search_summary = _search(search_comps, calculator, pressure_list, count=search, seed=seed,
+                                                max_atoms=search_max_atoms, fmax=max(float(fmax), 0.05),
+                                                steps=min(int(steps), 300), optimizer=optimizer, out=out, info=info,
+                                                log=log, progress=progress, runner=runner, spec=spec)
             timings["search"] = time.perf_counter() - t0
             found_labels = unique_labels(labels + [lab for lab, _ in found])[len(labels):]
             labels += found_labels
