@@ -29,6 +29,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -154,13 +155,15 @@ def _remote(fn: Callable, spec: ModelSpec, payload, *previous) -> tuple[bool, An
 class TaskRunner:
     """Runs independent tasks in this process (default), on ``workers`` local worker processes, or on the
     cluster of ``scheduler`` (an address); see the module docstring. Use it as a context manager (the
-    cluster it starts is stopped on exit); ``dashboard`` is the Dask dashboard address, if any;
+    cluster it starts is stopped on exit); ``dashboard`` is the Dask dashboard address, if any, printed
+    on stderr with the number of workers when the cluster is reached (``announce``);
     ``connect_timeout`` (s) how long a ``scheduler`` may take to answer."""
 
     workers: int | None = None
     scheduler: str | None = None
     threads_per_worker: int = 1
     connect_timeout: float = 20.0
+    announce: bool = True
     client: Any = field(default=None, repr=False)
     cluster: Any = field(default=None, repr=False)
 
@@ -177,7 +180,10 @@ class TaskRunner:
 
     @property
     def dashboard(self) -> str | None:
-        return getattr(self.client, "dashboard_link", None) if self.client is not None else None
+        """The dashboard's address when the scheduler serves one (it needs bokeh), else None."""
+        if self.client is None or "dashboard" not in (self.client.scheduler_info().get("services") or {}):
+            return None
+        return self.client.dashboard_link
 
     def __enter__(self) -> "TaskRunner":
         if not self.distributed:
@@ -199,8 +205,11 @@ class TaskRunner:
             self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=self.threads_per_worker,
                                         processes=True, host="127.0.0.1", dashboard_address=":0", env=env)
             self.client = Client(self.cluster)
-        logger.info(f"Dask: {len(self.client.scheduler_info().get('workers', {}))} workers, scheduler "
-                    f"{self.client.scheduler.address}, dashboard {self.dashboard}")
+        line = (f"Dask: {len(self.client.scheduler_info().get('workers', {}))} workers, scheduler "
+                f"{self.client.scheduler.address}" + (f", dashboard {self.dashboard}" if self.dashboard else ""))
+        logger.info(line)
+        if self.announce:
+            print(line, file=sys.stderr, flush=True)
         return self
 
     @contextlib.contextmanager
