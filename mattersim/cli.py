@@ -687,7 +687,7 @@ def phonon_command(
 
 @app.command("elastic")
 def elastic_command(
-    file: Path = typer.Argument(..., help="Structure file with one crystal (POSCAR, CIF, ...)."),
+    files: List[Path] = typer.Argument(..., help="Structure files, one crystal each (POSCAR, CIF, ...); with several, each goes to OUTDIR/<name>/."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure in GPa (relaxation and the Birch coefficients)."),
     strains: str = typer.Option("0.005,0.01", "--strains", help="Strain magnitudes, each applied as + and - to the 6 Voigt directions (0 < s <= 0.05)."),
@@ -703,28 +703,57 @@ def elastic_command(
     float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
     allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
 ) -> None:
     """Elastic tensor of the crystal in FILE from stress-strain relations: C_ij (IEEE setting), bulk/shear/
     Young's moduli, Poisson ratio, anisotropy, Born stability. Writes elastic.json, stress_strain.png,
-    strained.extxyz and elastic.log to OUTDIR."""
+    strained.extxyz and elastic.log to OUTDIR (OUTDIR/<name>/ per crystal with several files, with a table
+    of all)."""
     from mattersim.io import ensure_writable_dir, read_structures
     from mattersim.settings import parse_numbers
 
     magnitudes = parse_numbers(strains, "--strains")
     shear_magnitudes = None if shear_strains is None else parse_numbers(shear_strains, "--shear-strains")
+    runner, spec = _runner_and_spec(workers, scheduler, model, device, float64, trust_pickle, allow_untrained_elements)
     ensure_writable_dir(outdir)  # before any work
-    structures = read_structures([str(file)])
-    if len(structures) != 1:
-        raise InputError(f"'{file}' holds {len(structures)} structures; 'mattersim elastic' takes a file with one crystal.")
+    structures = []
+    for file in files:
+        found = read_structures([str(file)])
+        if len(found) != 1:
+            raise InputError(f"'{file}' holds {len(found)} structures; 'mattersim elastic' takes one crystal per file.")
+        structures.append(found[0])
     calc = _load_calculator(model, device, float64, trust_pickle)
     _revalidate_elements(structures, _max_z(calc))
     _check_trained_elements(calc, structures, allow_untrained_elements, properties=False)
 
-    from workflows.elastic import run_elastic  # lazily: the core never imports workflows at module level
+    from workflows.elastic import run_elastic, run_elastic_many  # lazily: the core never imports workflows
 
-    result = run_elastic(structures[0][1], calc, relax=relax, relax_ions=not clamped_ion, pressure=pressure,
-                         strains=magnitudes, shear_strains=shear_magnitudes, fit=fit, fmax=fmax, relax_steps=relax_steps, symprec=symprec, output_dir=outdir,
-                         progress=sys.stderr.isatty())
+    settings = dict(relax=relax, relax_ions=not clamped_ion, pressure=pressure, strains=magnitudes,
+                    shear_strains=shear_magnitudes, fit=fit, fmax=fmax, relax_steps=relax_steps, symprec=symprec)
+    if len(files) > 1 or runner.distributed:
+        from workflows.candidates import file_label
+        from workflows.cells import unique_labels
+
+        labels = unique_labels([file_label(Path(f), a) for f, (_, a) in zip(files, structures)])
+        results = run_elastic_many(list(zip(labels, [a for _, a in structures])), calc, outdir, runner=runner,
+                                   spec=spec, progress=sys.stderr.isatty(), **settings)
+        rows = []
+        for label, r in zip(labels, results):
+            if isinstance(r, dict):
+                rows.append((label, f"FAILED: {r['error'][:300]}"))
+                continue
+            m = r.summary["moduli"]
+            rows.append((label, f"{r.summary['structure']['formula']} {r.summary['structure']['spacegroup']}: "
+                                f"K_VRH {m['k_vrh_GPa']:.1f}, G_VRH {m['g_vrh_GPa']:.1f} GPa, "
+                                f"{'stable' if r.stable else 'NOT Born-stable'} ({r.output_dir})"))
+        failed = {label for label, r in zip(labels, results) if isinstance(r, dict)}
+        _print_rows(f"Elastic constants ({_model_info(calc).get('name', 'model')})", rows,
+                    lambda quantity: quantity in failed, columns=("crystal", "result"), wrap_values=True)
+        if any(isinstance(r, dict) for r in results):
+            raise typer.Exit(EXIT_NOT_CONVERGED)
+        return
+    result = run_elastic(structures[0][1], calc, output_dir=outdir, progress=sys.stderr.isatty(), **settings)
     s = result.summary
     _print_rows(f"Elastic constants of {s['structure']['formula']} ({s['structure']['spacegroup']}, "
                 f"{s['model'].get('name', 'model')}), GPa", result.rows(),

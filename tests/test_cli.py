@@ -588,3 +588,16 @@ def test_cli_hull_from_the_materials_project(tmp_path, emt_registry, fake_mp, mo
     summary = json.loads((tmp_path / "o" / "hull.json").read_text())
     assert [p["label"] for p in summary["phases"]] == ["Au-mp-81", "AuCu-mp-522", "Cu-mp-30"]
     assert any(r[0].startswith("/materials/summary") for r in fake_mp.requests)
+
+
+def test_cli_elastic_of_several_crystals(tmp_path, emt_registry):
+    bulk("Cu", "fcc", a=3.62).write(tmp_path / "POSCAR_Cu", format="vasp")
+    bulk("Al", "fcc", a=4.05).write(tmp_path / "Al.vasp", format="vasp")
+    out = tmp_path / "el"
+    result = _invoke("elastic", tmp_path / "POSCAR_Cu", tmp_path / "Al.vasp", "--fmax", "0.002", "-o", out)
+    assert result.exit_code == 0, result.output
+    for label in ("Cu", "Al"):
+        summary = json.loads((out / label / "elastic.json").read_text())
+        assert summary["moduli"]["k_vrh_GPa"] > 0 and label in result.output
+    assert "K_VRH" in result.output
+    assert_user_error(_invoke("elastic", tmp_path / "Al.vasp", "--workers", "0", "-o", out), "--workers")

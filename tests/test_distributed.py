@@ -333,3 +333,33 @@ def test_hull_random_search_on_two_workers_equals_in_process(tmp_path, cluster):
         assert a["enthalpy_eV_per_atom"] == pytest.approx(b["enthalpy_eV_per_atom"], abs=1e-12)
     np.testing.assert_allclose([p["enthalpy_eV_per_atom"] for p in local.summary["phases"]],
                                [p["enthalpy_eV_per_atom"] for p in remote.summary["phases"]], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# elastic constants of many crystals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_elastic_of_many_crystals_on_two_workers_equals_in_process(tmp_path, cluster, monkeypatch):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from workflows.elastic import run_elastic_many
+
+    crystals = [("Cu", bulk("Cu", "fcc", a=3.62)), ("Al", bulk("Al", "fcc", a=4.05)), ("Ni", bulk("Ni", "fcc", a=3.5))]
+    settings = dict(strains=(0.005, 0.01), fmax=0.001)
+    local = run_elastic_many(crystals, EMT(), tmp_path / "local", **settings)
+    with TaskRunner(scheduler=cluster.scheduler_address) as runner:
+        remote = run_elastic_many(crystals, EMT(), tmp_path / "dask", runner=runner,
+                                  spec=ModelSpec(factory="ase.calculators.emt:EMT"), **settings)
+    for (label, _), a, b in zip(crystals, local, remote):
+        np.testing.assert_allclose(a.c, b.c, rtol=0, atol=1e-9)
+        assert a.summary["moduli"] == pytest.approx(b.summary["moduli"], abs=1e-9)
+        for name in ("elastic.json", "relaxed.vasp", "stress_strain.png", "strained.extxyz", "stresses.npz"):
+            assert (tmp_path / "dask" / label / name).is_file(), name
+    # the folders the Dask run wrote resume in this process without a model call
+    calls = []
+    real = EMT.calculate
+    monkeypatch.setattr(EMT, "calculate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = run_elastic_many(crystals, EMT(), tmp_path / "dask", **settings)
+    assert calls == [] and [r.summary["moduli"] for r in again] == [r.summary["moduli"] for r in remote]

@@ -52,11 +52,12 @@ from ase.units import GPa
 
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
-from mattersim.io import full_stress
+from mattersim.io import atomic_path, full_stress
 from workflows.cells import structure_record
 from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
-__all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "crystal_symmetry", "run_elastic", "strain_directions"]
+__all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "crystal_symmetry", "run_elastic", "run_elastic_many",
+           "strain_directions"]
 
 logger = logging.getLogger("mattersim.elastic")
 
@@ -596,3 +597,75 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             result._write(folder)
             log.info(f"done in {timings['total']:.1f} s; K_VRH {moduli['k_vrh_GPa']:.2f} GPa, G_VRH {moduli['g_vrh_GPa']:.2f} GPa")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# many crystals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_elastic_many(structures: Sequence[tuple[str, Atoms]], calculator, output_dir: str | os.PathLike, *,
+                     runner=None, spec=None, progress: bool = False, **settings) -> list[ElasticResult | dict]:
+    """:func:`run_elastic` of every ``(label, Atoms)`` in ``structures`` with the same ``settings``, each into
+    ``output_dir/<label>/`` (the files of the module docstring, resumable there). In this process one after
+    the other; with ``runner`` (:class:`mattersim.distributed.TaskRunner` on Dask) and ``spec`` one task per
+    crystal: the worker runs in a scratch folder seeded with the crystal's stored state and sends its files
+    back, which this process writes into the crystal's folder. Returns, per crystal, its
+    :class:`ElasticResult` or, when it failed, ``{"label", "error"}`` (a failing crystal never stops the
+    others)."""
+    from mattersim.distributed import TaskRunner
+
+    out = Path(output_dir)
+    labels = [label for label, _ in structures]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"Labels must be distinct, got {labels}.")
+    for _, a in structures:  # every check before any work
+        _check(a, settings.get("strains", (0.005, 0.01)), calculator, settings.get("fmax", 0.005))
+    out.mkdir(parents=True, exist_ok=True)
+    runner = runner or TaskRunner()
+    results: list[ElasticResult | dict | None] = [None] * len(structures)
+    if not runner.distributed:
+        for k, (label, a) in enumerate(structures):
+            try:
+                results[k] = run_elastic(a, calculator, output_dir=out / label, progress=progress, **settings)
+            except Exception as exc:  # one crystal's failure is its own
+                results[k] = {"label": label, "error": f"{type(exc).__name__}: {exc}"}
+                logger.warning(f"{label}: elastic constants failed: {results[k]['error']}")
+        return results
+
+    def stored(label: str) -> dict[str, bytes]:
+        path = out / label / _STORE
+        return {_STORE: path.read_bytes()} if path.is_file() else {}
+
+    def on_result(r) -> None:
+        label = structures[r.index][0]
+        if not r.ok:
+            results[r.index] = {"label": label, "error": f"{r.error['type']}: {r.error['message']}"}
+            logger.warning(f"{label}: elastic constants failed: {results[r.index]['error']}")
+            return
+        folder = out / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in r.value.items():
+            with atomic_path(folder / name) as tmp:
+                Path(tmp).write_bytes(data)
+        results[r.index] = ElasticResult.load(folder)
+
+    with runner.started():
+        runner.run(_elastic_in_scratch, [(a, stored(label), settings) for label, a in structures], spec=spec,
+                   on_result=on_result, progress=progress, description="elastic")
+    return results
+
+
+def _elastic_in_scratch(calculator, payload) -> dict[str, bytes]:
+    """One crystal's :func:`run_elastic` (a Dask task) in a scratch folder seeded with ``files`` (its stored
+    state); returns every file it wrote."""
+    import tempfile
+
+    atoms, files, settings = payload
+    with tempfile.TemporaryDirectory(prefix="mattersim-elastic-") as tmp:
+        folder = Path(tmp) / "run"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        run_elastic(atoms, calculator, output_dir=folder, **settings)
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
