@@ -1,6 +1,7 @@
 """Convex-hull benchmarks: the La-H example under pressure, and MgO B1 -> B2.
 
-    python -m benchmarks.hull [--cases lah,mgo] [--models sevennet-0,chgnet] [--pressures 0:200:20] [-o results.json]
+    python -m benchmarks.hull [--cases lah,mgo] [--models sevennet-0,chgnet] [--pressures 0:200:20]
+                              [--workers N | --scheduler ADDRESS] [-o results.json]
 
 - ``lah``: :func:`workflows.hull.run_hull` on the 14 La-H candidates of ``../shared/data/structures/La-H``
   (La, LaH2 ... LaH16, three solid-H phases) at 0-200 GPa (11 pressures, chained down): the stable phases
@@ -21,22 +22,27 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import parse_cases, peak_rss_mib, software_versions, utc_now, write_report
+from mattersim.distributed import TaskRunner, add_dask_options
 
 CASES = ("lah", "mgo")
 LAH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "structures" / "La-H"
 
 
-def run_lah(model: str, pressures: str, device: str, work: Path, ase_sample: int) -> dict:
+def run_lah(model: str, pressures: str, device: str, work: Path, ase_sample: int, runner=None) -> dict:
+    from mattersim.distributed import ModelSpec
     from mattersim.registry import load_calculator
     from workflows.hull import load_candidates, run_hull
 
     calc = load_calculator(model, device=device)
     cands = load_candidates([LAH], ["La", "H"])
+    spec = ModelSpec(model=model, device=device) if runner is not None and runner.distributed else None
     t0 = time.perf_counter()
-    res = run_hull(cands, calc, system="La-H", pressures=pressures, output_dir=work / f"lah-{model}", progress=False)
+    res = run_hull(cands, calc, system="La-H", pressures=pressures, output_dir=work / f"lah-{model}", progress=False,
+                   runner=runner, spec=spec)
     wall = time.perf_counter() - t0
     lah10 = res.distance("LaH10")
     row = {"model": model, "wall_s": wall, "peak_rss_mib": peak_rss_mib(),
+           "workers": runner.workers if runner is not None and runner.distributed else None,
            "timings_s": res.summary["timings_s"],
            "stable": {f"{p:g}": res.stable(p) for p in res.pressures},
            "lah10_above_hull_meV_per_atom": dict(zip([f"{p:g}" for p in res.pressures], (1000 * lah10).round(1).tolist())),
@@ -147,13 +153,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("hull-benchmark"))
     parser.add_argument("-o", "--output", type=Path, default=None)
+    add_dask_options(parser)
     args = parser.parse_args(argv)
     cases = parse_cases(parser, args.cases, CASES)
     report = {"date": utc_now(), "software": software_versions(), "results": {c: [] for c in cases}}
     for case in cases:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             if case == "lah":
-                report["results"][case].append(run_lah(model, args.pressures, args.device, args.work, args.ase_sample))
+                with TaskRunner(workers=args.workers, scheduler=args.scheduler) as runner:
+                    report["results"][case].append(run_lah(model, args.pressures, args.device, args.work,
+                                                           args.ase_sample, runner))
             else:
                 report["results"][case].append(run_mgo(model, args.device, args.work))
     report["peak_rss_mib"] = peak_rss_mib()
