@@ -242,12 +242,21 @@ def _final_result(
     )
 
 
+#: a force beyond this (eV/Å) is not physics but a model that has left its data (measured: SevenNet-0 on
+#: LaH10 at 200 GPa reached 5e28 eV/Å after 500 BFGS steps); the relaxation stops there
+DIVERGED_FORCE = 1e4
+
+
 def _non_finite(results: dict) -> str:
-    """The first of energy, forces, stress in ``results`` that holds a NaN or infinity ('' if none)."""
+    """The first of energy, forces, stress in ``results`` that holds a NaN or infinity, or 'forces beyond
+    1e4 eV/Å' (:data:`DIVERGED_FORCE`); '' if none."""
     for name in ("energy", "forces", "stress"):
         value = results.get(name)
         if value is not None and not np.isfinite(np.asarray(value, dtype=float)).all():
             return name
+    forces = results.get("forces")
+    if forces is not None and np.abs(np.asarray(forces, dtype=float)).max(initial=0.0) > DIVERGED_FORCE:
+        return f"forces beyond {DIVERGED_FORCE:g} eV/Å (diverged)"
     return ""
 
 

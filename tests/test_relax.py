@@ -407,3 +407,20 @@ def test_a_relaxation_that_blows_up_ends_alone(monkeypatch, caplog):
     check = rs[1].atoms.copy()
     check.calc = EMT()
     assert check.get_potential_energy() == pytest.approx(rs[1].energy, abs=1e-10)
+
+
+class _DivergingEMT(EMT):
+    """EMT whose silver forces explode (finite but absurd) once its cell has shrunk a little."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        super().calculate(atoms, properties, system_changes or ["positions", "numbers", "cell", "pbc"])
+        a = self.atoms
+        if "Ag" in a.get_chemical_symbols() and a.get_volume() / len(a) < 0.97 * 18.5:
+            self.results["forces"] = np.full((len(a), 3), 1e20)
+
+
+def test_a_diverging_relaxation_stops_at_once():
+    rs = BatchRelaxer(_DivergingEMT(), fmax=1e-3, steps=300, pressure=30.0).relax(
+        [("Cu", bulk("Cu", "fcc", a=3.7)), ("Ag", bulk("Ag", "fcc", a=4.2))])
+    assert rs[0].converged and not rs[1].converged
+    assert "diverged" in rs[1].error and rs[1].steps < 50
