@@ -553,7 +553,8 @@ class BatchRelaxer:
                 for job in batch:
                     bad = _non_finite(job.cache.results)
                     if bad:
-                        results[job.index] = self._finish(job, False, error=f"non-finite {bad} from the model")
+                        what = bad if bad.startswith("forces beyond") else f"non-finite {bad}"
+                        results[job.index] = self._finish(job, False, error=f"{what} from the model")
                         if progress is not None:
                             progress.advance(task)
                         continue
