@@ -469,7 +469,7 @@ def _relax_task(calculator, payload: dict, *previous) -> dict:
     (r,) = BatchRelaxer(calculator, fmax=payload["fmax"], steps=payload["steps"], pressure=payload["pressure"],
                         mode="full", optimizer=payload["optimizer"]).relax([(payload["label"], start)])
     return {"cell": np.array(r.atoms.cell[:]), "positions": np.array(r.atoms.positions), "energy": r.energy,
-            "converged": r.converged, "steps": r.steps, "fmax": r.fmax, "error": r.error}
+            "enthalpy": r.enthalpy, "converged": r.converged, "steps": r.steps, "fmax": r.fmax, "error": r.error}
 
 
 def _relax_on_dask(runner, spec, order, chain, inputs, labels, pressures, stores, relax: dict, log,
@@ -567,13 +567,13 @@ def _search(compositions: list[dict], calculator, pressures: list[float], *, cou
             for r in runner.completed(tags):
                 i, k = jobs[r.index]
                 a0 = todo[i][0][k]
-                v = r.value if r.ok else {"cell": a0.cell[:], "positions": a0.positions, "energy": math.nan,
+                v = r.value if r.ok else {"cell": a0.cell[:], "positions": a0.positions, "enthalpy": math.nan,
                                           "converged": False}
                 got[i][k] = v
                 if all(x is not None for x in got[i]):
                     relaxed = [_placed(a, x["cell"], x["positions"]) for a, x in zip(todo[i][0], got[i])]
-                    save(i, relaxed, [(x["energy"] + pressures[i] * GPA_TO_EV_A3 * a.get_volume()) / len(a)
-                                      for a, x in zip(relaxed, got[i])], [x["converged"] for x in got[i]])
+                    save(i, relaxed, [x["enthalpy"] / len(a) for a, x in zip(relaxed, got[i])],
+                         [x["converged"] for x in got[i]])
                 bar.advance(1)
     elif todo:
         with progress_bar(progress, len(todo), "hull: random search") as bar:
