@@ -761,6 +761,85 @@ def elastic_command(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# md
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Ensemble(str, Enum):
+    nve = "nve"
+    nvt = "nvt"
+    npt = "npt"
+
+
+class Thermostat(str, Enum):
+    nose_hoover = "nose-hoover"
+    langevin = "langevin"
+
+
+@app.command("md")
+def md_command(
+    file: Path = typer.Argument(..., help="Structure file (POSCAR, CIF, extxyz: the last frame)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    ensemble: Ensemble = typer.Option(Ensemble.nvt, "--ensemble", help="nve (velocity Verlet), nvt or npt (MTK, anisotropic cell)."),
+    thermostat: Thermostat = typer.Option(Thermostat.nose_hoover, "--thermostat", help="Nosé-Hoover chain or Langevin (nvt only)."),
+    temperature: float = typer.Option(300.0, "--temperature", "-T", help="Temperature in K (thermostat, and the Maxwell-Boltzmann start)."),
+    pressure: float = typer.Option(0.0, "--pressure", "-p", help="Pressure in GPa (npt)."),
+    timestep: float = typer.Option(1.0, "--timestep", help="Time step in fs."),
+    steps: int = typer.Option(1000, "--steps", help="Number of MD steps (a rerun with more steps extends a finished run)."),
+    supercell: Optional[str] = typer.Option(None, "--supercell", help="Supercell of the input: \"2 2 2\" or 9 integers."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial velocities and of the Langevin noise."),
+    every: int = typer.Option(10, "--every", help="Steps between trajectory frames and rows of md.csv."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between checkpoints (a rerun continues from the last one)."),
+    tdamp: Optional[float] = typer.Option(None, "--tdamp", help="Thermostat time constant in fs (default 100 time steps)."),
+    pdamp: Optional[float] = typer.Option(None, "--pdamp", help="Barostat time constant in fs (default 1000 time steps)."),
+    friction: float = typer.Option(0.01, "--friction", help="Langevin friction in 1/fs."),
+    keep_velocities: bool = typer.Option(False, "--keep-velocities", help="Start from the velocities in FILE (extxyz momenta) instead of Maxwell-Boltzmann."),
+    efield: Optional[str] = typer.Option(None, "--efield", help="Electric field schedule, e.g. sin:Emax=4MV/cm,period=200ps,axis=z (also const:, tri:, steps:)."),
+    born: Optional[Path] = typer.Option(None, "--born", help="phonopy BORN file of the input cell: fixed Z* for --efield (default: Z* predicted by the model)."),
+    born_every: int = typer.Option(10, "--born-every", help="Steps between predictions of Z* (the expensive part of a field run)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference structure (same atoms, e.g. the centrosymmetric phase): P is measured from it."),
+    maps_at: Optional[str] = typer.Option(None, "--maps-at", help="Times in ps of the local polarization maps (ABO3 perovskites), e.g. 0,50,100."),
+    skip_cycles: int = typer.Option(0, "--skip-cycles", help="Field cycles left out of the averaged P-E loop."),
+    outdir: Path = typer.Option(Path("md"), "--output", "-o", help="Output directory (a rerun with the same inputs continues there)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
+) -> None:
+    """Molecular dynamics with ASE's integrators, restartable, optionally in a time-dependent electric field
+    (forces F0 + e Z*^T E(t), polarization, P-E loop). Writes trajectory.extxyz, md.csv, md.json, plots,
+    checkpoint.npz and md.log to OUTDIR."""
+    from mattersim.io import ensure_writable_dir, read_structures
+    from mattersim.settings import parse_numbers
+
+    from workflows.efield import parse_field  # lazily: the core never imports workflows at module level
+
+    schedule = parse_field(efield)  # before loading the model
+    times = None if maps_at is None else parse_numbers(maps_at, "--maps-at")
+    if born is not None and efield is None:
+        raise InputError("--born gives the Born charges of a field run; add --efield.")
+    ensure_writable_dir(outdir)
+    structures = read_structures([str(file)])
+    atoms = structures[-1][1]
+    ref_atoms = None
+    if reference is not None:
+        ref_atoms = read_structures([str(reference)])[-1][1]
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements([structures[-1]], _max_z(calc))
+    _check_trained_elements(calc, [structures[-1]], allow_untrained_elements, properties=efield is not None and born is None)
+
+    from workflows.md import run_md
+
+    result = run_md(atoms, calc, ensemble=ensemble.value, thermostat=thermostat.value, temperature=temperature,
+                    pressure=pressure, timestep=timestep, steps=steps, supercell=supercell, seed=seed, every=every,
+                    checkpoint_every=checkpoint_every, tdamp=tdamp, pdamp=pdamp, friction=friction, efield=schedule,
+                    born=born, born_every=born_every, reference=ref_atoms, maps_at=times, skip_cycles=skip_cycles,
+                    keep_velocities=keep_velocities, output_dir=outdir, progress=sys.stderr.isatty())
+    s = result.summary
+    _print_rows(f"MD of {s['structure']['formula']} ({s['model'].get('name', 'model')})", result.rows(), lambda q: False)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # qha
 # ---------------------------------------------------------------------------------------------------------
 

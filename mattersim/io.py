@@ -673,6 +673,9 @@ class _NullBar:
     def advance(self, n: int) -> None:
         pass
 
+    def status(self, text: str) -> None:
+        pass
+
 
 def terminal_flag(stream) -> bool | None:
     """rich's ``force_terminal`` for ``stream``: None (rich decides) on a terminal, else False. Colours and
@@ -702,9 +705,10 @@ class _RichBar:
                                    TimeRemainingColumn)
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console(stderr=True))
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                 console=console(stderr=True))
         self.progress.__enter__()
-        self.task = self.progress.add_task(self.description, total=self.total)
+        self.task = self.progress.add_task(self.description, total=self.total, status="")
         return self
 
     def __exit__(self, *exc):
@@ -713,9 +717,14 @@ class _RichBar:
     def advance(self, n: int) -> None:
         self.progress.advance(self.task, n)
 
+    def status(self, text: str) -> None:
+        """Text after the bar (e.g. a rate such as '12 ns/day')."""
+        self.progress.update(self.task, status=text)
+
 
 def progress_bar(enabled: bool, total: int, description: str):
-    """A context manager with ``.advance(n)``: a rich progress bar on stderr, or a no-op when disabled."""
+    """A context manager with ``.advance(n)`` and ``.status(text)``: a rich progress bar on stderr (elapsed
+    time, ETA, the status text), or a no-op when disabled."""
     if not enabled or total == 0:
         return _NullBar()
     return _RichBar(total, description)

@@ -477,6 +477,52 @@ def test_cli_elastic_user_errors(tmp_path, emt_registry):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# md
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cu3au_file(tmp_path) -> Path:
+    poscar = tmp_path / "POSCAR"
+    Atoms("AuCu3", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]], cell=np.eye(3) * 3.75,
+          pbc=True).write(poscar, format="vasp")
+    return poscar
+
+
+def test_cli_md_plain_and_with_a_born_file(tmp_path, emt_registry):
+    from workflows.nac import BornCharges, write_born
+
+    poscar = _cu3au_file(tmp_path)
+    out = tmp_path / "md"
+    result = _invoke("md", poscar, "--ensemble", "nvt", "-T", "300", "--timestep", "2", "--steps", "20", "--every", "5",
+                     "--supercell", "2 1 1", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "NoseHooverChainNVT" in result.output and "ns/day" in result.output
+    assert len(ase.io.read(out / "trajectory.extxyz", ":")) == 5
+    summary = json.loads((out / "md.json").read_text())
+    assert summary["settings"]["supercell"] == [[2, 0, 0], [0, 1, 0], [0, 0, 1]] and "md.csv" in summary["files"]
+    unit = ase.io.read(poscar)
+    write_born(tmp_path / "BORN", BornCharges([3.0, -1.0, -1.0, -1.0], 4.0, source="test"), unit)
+    field = _invoke("md", poscar, "--steps", "10", "--every", "5", "--efield", "const:E=1MV/cm,axis=z", "--born",
+                    tmp_path / "BORN", "-o", tmp_path / "field")
+    assert field.exit_code == 0, field.output
+    assert "field work" in field.output
+    summary = json.loads((tmp_path / "field" / "md.json").read_text())
+    assert summary["settings"]["efield"]["amplitude_MV_per_cm"] == pytest.approx(1.0)
+    assert summary["settings"]["born_source"].startswith("BORN file")
+
+
+def test_cli_md_user_errors(tmp_path, emt_registry):
+    poscar = _cu3au_file(tmp_path)
+    assert_user_error(_invoke("md", poscar, "--efield", "const:E=1MV/cm,axis=z", "-o", tmp_path / "o"), "predicts none")
+    assert_user_error(_invoke("md", poscar, "--efield", "sin:Emax=4MV/cm,axis=z", "-o", tmp_path / "o"),
+                      "missing period")
+    assert_user_error(_invoke("md", poscar, "--born", poscar, "-o", tmp_path / "o"), "add --efield")
+    assert_user_error(_invoke("md", poscar, "--ensemble", "npt", "--thermostat", "langevin", "-o", tmp_path / "o"),
+                      "nvt only")
+    assert_user_error(_invoke("md", poscar, "--timestep", "0", "-o", tmp_path / "o"), "positive time step")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # qha
 # ---------------------------------------------------------------------------------------------------------
 
