@@ -840,6 +840,109 @@ def md_command(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# build li-rich, delithiate
+# ---------------------------------------------------------------------------------------------------------
+
+build_app = typer.Typer(cls=_ErrorHandlingGroup, help="Build structures for the workflows.", no_args_is_help=True)
+app.add_typer(build_app, name="build")
+
+
+@build_app.command("li-rich")
+def build_li_rich_command(
+    template: Optional[Path] = typer.Option(None, "--template", help="A layered LiMO2 file (default: R-3m LiCoO2 built in code)."),
+    tm: str = typer.Option("Mn", "--tm", help="The transition metal that replaces M."),
+    supercell: str = typer.Option("5 4 2", "--supercell", help="Supercell of the 12-atom hexagonal cell (5 4 2: 480 atoms)."),
+    li_excess: int = typer.Option(24, "--li-excess", help="TM sites replaced by Li, spread over the TM layers (24 of 120: Li1.2Mn0.8O2)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the placement."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output structure file (POSCAR if the name has no known extension)."),
+) -> None:
+    """A Li-rich layered oxide: supercell of LiMO2, M -> TM, some TM -> Li (seeded). Prints its composition and
+    charge balance."""
+    from mattersim.io import read_structures
+
+    from workflows.delithiation import build_li_rich
+
+    base = None if template is None else read_structures([str(template)])[-1][1]
+    cell, info = build_li_rich(base, tm=tm, supercell=supercell, li_excess=li_excess, seed=seed)
+    fmt = None if output.suffix.lower() in (".cif", ".extxyz", ".xyz", ".json", ".traj") else "vasp"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cell.write(output, format=fmt, **({"direct": True, "sort": True} if fmt == "vasp" else {}))
+    comp = ", ".join(f"{k} {v:.4g}" for k, v in info["composition_per_O2"].items())
+    ox = info["average_tm_oxidation_state"]
+    _print_rows(f"Li-rich cell {info['formula']} ({info['natoms']} atoms) -> {output}",
+                [("composition per O2", comp), ("Li per TM layer", " ".join(map(str, info["substituted_per_tm_layer"]))),
+                 ("average TM oxidation state", f"{ox:.3g} (Li+, O2-)" if ox is not None else "-"),
+                 ("charge balance", "possible" if info["charge_balanced"] else "IMPOSSIBLE (TM beyond 2+..7+)")],
+                lambda q: q == "charge balance" and not info["charge_balanced"])
+
+
+def _time_ps(text: str, option: str) -> float:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(fs|ps|ns)?\s*", text)
+    try:
+        value = float(m.group(1)) if m else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not m or not value > 0:
+        raise InputError(f"{option} {text!r}: give a positive time with a unit, e.g. 5ps or 500fs.")
+    return value * {"fs": 1e-3, "ps": 1.0, "ns": 1e3}[m.group(2) or "ps"]
+
+
+class Selection(str, Enum):
+    random = "random"
+    lowest_coordination = "lowest-coordination"
+    highest_energy = "highest-energy"
+
+
+@app.command("delithiate")
+def delithiate_command(
+    file: Path = typer.Argument(..., help="The lithiated cell (e.g. from 'mattersim build li-rich')."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    temperature: float = typer.Option(1000.0, "--temperature", "-T", help="Temperature in K (NVT, Nosé-Hoover chain)."),
+    timestep: float = typer.Option(1.0, "--timestep", help="Time step in fs."),
+    remove_every: str = typer.Option("5ps", "--remove-every", help="Time between removals, e.g. 5ps."),
+    remove: int = typer.Option(1, "--remove", help="Li atoms removed each time."),
+    select: Selection = typer.Option(Selection.random, "--select", help="Which Li: random (seeded), the least O-coordinated, or the highest per-atom energy."),
+    until: str = typer.Option("x=0", "--until", help="Target Li content, e.g. x=0 or x=0.5 (Li per two O)."),
+    equilibrate: Optional[str] = typer.Option(None, "--equilibrate", help="NVT time before the first removal (default: --remove-every)."),
+    relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax ions and cell first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of velocities and of the random choice."),
+    every: int = typer.Option(100, "--every", help="Steps between analysed snapshots."),
+    outdir: Path = typer.Option(Path("delithiation"), "--output", "-o", help="Output directory (a rerun continues there)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    float64: bool = typer.Option(False, "--float64", help="Evaluate in double precision."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading checkpoints that need full pickle (only for files you trust)."),
+    allow_untrained_elements: bool = typer.Option(False, "--allow-untrained-elements", help=ALLOW_UNTRAINED_HELP),
+) -> None:
+    """Delithiation MD: Li removed at intervals at high temperature, with TM moments and oxidation states,
+    O moments, O-O pairs (O2, superoxo, peroxo) and TM migration tracked. Writes delithiation.csv/json, plots,
+    snapshots.extxyz and one MD folder per interval to OUTDIR."""
+    from mattersim.io import ensure_writable_dir, read_structures
+
+    every_ps = _time_ps(remove_every, "--remove-every")
+    equil_ps = None if equilibrate is None else _time_ps(equilibrate, "--equilibrate")
+    target = until.strip().lower().removeprefix("x=").strip()
+    try:
+        until_x = float(target)
+    except ValueError:
+        raise InputError(f"--until {until!r}: give the target Li content as x=0.5 (Li per two O).") from None
+    ensure_writable_dir(outdir)
+    structures = read_structures([str(file)])
+    calc = _load_calculator(model, device, float64, trust_pickle)
+    _revalidate_elements([structures[-1]], _max_z(calc))
+    _check_trained_elements(calc, [structures[-1]], allow_untrained_elements, properties=False)
+
+    from workflows.delithiation import run_delithiation
+
+    result = run_delithiation(structures[-1][1], calc, temperature=temperature, timestep=timestep,
+                              remove_every=every_ps, remove=remove, select=select.value, until=until_x,
+                              equilibrate=equil_ps, relax=relax, seed=seed, every=every, output_dir=outdir,
+                              progress=sys.stderr.isatty())
+    _print_rows(f"Delithiation ({result.summary['model'].get('name', 'model')})", result.rows(), lambda q: False)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # qha
 # ---------------------------------------------------------------------------------------------------------
 

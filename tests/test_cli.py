@@ -522,6 +522,18 @@ def test_cli_md_user_errors(tmp_path, emt_registry):
     assert_user_error(_invoke("md", poscar, "--timestep", "0", "-o", tmp_path / "o"), "positive time step")
 
 
+def test_cli_build_li_rich_and_delithiate_errors(tmp_path, emt_registry):
+    out = tmp_path / "Li1.2Mn0.8O2.vasp"
+    result = _invoke("build", "li-rich", "--tm", "Mn", "--supercell", "5 4 2", "--li-excess", "24", "--seed", "1", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Li 1.2, Mn 0.8, O 2" in result.output and "3.5" in result.output
+    cell = ase.io.read(out)
+    assert len(cell) == 480 and cell.get_chemical_formula() == "Li144Mn96O240"
+    assert_user_error(_invoke("build", "li-rich", "--tm", "Qq", "-o", tmp_path / "x.vasp"), "not a transition metal")
+    assert_user_error(_invoke("delithiate", out, "--remove-every", "five", "-o", tmp_path / "d"), "--remove-every")
+    assert_user_error(_invoke("delithiate", out, "--until", "half", "-o", tmp_path / "d"), "--until")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # qha
 # ---------------------------------------------------------------------------------------------------------

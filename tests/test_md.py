@@ -120,6 +120,35 @@ def test_field_force_uses_the_first_index_as_field_direction():
     assert f - base == pytest.approx(calc.results["field_forces"], abs=1e-12)
 
 
+def test_charges_that_come_with_the_forces_cost_no_extra_call():
+    """A multi-task model gives Z* in its results: the field uses them, every ``born_every`` steps."""
+    from workflows.nac import find_predictor
+
+    z0 = _asr_charges(4, seed=2)
+
+    class WithCharges(EMT):
+        implemented_properties = [*EMT.implemented_properties, "born_effective_charges", "dielectric_tensor"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, ["energy", "forces"], system_changes)
+            self.results["born_effective_charges"] = z0 * (1 + atoms.positions[0, 0])
+            self.results["dielectric_tensor"] = np.eye(3)
+
+    base = WithCharges()
+    predictor = find_predictor(base)
+    calls = []
+    predictor.predict_dielectric = lambda atoms: calls.append(1)  # must not be needed
+    calc = FieldCalculator(base, parse_field("const:E=0.1V/A,axis=z"), predictor, born_every=2)
+    atoms = _cu3au()
+    atoms.calc = calc
+    for step in range(3):
+        calc.set_time(step, step * 1.0)
+        atoms.positions[0, 0] = 0.01 * step
+        atoms.get_forces()
+        assert calc.born_step == 2 * (step // 2)
+    assert calc.born == pytest.approx(z0 * 1.02) and not calls
+
+
 def test_supercell_charges_follow_the_atoms_in_any_order():
     unit = _cu3au()
     z = _asr_charges(4)

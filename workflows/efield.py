@@ -254,7 +254,9 @@ class FieldCalculator(Calculator):
     """``base`` (any ASE calculator) plus the field forces e Z*^T E(t) (see the module doc).
 
     ``charges``: fixed Z* of the simulated cell (n, 3, 3), or a predictor with ``predict_dielectric(atoms)``
-    (:func:`workflows.nac.find_predictor`), evaluated at the current positions every ``born_every`` steps.
+    (:func:`workflows.nac.find_predictor`), evaluated at the current positions every ``born_every`` steps
+    (taken from the base calculator's own results when it gives Z* with the forces, as a multi-task model
+    does, at no extra cost).
     The MD loop sets :attr:`step` and :attr:`time` (fs) with :meth:`set_time` before each step; Z* are
     recomputed in the first evaluation at a step at least ``born_every`` after the last one. ``energy`` is
     the base model's (no field term: predicted Z* are not the derivative of an energy); ``field_forces``
@@ -281,9 +283,13 @@ class FieldCalculator(Calculator):
         """The MD step and time (fs) of the next evaluation (cached results stay valid)."""
         self.step, self.time = int(step), float(time_fs)
 
-    def _charges(self, atoms: Atoms) -> np.ndarray:
+    def _charges(self, atoms: Atoms, base_results: dict) -> np.ndarray:
         if self.predictor is not None and (self.born is None or self.step - self.born_step >= self.born_every):
-            born, _ = self.predictor.predict_dielectric(atoms)
+            free = base_results.get("born_effective_charges")  # a multi-task model gives Z* with the forces
+            if free is not None and np.shape(free) == (len(atoms), 3, 3):
+                born = np.asarray(free, dtype=float)
+            else:
+                born, _ = self.predictor.predict_dielectric(atoms)
             born = np.asarray(born, dtype=float).reshape(len(atoms), 3, 3)
             self.born, self.born_step = born, self.step
             self.born_evaluations += 1
@@ -297,7 +303,7 @@ class FieldCalculator(Calculator):
         for prop in wanted:  # the base calculator caches its own results
             self.base.get_property(prop, self.atoms)
         results = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in self.base.results.items()}
-        born = self._charges(self.atoms)
+        born = self._charges(self.atoms, results)
         efield = self.schedule.field(self.time)
         extra = np.einsum("kij,i->kj", born, efield)
         results["forces"] = np.asarray(results["forces"], dtype=float) + extra
