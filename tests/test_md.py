@@ -336,6 +336,28 @@ def test_a_finished_run_is_extended_and_other_settings_are_refused(tmp_path):
     assert loaded.summary["results"]["steps_done"] == 30 and len(loaded.series["time_ps"]) == 7
 
 
+@pytest.mark.parametrize("ensemble", ["nvt", "npt"])
+def test_a_model_without_free_energy_gets_the_same_conserved_quantity(tmp_path, ensemble):
+    """ASE's conserved energy asks for the free energy, which CHGNet does not give: the same number without it."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    class NoFreeEnergy(FreshEMT):
+        implemented_properties = ["energy", "forces", "stress"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            self.results.pop("free_energy", None)
+
+    probe = _cu3au()
+    probe.calc = NoFreeEnergy()
+    with pytest.raises(PropertyNotImplementedError):
+        probe.get_potential_energy(force_consistent=True)
+    common = dict(ensemble=ensemble, temperature=300, timestep=2, steps=20, every=5, pressure=0.1 if ensemble == "npt" else 0)
+    a = run_md(_cu3au(), FreshEMT(), output_dir=tmp_path / "a", **common)
+    b = run_md(_cu3au(), NoFreeEnergy(), output_dir=tmp_path / "b", **common)
+    assert b.series["conserved_eV"] == pytest.approx(a.series["conserved_eV"], rel=0, abs=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------
 # loops and local polarization
 # --------------------------------------------------------------------------------------------------

@@ -271,6 +271,15 @@ class DelithiationResult:
                               "of the time"))
         return rows
 
+    def save(self, directory):
+        """Write ``delithiation.json`` to ``directory`` (the run writes its other files as it goes)."""
+        from pathlib import Path
+
+        from workflows.outputs import RunFolder
+
+        RunFolder(directory, "delithiation").write_json("delithiation.json", self.summary)
+        return Path(directory)
+
     @classmethod
     def load(cls, directory) -> "DelithiationResult":
         from pathlib import Path

@@ -540,7 +540,17 @@ class _Run:
             return None
         if self.conserved_kind == "ekin+epot":
             return epot + ekin - work
-        return float(self.dyn.get_conserved_energy()) - work
+        from ase.calculators.calculator import PropertyNotImplementedError
+
+        try:
+            return float(self.dyn.get_conserved_energy()) - work
+        except PropertyNotImplementedError:  # ASE asks for the free energy, which e.g. CHGNet does not give
+            dyn = self.dyn
+            extra = dyn._thermostat.get_thermostat_energy()
+            if hasattr(dyn, "_barostat"):
+                extra += (dyn._barostat.get_barostat_energy() + dyn._get_cell_kinetic_energy()
+                          + dyn._pressure_au * dyn._get_volume())
+            return epot + ekin + float(extra) - work
 
     def record(self, step: int) -> None:
         atoms = self.atoms
