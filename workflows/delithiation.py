@@ -542,8 +542,15 @@ def _plots(folder, s: dict) -> None:
         def draw(axes):
             for ax, (cols, label) in zip(axes.ravel(), panels):
                 for c in (cols if isinstance(cols, tuple) else (cols,)):
-                    if np.isfinite(s[c]).any():
-                        ax.plot(s[xname], s[c], ".-" if xname == "x" else "-", ms=2, label=c)
+                    if not np.isfinite(s[c]).any():
+                        continue
+                    if xname == "x":  # one point per Li content: the mean over its snapshots, the spread as a bar
+                        xs = np.unique(np.round(s["x"], 8))
+                        groups = [s[c][np.isclose(s["x"], v)] for v in xs]
+                        ax.errorbar(xs, [np.nanmean(g) for g in groups], yerr=[np.nanstd(g) for g in groups],
+                                    fmt="o-", ms=3, capsize=2, label=c)
+                    else:
+                        ax.plot(s[xname], s[c], "-", label=c)
                 ax.set_ylabel(label)
                 ax.set_xlabel(xlabel)
                 if isinstance(cols, tuple):
