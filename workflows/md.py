@@ -794,6 +794,8 @@ def _map_plot(path: Path, run: _Run, maps_at) -> str:
                              cmap="coolwarm", clim=(-vmax, vmax), pivot="middle", angles="xy", scale_units="xy",
                              scale=arrow / (0.8 * spacing))  # the longest arrow: 0.8 of a cell
             ax.set_title(f"t = {times[k]:.3g} ps", fontsize=9)
+            ax.set_xlim(pos[layer, h_axis].min() - spacing, pos[layer, h_axis].max() + spacing)
+            ax.set_ylim(pos[layer, v_axis].min() - spacing, pos[layer, v_axis].max() + spacing)
             ax.set_aspect("equal")
             ax.set_xlabel(f"{'xyz'[h_axis]} (Å)")
         axes[0].set_ylabel(f"{'xyz'[v_axis]} (Å)")
