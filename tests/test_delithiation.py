@@ -155,6 +155,9 @@ def test_removal_keeps_the_others_and_a_restart_across_removals_reproduces_the_r
         gone = np.array(whole.summary["results"]["removals"][k - 1]["original_indices"])
         assert len(gone) == 2
         snaps = ase.io.read(tmp_path / "whole" / "snapshots.extxyz", ":")
+        from workflows.delithiation import _per_atom
+
+        assert all(_per_atom(f, "magmoms") is not None for f in snaps)  # the model's moments travel along
         orig_before = [f for f in snaps if len(f) == len(before)][0].arrays["original_index"]
         keep = ~np.isin(orig_before, gone)
         assert np.array_equal(before.positions[keep], after.positions)

@@ -487,6 +487,10 @@ def _snapshot(frame: Atoms, doc: dict, orig: np.ndarray) -> Atoms:
         migrated[m["index"]] = m["o_neighbours"]
     snap.arrays.update(oxidation_state=ox, o_o_class=pair_class, migrated_o_neighbours=migrated,
                        original_index=np.asarray(orig[:n]))
+    for name in ("magmoms", "charges"):  # the model's, read back from the trajectory (arrays or results)
+        value = _per_atom(frame, name)
+        if value is not None:
+            snap.arrays[name] = np.asarray(value, dtype=float).reshape(n)
     snap.info.update(x=doc["x"])
     return snap
 
