@@ -38,9 +38,10 @@ from ase import Atoms
 from benchmarks.common import software_versions, utc_now, write_report
 
 DEFAULT_MODEL = "sevennet-0+mattersim-dielectric"
-REDUCED = dict(supercell=2, emax=4.0, period=2.0, cycles=4, timestep=2.0, temperatures=[50.0, 150.0], skip_cycles=1)
+REDUCED = dict(supercell=2, emax=4.0, period=2.0, cycles=4, timestep=2.0, temperatures=[50.0, 150.0], skip_cycles=1,
+               every=5)
 FULL = dict(supercell=4, emax=4.0, period=200.0, cycles=5, timestep=2.0, temperatures=[100.0, 200.0, 300.0],
-            skip_cycles=1)
+            skip_cycles=1, every=100)  # a frame every 0.2 ps: 1000 per cycle
 LITERATURE = {"P_s_PBE_uC_cm2": 30.0, "P_s_experiment_room_temperature_uC_cm2": 26.0}
 #: room-temperature tetragonal BaTiO3, a and c in Å
 EXPERIMENT_CELL = (3.992, 4.036)
@@ -123,7 +124,7 @@ def loops(calc, work: Path, temperatures, supercell: int, emax: float, period: f
         t0 = time.perf_counter()
         result = run_md(tet, calc, ensemble="nvt", temperature=temperature, timestep=timestep, steps=steps,
                         supercell=f"{supercell} {supercell} {supercell}", seed=1, every=every,
-                        checkpoint_every=max(every, 50), efield=f"sin:Emax={emax}MV/cm,period={period}ps,axis=z",
+                        checkpoint_every=max(10 * every, 50), efield=f"sin:Emax={emax}MV/cm,period={period}ps,axis=z",
                         born_every=born_every, reference=ref, tdamp=tdamp, skip_cycles=skip_cycles,
                         output_dir=folder, progress=progress)
         out.append({"temperature_K": temperature, "folder": str(folder), "wall_s": time.perf_counter() - t0,
@@ -194,13 +195,13 @@ def main(argv=None) -> None:
     parser.add_argument("--born-every", type=int, default=10)
     parser.add_argument("--tdamp", type=float, default=None, help="thermostat time constant, fs (default 100 steps)")
     parser.add_argument("--skip-cycles", type=int, default=None, help="cycles left out of the averaged loop")
-    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--every", type=int, default=None, help="steps between frames (default 5; --full 100)")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("-o", "--output", type=Path, default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     preset = dict(FULL if args.full else REDUCED)
-    for key in ("supercell", "emax", "period", "cycles", "timestep"):
+    for key in ("supercell", "emax", "period", "cycles", "timestep", "every"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.temperatures:
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
         write_report(doc, None)
     if args.stage in ("loops", "all"):
         res = loops(calc, args.work, preset["temperatures"], preset["supercell"], preset["emax"], preset["period"],
-                    preset["cycles"], preset["timestep"], args.born_every, args.every, not args.no_progress,
+                    preset["cycles"], preset["timestep"], args.born_every, preset["every"], not args.no_progress,
                     args.tdamp, preset["skip_cycles"] if args.skip_cycles is None else args.skip_cycles)
         write_report({"protocol": preset, "loops": res}, None)
     if args.stage in ("report", "all"):

@@ -410,6 +410,36 @@ def test_local_polarization_averages_to_the_global_one():
         PerovskiteCells(_cu3au())
 
 
+def _springs(ref):
+    class Springs(EMT):  # EMT has no Ba/Ti/O: a stiff harmonic crystal around the reference
+        implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+        def calculate(self, atoms=None, properties=None, system_changes=None):
+            self.atoms = atoms.copy()
+            u = atoms.positions - ref.positions
+            self.results = {"energy": float(200.0 * np.sum(u ** 2)), "free_energy": float(200.0 * np.sum(u ** 2)),
+                            "forces": -400.0 * u, "stress": np.zeros(6)}
+
+    return Springs
+
+
+def test_local_polarization_frames_survive_an_extension(tmp_path):
+    """Local maps are appended frame by frame; a continued run cuts them back to its checkpoint."""
+    from ase.build import make_supercell
+
+    unit = _perovskite(1)
+    ref = make_supercell(unit, 2 * np.eye(3, dtype=int))
+    z = np.array([np.eye(3) * q for q in (2.7, 7.2, -2.0, -2.0, -5.9)])
+    common = dict(ensemble="nvt", temperature=10, timestep=0.5, every=2, checkpoint_every=6, supercell="2 2 2",
+                  efield="sin:Emax=0.2V/A,period=10fs,axis=z", born=z)
+    run_md(unit, _springs(ref)(), steps=40, output_dir=tmp_path / "a", **common)
+    run_md(unit, _springs(ref)(), steps=20, output_dir=tmp_path / "b", **common)
+    run_md(unit, _springs(ref)(), steps=40, output_dir=tmp_path / "b", **common)
+    a, b = np.load(tmp_path / "a" / "local_polarization.npz"), np.load(tmp_path / "b" / "local_polarization.npz")
+    assert a["polarization_uC_cm2"].shape == (21, 8, 3)
+    assert np.array_equal(a["polarization_uC_cm2"], b["polarization_uC_cm2"]) and np.array_equal(a["time_ps"], b["time_ps"])
+
+
 def test_field_md_of_a_perovskite_writes_loop_and_maps(tmp_path):
     """Plumbing of a field run end to end (EMT is not a ferroelectric: no switching is asked)."""
     from ase.build import make_supercell
@@ -421,15 +451,7 @@ def test_field_md_of_a_perovskite_writes_loop_and_maps(tmp_path):
         z[k] = np.eye(3) * q
     z -= z.mean(axis=0)
 
-    class Springs(EMT):  # EMT has no Ba/Ti/O: a stiff harmonic crystal around the reference
-        implemented_properties = ["energy", "free_energy", "forces", "stress"]
-
-        def calculate(self, atoms=None, properties=None, system_changes=None):
-            self.atoms = atoms.copy()
-            u = atoms.positions - ref.positions
-            self.results = {"energy": float(200.0 * np.sum(u ** 2)), "free_energy": float(200.0 * np.sum(u ** 2)),
-                            "forces": -400.0 * u, "stress": np.zeros(6)}
-
+    Springs = _springs(ref)
     # stiff springs (periods 13-37 fs) driven slowly (100 fs): a quasi-static linear response
     r = run_md(unit, Springs(), ensemble="nvt", temperature=1, timestep=0.5, steps=600, every=5,
                efield="sin:Emax=0.2V/A,period=100fs,axis=z", born=z,

@@ -437,7 +437,7 @@ class PerovskiteCells:
                 raise InputError(f"Local polarization maps: the {b_sym} atom {k} has {len(o)} O and {len(a)} "
                                  f"{a_sym} neighbours in the reference, not 6 and 8; the structure is not a perovskite "
                                  "supercell (give a reference structure close to the ideal perovskite).")
-            o_nb.append(o), a_nb.append(a)
+            o_nb.append(np.sort(o)), a_nb.append(np.sort(a))  # one summation order, whatever the distances
         self.o_neighbours, self.a_neighbours = np.array(o_nb), np.array(a_nb)
         shared_o = np.bincount(self.o_neighbours.ravel(), minlength=len(reference))[o_index]
         shared_a = np.bincount(self.a_neighbours.ravel(), minlength=len(reference))[symbols == a_sym]

@@ -63,6 +63,8 @@ THERMOSTATS = ("nose-hoover", "langevin")
 CHECKPOINT = "checkpoint.npz"
 TRAJECTORY = "trajectory.extxyz"
 SERIES = "md.csv"
+#: local polarizations, appended frame by frame (float64: time_ps, then N_B x 3 values per frame)
+LOCAL_RAW = "local_polarization.raw"
 #: integrator variables saved in a checkpoint (attribute paths on the ASE dynamics object)
 _DYN_STATE = {
     "NoseHooverChainNVT": ("_thermostat._eta", "_thermostat._p_eta"),
@@ -478,18 +480,19 @@ class _Run:
         self.state, self.arrays = state, arrays
         self.conserved_kind = {"VelocityVerlet": "ekin+epot", "Langevin": None}.get(settings["integrator"],
                                                                                    "integrator")
-        self.traj = self.csv = None
+        self.traj = self.csv = self.local_fh = None
 
     # -- files
-    def _open(self, name: str, size: int | None):
+    def _open(self, name: str, size: int | None, binary: bool = False):
         path = self.folder.file(name) if self.folder.path is not None else None
         if path is None:
             return None
-        if size is None:
-            return open(path, "w", newline="")
+        text = {} if binary else {"newline": ""}
+        if size is None or not path.exists():
+            return open(path, "wb" if binary else "w", **text)
         with open(path, "r+b") as fh:  # cut back to the checkpoint: what follows is recomputed identically
             fh.truncate(size)
-        return open(path, "a", newline="")
+        return open(path, "ab" if binary else "a", **text)
 
     def start(self, step0: int) -> None:
         st = self.state
@@ -517,9 +520,9 @@ class _Run:
                 if self.settings.get("maps_at_ps"):
                     raise
                 self.log.info(f"No local polarization maps: {exc}")
-            if st is not None and self.cells is not None and "local" in self.arrays:
-                self.local = list(self.arrays["local"])
-                self.local_times = list(self.arrays["local_times"])
+            if self.cells is not None:  # appended frame by frame, cut back to the checkpoint on a restart
+                self.local_fh = self._open(LOCAL_RAW, None if st is None else int(st.get("local_bytes") or 0),
+                                           binary=True)
         if st is None:
             self.record(0)
 
@@ -572,9 +575,14 @@ class _Run:
             extra = {"efield_V_per_A": efield.tolist(), "polarization_uC_cm2": pol.tolist(),
                      "field_work_eV": self.tracker.work}
             if self.cells is not None:
-                self.local.append(self.cells.local(self.tracker.displacement(atoms.cell.array),
-                                                   self.calc.results["born_effective_charges"], atoms.get_volume()))
-                self.local_times.append(t_fs / 1000.0)
+                local = self.cells.local(self.tracker.displacement(atoms.cell.array),
+                                         self.calc.results["born_effective_charges"], atoms.get_volume())
+                if self.local_fh is not None:
+                    self.local_fh.write(np.concatenate([[t_fs / 1000.0], local.ravel()]).astype("<f8").tobytes())
+                    self.local_fh.flush()
+                else:
+                    self.local.append(local)
+                    self.local_times.append(t_fs / 1000.0)
         if self.csv is not None:
             csv.writer(self.csv).writerow(row)
             self.csv.flush()
@@ -598,8 +606,7 @@ class _Run:
         if self.tracker is not None:
             state.update(born_step=self.calc.born_step, born_evaluations=self.calc.born_evaluations)
             arrays.update(born=self.calc.born, **self.tracker.state())
-            if self.cells is not None and self.local:
-                arrays.update(local=np.array(self.local), local_times=np.array(self.local_times))
+            state["local_bytes"] = self.local_fh.tell() if self.local_fh is not None else None
         from mattersim.io import to_builtin
 
         arrays["state"] = np.array(json.dumps(to_builtin(state)))
@@ -608,9 +615,19 @@ class _Run:
         self.folder.record([CHECKPOINT])
 
     def close(self) -> None:
-        for fh in (self.traj, self.csv):
+        for fh in (self.traj, self.csv, self.local_fh):
             if fh is not None:
                 fh.close()
+
+    def local_frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """Times (ps) and local polarizations (frames, N_B, 3) μC/cm² of the whole run."""
+        if self.cells is None:
+            return np.zeros(0), np.zeros((0, 0, 3))
+        n_b = len(self.cells.b_index)
+        if self.folder.path is not None and (self.folder.path / LOCAL_RAW).exists():
+            data = np.fromfile(self.folder.path / LOCAL_RAW, dtype="<f8").reshape(-1, 1 + 3 * n_b)
+            return data[:, 0], data[:, 1:].reshape(-1, n_b, 3)
+        return np.array(self.local_times), np.array(self.local).reshape(-1, n_b, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -684,9 +701,10 @@ def _finish(folder: RunFolder, run: _Run, input_atoms: Atoms, info: dict, settin
                "results": res}
     if loop is not None:
         folder.write_json("pe_loop.json", loop)
-    if run.cells is not None and run.local and folder.path is not None:
+    local_times, local = run.local_frames()
+    if len(local_times) and folder.path is not None:
         def write_local(tmp):
-            np.savez(tmp, time_ps=np.array(run.local_times), polarization_uC_cm2=np.array(run.local),
+            np.savez(tmp, time_ps=local_times, polarization_uC_cm2=local,
                      b_positions=(atoms if run.reference is None else run.reference).positions[run.cells.b_index],
                      b_index=run.cells.b_index)
         folder.write_with("local_polarization.npz", write_local)
@@ -765,14 +783,13 @@ def _plots(folder: RunFolder, run: _Run, series: dict, loop: dict | None, maps_a
 
         figure(folder.path / "pe_loop.png", "P-E loop", draw_loop)
         out.append("pe_loop.png")
-    if run.cells is not None and run.local:
+    if run.cells is not None and len(run.local_frames()[0]):
         out.append(_map_plot(folder.path / "local_polarization.png", run, maps_at))
     return out
 
 
 def _map_plot(path: Path, run: _Run, maps_at) -> str:
-    times = np.array(run.local_times)
-    local = np.array(run.local)
+    times, local = run.local_frames()
     wanted = np.linspace(times[0], times[-1], 4) if not maps_at else np.asarray(maps_at, dtype=float)
     picks = sorted({int(np.argmin(np.abs(times - w))) for w in wanted})
     ref = run.reference if run.reference is not None else run.atoms
