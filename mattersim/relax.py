@@ -247,13 +247,14 @@ def _final_result(
 DIVERGED_FORCE = 1e4
 
 
-def _non_finite(results: dict) -> str:
-    """The first of energy, forces, stress in ``results`` that holds a NaN or infinity, or 'forces beyond
-    1e4 eV/Å' (:data:`DIVERGED_FORCE`); '' if none."""
+def _model_failure(results: dict) -> str:
+    """What is wrong with the model's ``results``: 'non-finite X' for the first of energy, forces, stress
+    that holds a NaN or infinity, or 'forces beyond 1e4 eV/Å (diverged)' (:data:`DIVERGED_FORCE`); '' if
+    nothing."""
     for name in ("energy", "forces", "stress"):
         value = results.get(name)
         if value is not None and not np.isfinite(np.asarray(value, dtype=float)).all():
-            return name
+            return f"non-finite {name}"
     forces = results.get("forces")
     if forces is not None and np.abs(np.asarray(forces, dtype=float)).max(initial=0.0) > DIVERGED_FORCE:
         return f"forces beyond {DIVERGED_FORCE:g} eV/Å (diverged)"
@@ -551,10 +552,9 @@ class BatchRelaxer:
 
                 still_active = []
                 for job in batch:
-                    bad = _non_finite(job.cache.results)
+                    bad = _model_failure(job.cache.results)
                     if bad:
-                        what = bad if bad.startswith("forces beyond") else f"non-finite {bad}"
-                        results[job.index] = self._finish(job, False, error=f"{what} from the model")
+                        results[job.index] = self._finish(job, False, error=f"{bad} from the model")
                         if progress is not None:
                             progress.advance(task)
                         continue
