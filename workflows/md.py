@@ -167,9 +167,8 @@ def _check(ensemble, thermostat, temperature, pressure, timestep, steps, every, 
     if not (np.isfinite(timestep) and 0 < timestep <= 20):
         raise InputError(f"timestep = {timestep} fs; give a positive time step in fs (typically 0.5-2 fs; "
                          "at most 20).")
-    for name, value in (("steps", steps),):
-        if int(value) != value or value < 0:
-            raise InputError(f"{name} = {value}; give a whole number >= 0.")
+    if int(steps) != steps or steps < 0:
+        raise InputError(f"steps = {steps}; give a whole number >= 0.")
     for name, value in (("every", every), ("checkpoint_every", checkpoint_every), ("born_every", born_every)):
         if int(value) != value or value < 1:
             raise InputError(f"{name} = {value}; give a whole number of steps >= 1.")
@@ -180,7 +179,8 @@ def _check(ensemble, thermostat, temperature, pressure, timestep, steps, every, 
             raise InputError(f"{name} = {value} fs; give a positive time constant in fs.")
 
 
-def _simulated_cell(atoms: Atoms, supercell) -> Atoms:
+def _simulated_cell(atoms: Atoms, supercell) -> tuple[Atoms, np.ndarray | None]:
+    """The cell to simulate and the supercell matrix (None: the input cell)."""
     from ase.build import make_supercell
 
     from mattersim.settings import parse_supercell
@@ -188,7 +188,7 @@ def _simulated_cell(atoms: Atoms, supercell) -> Atoms:
     matrix = parse_supercell(supercell, "supercell")
     cell = atoms.copy() if matrix is None else make_supercell(atoms, matrix)
     cell.calc = None
-    return cell
+    return cell, matrix
 
 
 def _fixed_charges(born, unit: Atoms, cell: Atoms, flog) -> np.ndarray | None:
@@ -336,7 +336,7 @@ def run_md(atoms: Atoms, calculator, *, ensemble: str = "nvt", thermostat: str =
     RunFolder.check(output_dir)
     if ensemble == "npt" and "stress" not in (getattr(calculator, "implemented_properties", None) or ["stress"]):
         raise InputError("ensemble npt needs the stress, which this calculator does not compute.")
-    cell = _simulated_cell(atoms, supercell)
+    cell, matrix = _simulated_cell(atoms, supercell)
     if reference is not None:
         if len(reference) != len(atoms) or np.any(reference.numbers != atoms.numbers):
             raise InputError("The reference structure must have the same atoms in the same order as the input.")
@@ -351,8 +351,8 @@ def run_md(atoms: Atoms, calculator, *, ensemble: str = "nvt", thermostat: str =
     settings = {
         "ensemble": ensemble, "thermostat": None if ensemble == "nve" else thermostat, "integrator": integrator,
         "temperature_K": temperature, "pressure_GPa": pressure if ensemble == "npt" else None,
-        "timestep_fs": timestep, "steps": int(steps), "supercell": None if supercell is None else
-        np.asarray(_supercell_matrix(supercell)).tolist(), "seed": int(seed), "every": int(every),
+        "timestep_fs": timestep, "steps": int(steps), "supercell": None if matrix is None else matrix.tolist(),
+        "seed": int(seed), "every": int(every),
         "checkpoint_every": int(checkpoint_every), "tdamp_fs": tdamp if integrator in _DYN_STATE else None,
         "pdamp_fs": pdamp if ensemble == "npt" else None,
         "friction_per_fs": friction if integrator == "Langevin" else None,
@@ -426,12 +426,11 @@ def run_md(atoms: Atoms, calculator, *, ensemble: str = "nvt", thermostat: str =
                     done = step + 1
                     if done % every == 0:
                         run.record(done)
+                        elapsed = step_wall + time.perf_counter() - t_loop
+                        bar.status(f"{(done - step0) * timestep * 1e-6 / max(elapsed, 1e-9) * 86400:.3g} ns/day")
                     if done % checkpoint_every == 0 or done == steps:
                         run.checkpoint(done, step_wall + time.perf_counter() - t_loop, key)
                     bar.advance(1)
-                    if done % every == 0:
-                        elapsed = step_wall + time.perf_counter() - t_loop
-                        bar.status(f"{(done - step0) * timestep * 1e-6 / max(elapsed, 1e-9) * 86400:.3g} ns/day")
         finally:
             run.close()
         wall = step_wall + time.perf_counter() - t_loop
@@ -439,12 +438,6 @@ def run_md(atoms: Atoms, calculator, *, ensemble: str = "nvt", thermostat: str =
         result = _finish(folder, run, atoms, info, settings, wall, time.perf_counter() - started, len(cell), maps_at,
                          skip_cycles)
     return result
-
-
-def _supercell_matrix(supercell):
-    from mattersim.settings import parse_supercell
-
-    return parse_supercell(supercell, "supercell")
 
 
 def _load_checkpoint(folder: RunFolder, key: str, settings: dict) -> tuple[dict | None, dict]:
@@ -690,7 +683,8 @@ def _finish(folder: RunFolder, run: _Run, input_atoms: Atoms, info: dict, settin
                                                        "remanent_polarization_descending",
                                                        "remanent_polarization_ascending", "remanent_asymmetry",
                                                        "switched", "cycles_used", "unit_field")}
-    files_png = _plots(folder, run, series, loop, maps_at)
+    local_times, local = run.local_frames()  # read once: the npz and the maps
+    files_png = _plots(folder, run, series, loop, maps_at, local_times, local)
     timings = {"md_loop_s": wall, "total_s": total}
     units_doc = {"time": "fs (md.csv: ps)", "temperature": "K", "energy": "eV", "pressure": "GPa",
                  "volume": "Å^3", "polarization": "μC/cm²", "field": "V/Å in the trajectory, the schedule's unit "
@@ -701,7 +695,6 @@ def _finish(folder: RunFolder, run: _Run, input_atoms: Atoms, info: dict, settin
                "results": res}
     if loop is not None:
         folder.write_json("pe_loop.json", loop)
-    local_times, local = run.local_frames()
     if len(local_times) and folder.path is not None:
         def write_local(tmp):
             np.savez(tmp, time_ps=local_times, polarization_uC_cm2=local,
@@ -716,7 +709,8 @@ def _finish(folder: RunFolder, run: _Run, input_atoms: Atoms, info: dict, settin
     return MDResult(summary, series, loop, atoms, folder.path)
 
 
-def _plots(folder: RunFolder, run: _Run, series: dict, loop: dict | None, maps_at) -> list[str]:
+def _plots(folder: RunFolder, run: _Run, series: dict, loop: dict | None, maps_at, local_times: np.ndarray,
+           local: np.ndarray) -> list[str]:
     if folder.path is None or not len(series.get("time_ps", [])):
         return []
     t = series["time_ps"]
@@ -783,13 +777,12 @@ def _plots(folder: RunFolder, run: _Run, series: dict, loop: dict | None, maps_a
 
         figure(folder.path / "pe_loop.png", "P-E loop", draw_loop)
         out.append("pe_loop.png")
-    if run.cells is not None and len(run.local_frames()[0]):
-        out.append(_map_plot(folder.path / "local_polarization.png", run, maps_at))
+    if len(local_times):
+        out.append(_map_plot(folder.path / "local_polarization.png", run, maps_at, local_times, local))
     return out
 
 
-def _map_plot(path: Path, run: _Run, maps_at) -> str:
-    times, local = run.local_frames()
+def _map_plot(path: Path, run: _Run, maps_at, times: np.ndarray, local: np.ndarray) -> str:
     wanted = np.linspace(times[0], times[-1], 4) if not maps_at else np.asarray(maps_at, dtype=float)
     picks = sorted({int(np.argmin(np.abs(times - w))) for w in wanted})
     ref = run.reference if run.reference is not None else run.atoms
