@@ -434,7 +434,7 @@ def test_local_polarization_frames_survive_an_extension(tmp_path):
                   efield="sin:Emax=0.2V/A,period=10fs,axis=z", born=z)
     run_md(unit, _springs(ref)(), steps=40, output_dir=tmp_path / "a", **common)
     run_md(unit, _springs(ref)(), steps=20, output_dir=tmp_path / "b", **common)
-    run_md(unit, _springs(ref)(), steps=40, output_dir=tmp_path / "b", **common)
+    run_md(unit, _springs(ref)(), steps=40, maps_at=[0.0, 0.01], output_dir=tmp_path / "b", **common)  # new maps
     a, b = np.load(tmp_path / "a" / "local_polarization.npz"), np.load(tmp_path / "b" / "local_polarization.npz")
     assert a["polarization_uC_cm2"].shape == (21, 8, 3)
     assert np.array_equal(a["polarization_uC_cm2"], b["polarization_uC_cm2"]) and np.array_equal(a["time_ps"], b["time_ps"])

@@ -71,7 +71,7 @@ _DYN_STATE = {
     "MTKNPT": ("_thermostat._eta", "_thermostat._p_eta", "_barostat._xi", "_barostat._p_xi", "_p_g"),
 }
 #: settings that may change when a run is continued
-_RESUMABLE = ("steps", "checkpoint_every", "maps_at", "skip_cycles")
+_RESUMABLE = ("steps", "checkpoint_every", "maps_at_ps", "skip_cycles")
 
 
 # --------------------------------------------------------------------------------------------------
