@@ -513,12 +513,13 @@ def pe_loop(time_fs: np.ndarray, polarization: np.ndarray, schedule: FieldSchedu
         return None
     phase = (np.arange(bins) + 0.5) / bins
     field_bins = schedule.magnitude(phase * period)
-    per_cycle = []
+    per_cycle, used = [], []
     for c in cycles:
         sel = (t >= c * period - 1e-9) & (t <= (c + 1) * period + 1e-9)
         if sel.sum() < 4:
             continue
         per_cycle.append(np.interp(c * period + phase * period, t[sel], p[sel]))
+        used.append(c)
     if not per_cycle:
         return None
     loops = np.array(per_cycle)
@@ -527,6 +528,9 @@ def pe_loop(time_fs: np.ndarray, polarization: np.ndarray, schedule: FieldSchedu
     points = _branch_points(field_bins, mean)
     per = [_branch_points(field_bins, row) for row in loops]
 
+    def shown(field):  # V/Å -> the user's unit
+        return None if field is None else field / scale
+
     def asym(a, b):
         if a is None or b is None or abs(a) + abs(b) == 0:
             return None
@@ -534,20 +538,18 @@ def pe_loop(time_fs: np.ndarray, polarization: np.ndarray, schedule: FieldSchedu
 
     unit = schedule.unit
     doc = {
-        "cycles_used": [c for c in cycles][:len(per_cycle)],
+        "cycles_used": used,
         "unit_field": unit,
         "unit_polarization": "uC/cm^2",
         "phase": phase.tolist(),
         "field": (field_bins / scale).tolist(),
         "polarization_mean": mean.tolist(),
         "polarization_std": spread.tolist(),
-        "coercive_field_descending": None if points["coercive_descending"] is None else points["coercive_descending"] / scale,
-        "coercive_field_ascending": None if points["coercive_ascending"] is None else points["coercive_ascending"] / scale,
+        "coercive_field_descending": shown(points["coercive_descending"]),
+        "coercive_field_ascending": shown(points["coercive_ascending"]),
         "remanent_polarization_descending": points["remanent_descending"],
         "remanent_polarization_ascending": points["remanent_ascending"],
-        "coercive_field_per_cycle": [[None if q["coercive_descending"] is None else q["coercive_descending"] / scale,
-                                      None if q["coercive_ascending"] is None else q["coercive_ascending"] / scale]
-                                     for q in per],
+        "coercive_field_per_cycle": [[shown(q["coercive_descending"]), shown(q["coercive_ascending"])] for q in per],
         "remanent_polarization_per_cycle": [[q["remanent_descending"], q["remanent_ascending"]] for q in per],
     }
     doc["coercive_asymmetry"] = asym(doc["coercive_field_descending"], doc["coercive_field_ascending"])
