@@ -23,13 +23,18 @@ Units: Å, μB, e.
 
 from __future__ import annotations
 
+import csv
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 
 from mattersim.errors import InputError
+from workflows.cells import structure_record
+from workflows.outputs import RunFolder, figure, load_summary, run_key, summary_header
 
 __all__ = ["MOMENT_TO_OXIDATION", "O_O_CLASSES", "Layers", "analyse_snapshot", "build_li_rich",
            "layered_template", "oxidation_state"]
@@ -273,19 +278,12 @@ class DelithiationResult:
 
     def save(self, directory):
         """Write ``delithiation.json`` to ``directory`` (the run writes its other files as it goes)."""
-        from pathlib import Path
-
-        from workflows.outputs import RunFolder
-
         RunFolder(directory, "delithiation").write_json("delithiation.json", self.summary)
         return Path(directory)
 
     @classmethod
     def load(cls, directory) -> "DelithiationResult":
-        from pathlib import Path
-
         from workflows.md import read_series
-        from workflows.outputs import load_summary
 
         directory = Path(directory)
         summary = load_summary(directory, "delithiation.json", ["delithiation.csv"], "delithiation run")
@@ -338,13 +336,8 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
 
     Units: temperature K, timestep fs, remove_every/equilibrate ps, fmax eV/Å.
     """
-    import time
-    from pathlib import Path
-
     from mattersim.calculator import model_info
-    from workflows.cells import structure_record
     from workflows.md import run_md
-    from workflows.outputs import RunFolder, run_key, summary_header
 
     if select not in SELECTIONS:
         raise InputError(f"select = {select!r}; choose one of {', '.join(SELECTIONS)}.")
@@ -377,7 +370,7 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
         start = _relaxed_start(folder, atoms, calculator, key, relax, fmax, flog)
         layers = Layers.from_structure(start)
         md_wall = analysis_wall = 0.0
-        steps_total = atom_steps = 0
+        atom_steps = 0
         current, k, removed, orig = start, 0, [], np.arange(len(start))
         series_rows, snapshots = [], []
         t_offset = 0.0
@@ -390,7 +383,6 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
                          tdamp=tdamp, keep_velocities=k > 0, output_dir=out / "segments" / f"{k:03d}",
                          progress=progress)
             md_wall += time.perf_counter() - t0
-            steps_total += steps
             atom_steps += steps * len(current)
             t0 = time.perf_counter()
             for frame in _frames_of(out / "segments" / f"{k:03d}"):
@@ -419,8 +411,7 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
             k += 1
         summary, series = _finish_delithiation(folder, atoms, start, info, settings, series_rows, snapshots, removed,
                                                k + 1, md_wall, analysis_wall, atom_steps, t_offset,
-                                               time.perf_counter() - t_start, x0, summary_header,
-                                               structure_record)
+                                               time.perf_counter() - t_start, x0)
     return DelithiationResult(summary, series, out)
 
 
@@ -496,9 +487,7 @@ def _snapshot(frame: Atoms, doc: dict, orig: np.ndarray) -> Atoms:
 
 
 def _finish_delithiation(folder, atoms, start, info, settings, rows, snapshots, removed, segments, md_wall,
-                         analysis_wall, atom_steps, t_end, total, x0, summary_header, structure_record):
-    import csv
-
+                         analysis_wall, atom_steps, t_end, total, x0):
     import ase.io
 
     from workflows.md import read_series
@@ -536,8 +525,6 @@ def _finish_delithiation(folder, atoms, start, info, settings, rows, snapshots, 
 
 
 def _plots(folder, s: dict) -> None:
-    from workflows.outputs import figure
-
     panels = [("tm_moment_mean_uB", "mean TM moment (μB)"), ("tm_oxidation_mean", "mean TM oxidation state"),
               ("o_moment_mean_uB", "mean |O moment| (μB)"), (("O2", "superoxo", "peroxo"), "O-O pairs"),
               (("migrated_tm", "migrated_tetrahedral"), "TM in Li layers"), ("temperature_K", "T (K)")]
