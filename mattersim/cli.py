@@ -877,16 +877,13 @@ def build_li_rich_command(
 
 
 def _time_ps(text: str, option: str) -> float:
-    import re
+    """A time such as 5ps or 500fs (a bare number is in ps) -> ps."""
+    from mattersim.settings import TIME_UNITS_FS, parse_quantity
 
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(fs|ps|ns)?\s*", text)
-    try:
-        value = float(m.group(1)) if m else float("nan")
-    except ValueError:
-        value = float("nan")
-    if not m or not value > 0:
-        raise InputError(f"{option} {text!r}: give a positive time with a unit, e.g. 5ps or 500fs.")
-    return value * {"fs": 1e-3, "ps": 1.0, "ns": 1e3}[m.group(2) or "ps"]
+    fs, _ = parse_quantity(text, TIME_UNITS_FS, option, "5ps", default_unit="ps")
+    if not fs > 0:
+        raise InputError(f"{option} {text!r}: give a positive time, e.g. 5ps or 500fs.")
+    return fs / 1000.0
 
 
 class Selection(str, Enum):

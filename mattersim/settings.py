@@ -11,11 +11,14 @@ names the setting as the caller calls it (``name``: ``"--supercell"``, ``"superc
 - :func:`parse_primitive`: ``auto``, a centring letter (P, F, I, A, C, R) or 9 numbers (fractions such as
   1/2 allowed; phonopy's ``PRIMITIVE_AXES``) -> ``"auto"``, the letter or a 3x3 float array;
 - :func:`parse_pressures`: ``0:200:20`` (start:stop:step in GPa, stop included), ``0,50,100`` or one
-  number -> a sorted list of distinct pressures in GPa.
+  number -> a sorted list of distinct pressures in GPa;
+- :func:`parse_quantity`: a number with a unit (``200ps``, ``4MV/cm``) -> the value in the base unit of a
+  unit table (e.g. :data:`TIME_UNITS_FS`) and the unit as written.
 """
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 from typing import Any
 
@@ -23,11 +26,28 @@ import numpy as np
 
 from mattersim.errors import InputError
 
-__all__ = ["as_matrix", "parse_mesh", "parse_numbers", "parse_pressures", "parse_primitive", "parse_supercell"]
+__all__ = ["TIME_UNITS_FS", "as_matrix", "parse_mesh", "parse_numbers", "parse_pressures", "parse_primitive",
+           "parse_quantity", "parse_supercell"]
 
 _CENTRINGS = ("P", "F", "I", "A", "C", "R")
 #: the largest number of pressures a range may expand to (a typo such as 0:200:0.002 is refused)
 MAX_PRESSURES = 1000
+#: time units -> fs
+TIME_UNITS_FS = {"fs": 1.0, "ps": 1e3, "ns": 1e6}
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def parse_quantity(text: str, units: dict[str, float], name: str, example: str, *,
+                   default_unit: str | None = None) -> tuple[float, str]:
+    """``text`` such as ``200ps`` -> (value x ``units[unit]``, the unit as written); units are matched
+    without regard to case. ``default_unit`` (a key of ``units``) makes the unit optional. An
+    InputError names ``name`` and shows ``example`` otherwise."""
+    m = re.fullmatch(rf"\s*({_NUMBER})\s*([A-Za-zÅ/]*)\s*", str(text))
+    unit = (m.group(2) or default_unit or "") if m else ""
+    if not m or unit.lower() not in units:
+        listed = ", ".join(sorted({u for u in units if u.isascii()}))
+        raise InputError(f"{name} {text!r} needs a number and a unit ({listed}), e.g. {example}.")
+    return float(m.group(1)) * units[unit.lower()], unit
 
 
 def _tokens(text: str, convert, error: str) -> list:

@@ -65,3 +65,14 @@ def test_pressures():
                           ("200:0:10", "stop >= start"), ("0:1000:0.001", "at most"), ("a,b", "not a list")):
         with pytest.raises(InputError, match=fragment):
             parse_pressures(bad, "--pressures")
+
+
+def test_parse_quantity_units_and_errors():
+    from mattersim.settings import TIME_UNITS_FS, parse_quantity
+
+    assert parse_quantity("200ps", TIME_UNITS_FS, "period", "200ps") == (2e5, "ps")
+    assert parse_quantity(" 1.5e3 FS ", TIME_UNITS_FS, "period", "200ps") == (1500.0, "FS")
+    assert parse_quantity("5", TIME_UNITS_FS, "--remove-every", "5ps", default_unit="ps") == (5000.0, "ps")
+    for bad in ("5", "5 min", "ps", "1..2ps"):
+        with pytest.raises(InputError, match=r"'period' .* needs a number and a unit \(fs, ns, ps\), e.g. 200ps"):
+            parse_quantity(bad, TIME_UNITS_FS, "'period'", "200ps")

@@ -35,6 +35,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from mattersim.errors import InputError
+from mattersim.settings import TIME_UNITS_FS, parse_quantity
 
 __all__ = [
     "E_PER_A2_TO_UC_PER_CM2",
@@ -54,10 +55,7 @@ __all__ = [
 E_PER_A2_TO_UC_PER_CM2 = 1602.176634
 #: field units -> V/Å
 FIELD_UNITS = {"v/a": 1.0, "v/å": 1.0, "v/ang": 1.0, "mv/cm": 0.01, "kv/cm": 1e-5}
-#: time units -> fs
-TIME_UNITS = {"fs": 1.0, "ps": 1e3, "ns": 1e6}
 _AXES = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 SCHEDULE_HELP = ("const:E=0.5MV/cm,axis=z | sin:Emax=4MV/cm,period=200ps,axis=z (E = Emax cos(2 pi t/T)) | "
                  "tri:Emax=4MV/cm,period=200ps,axis=z | steps:E=0;1;2;1;0 MV/cm,duration=10ps,axis=z; "
                  "axis x, y, z or three numbers ('1 1 0'); units MV/cm, kV/cm or V/A; times fs, ps or ns")
@@ -127,13 +125,7 @@ def _unit_key(unit: str) -> str:
 
 
 def _quantity(text: str, units: dict[str, float], what: str, spec: str) -> tuple[float, str]:
-    m = re.fullmatch(rf"\s*({_NUMBER})\s*([A-Za-zÅ/]+)\s*", text)
-    if not m or m.group(2).lower() not in units:
-        raise InputError(f"--efield {spec!r}: {what} {text!r} needs a number and a unit "
-                         f"({', '.join(sorted(set(u for u in units if u != 'v/å')))}), e.g. "
-                         f"{'4MV/cm' if units is FIELD_UNITS else '200ps'}.")
-    unit = m.group(2)
-    return float(m.group(1)) * units[unit.lower()], unit
+    return parse_quantity(text, units, f"--efield {spec!r}: {what}", "4MV/cm" if units is FIELD_UNITS else "200ps")
 
 
 def _axis(text: str, spec: str) -> tuple[float, float, float]:
@@ -187,7 +179,7 @@ def parse_field(spec: "str | FieldSchedule | None") -> FieldSchedule | None:
                              "e.g. E=0;1;2;1;0 MV/cm.") from None
         if not values:
             raise InputError(f"--efield {text!r}: E= has no values.")
-        duration, _ = _quantity(args["duration"], TIME_UNITS, "duration", text)
+        duration, _ = _quantity(args["duration"], TIME_UNITS_FS, "duration", text)
         if duration <= 0:
             raise InputError(f"--efield {text!r}: duration must be positive.")
         return FieldSchedule("steps", axis, max(abs(v) for v in values), values=values, duration=duration,
@@ -195,7 +187,7 @@ def parse_field(spec: "str | FieldSchedule | None") -> FieldSchedule | None:
     amplitude, unit = _quantity(args["e" if kind == "const" else "emax"], FIELD_UNITS, "the field", text)
     period = None
     if kind != "const":
-        period, _ = _quantity(args["period"], TIME_UNITS, "period", text)
+        period, _ = _quantity(args["period"], TIME_UNITS_FS, "period", text)
         if period <= 0:
             raise InputError(f"--efield {text!r}: period must be positive.")
     return FieldSchedule(kind, axis, amplitude, period=period, unit=unit, text=text)
