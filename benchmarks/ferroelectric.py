@@ -68,7 +68,7 @@ def polar_state(calc, relaxed, fmax: float = 1e-3) -> dict:
     from mattersim.relax import relax
     from workflows.efield import polarization_change
 
-    start = perovskite(*EXPERIMENT_CELL, 0.015, -0.02) if relaxed is False else perovskite(3.98, 4.06, 0.015, -0.02)
+    start = perovskite(3.98, 4.06, 0.015, -0.02) if relaxed else perovskite(*EXPERIMENT_CELL, 0.015, -0.02)
     res = relax(start, calc, fmax=fmax, symmetry=True, steps=2000, mode="full" if relaxed else "fixed-cell")
     t = res.atoms
     ref = centrosymmetric(t)

@@ -858,15 +858,16 @@ def build_li_rich_command(
 ) -> None:
     """A Li-rich layered oxide: supercell of LiMO2, M -> TM, some TM -> Li (seeded). Prints its composition and
     charge balance."""
-    from mattersim.io import read_structures
+    from mattersim.io import atomic_path, ensure_writable_file, read_structures
 
     from workflows.delithiation import build_li_rich
 
+    ensure_writable_file(output, option="--output")
     base = None if template is None else read_structures([str(template)])[-1][1]
     cell, info = build_li_rich(base, tm=tm, supercell=supercell, li_excess=li_excess, seed=seed)
     fmt = None if output.suffix.lower() in (".cif", ".extxyz", ".xyz", ".json", ".traj") else "vasp"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    cell.write(output, format=fmt, **({"direct": True, "sort": True} if fmt == "vasp" else {}))
+    with atomic_path(output) as tmp:
+        cell.write(tmp, format=fmt, **({"direct": True, "sort": True} if fmt == "vasp" else {}))  # tmp keeps the suffix
     comp = ", ".join(f"{k} {v:.4g}" for k, v in info["composition_per_O2"].items())
     ox = info["average_tm_oxidation_state"]
     _print_rows(f"Li-rich cell {info['formula']} ({info['natoms']} atoms) -> {output}",

@@ -530,6 +530,8 @@ def test_cli_build_li_rich_and_delithiate_errors(tmp_path, emt_registry):
     cell = ase.io.read(out)
     assert len(cell) == 480 and cell.get_chemical_formula() == "Li144Mn96O240"
     assert_user_error(_invoke("build", "li-rich", "--tm", "Qq", "-o", tmp_path / "x.vasp"), "not a transition metal")
+    (tmp_path / "a_file").write_text("x")
+    assert_user_error(_invoke("build", "li-rich", "-o", tmp_path / "a_file" / "x.vasp"), "--output")
     assert_user_error(_invoke("delithiate", out, "--remove-every", "five", "-o", tmp_path / "d"), "--remove-every")
     assert_user_error(_invoke("delithiate", out, "--until", "half", "-o", tmp_path / "d"), "--until")
 
