@@ -10,6 +10,7 @@ import pytest
 from ase.build import bulk
 
 from mattersim.errors import InputError
+from workflows.cells import structure_record
 from workflows.outputs import ArrayStore, RunFolder, model_identity, run_key, summary_header
 
 LOG = logging.getLogger("test.outputs")
@@ -50,6 +51,18 @@ def test_run_key_follows_structure_settings_and_model():
     assert key != run_key(si.get_chemical_formula(), {"a": 1}, {**info, "sha256": "abd"})
     composite = {"kind": "composite", "potential": info, "properties": {"name": "dielectric"}}
     assert model_identity(composite) == model_identity(info)
+
+
+def test_structure_record_keys_ignore_the_sign_of_zero_and_sub_1e10_noise():
+    # a relaxation on another thread count leaves a coordinate at +6e-43 instead of -7e-44: the same structure
+    a = bulk("BaO", "rocksalt", a=5.5)
+    b = a.copy()
+    a.positions[0] = [6e-43, -0.0, 1e-12]
+    b.positions[0] = [-7e-44, 0.0, -1e-12]
+    info = {"name": "m", "version": "1"}
+    assert run_key(structure_record(a), {}, info) == run_key(structure_record(b), {}, info)
+    b.positions[0, 2] = 1e-9  # a real difference still counts
+    assert run_key(structure_record(a), {}, info) != run_key(structure_record(b), {}, info)
 
 
 def test_run_folder(tmp_path):

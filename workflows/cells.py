@@ -39,7 +39,8 @@ def to_ase_atoms(cell) -> Atoms:
 
 
 def _rounded(arr) -> list:
-    return np.round(np.asarray(arr, dtype=float), 10).tolist()
+    # + 0.0 turns -0.0 into 0.0: a coordinate of ±1e-43 from a relaxation must not change a run's key
+    return (np.round(np.asarray(arr, dtype=float), 10) + 0.0).tolist()
 
 
 def structure_record(atoms: Atoms) -> dict:
