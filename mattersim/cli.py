@@ -904,6 +904,7 @@ def delithiate_command(
     select: Selection = typer.Option(Selection.random, "--select", help="Which Li: random (seeded), the least O-coordinated, or the highest per-atom energy."),
     until: str = typer.Option("x=0", "--until", help="Target Li content, e.g. x=0 or x=0.5 (Li per two O)."),
     equilibrate: Optional[str] = typer.Option(None, "--equilibrate", help="NVT time before the first removal (default: --remove-every)."),
+    hold: Optional[str] = typer.Option(None, "--hold", help="Time at the target x after the last removal (default: --remove-every); a larger --hold continues a finished run."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax ions and cell first."),
     seed: int = typer.Option(0, "--seed", help="Seed of velocities and of the random choice."),
     every: int = typer.Option(100, "--every", help="Steps between analysed snapshots."),
@@ -920,6 +921,7 @@ def delithiate_command(
 
     every_ps = _time_ps(remove_every, "--remove-every")
     equil_ps = None if equilibrate is None else _time_ps(equilibrate, "--equilibrate")
+    hold_ps = None if hold is None else _time_ps(hold, "--hold")
     target = until.strip().lower().removeprefix("x=").strip()
     try:
         until_x = float(target)
@@ -935,7 +937,7 @@ def delithiate_command(
 
     result = run_delithiation(structures[-1][1], calc, temperature=temperature, timestep=timestep,
                               remove_every=every_ps, remove=remove, select=select.value, until=until_x,
-                              equilibrate=equil_ps, relax=relax, seed=seed, every=every, output_dir=outdir,
+                              equilibrate=equil_ps, hold=hold_ps, relax=relax, seed=seed, every=every, output_dir=outdir,
                               progress=sys.stderr.isatty())
     _print_rows(f"Delithiation ({result.summary['model'].get('name', 'model')})", result.rows(), lambda q: False)
 

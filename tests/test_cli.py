@@ -534,6 +534,7 @@ def test_cli_build_li_rich_and_delithiate_errors(tmp_path, emt_registry):
     assert_user_error(_invoke("build", "li-rich", "-o", tmp_path / "a_file" / "x.vasp"), "--output")
     assert_user_error(_invoke("delithiate", out, "--remove-every", "five", "-o", tmp_path / "d"), "--remove-every")
     assert_user_error(_invoke("delithiate", out, "--until", "half", "-o", tmp_path / "d"), "--until")
+    assert_user_error(_invoke("delithiate", out, "--hold", "-2ps", "-o", tmp_path / "d"), "--hold")
 
 
 # ---------------------------------------------------------------------------------------------------------

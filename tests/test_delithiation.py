@@ -68,7 +68,11 @@ def _move_pair(cell, distance):
 def test_o_o_pairs_are_found_and_classified(distance, kind):
     cell = _limno2()
     layers = Layers.from_structure(cell)
-    assert analyse_snapshot(cell, layers)["o_o_pairs"] == []
+    doc = analyse_snapshot(cell, layers)
+    o = np.flatnonzero(cell.symbols == "O")
+    every = cell.get_all_distances(mic=True)[np.ix_(o, o)][np.triu_indices(len(o), 1)]
+    assert doc["o_o_pairs"] == [] and doc["o_o_shortest_A"] == pytest.approx(every.min(), abs=1e-9)
+    assert 2.4 < doc["o_o_shortest_A"] < 2.8  # the shared edge of two MnO6 octahedra
     a, b = _move_pair(cell, distance)
     moments = np.zeros(len(cell))
     moments[[a, b]] = [0.8, 0.7]
@@ -76,6 +80,7 @@ def test_o_o_pairs_are_found_and_classified(distance, kind):
     assert len(doc["o_o_pairs"]) == 1 and doc["o_o_counts"][kind] == 1
     pair = doc["o_o_pairs"][0]
     assert {pair["i"], pair["j"]} == {a, b} and pair["distance_A"] == pytest.approx(distance)
+    assert doc["o_o_shortest_A"] == pytest.approx(distance)
     assert sorted(pair["magmoms_uB"]) == pytest.approx([0.7, 0.8]) and pair["charges_e"] is None
     assert doc["charges_note"].startswith("the model predicts no")
 
@@ -185,6 +190,30 @@ def test_removal_keeps_the_others_and_a_restart_across_removals_reproduces_the_r
     for name in ("delithiation_vs_x.png", "delithiation_vs_time.png", "snapshots.extxyz", "start.extxyz"):
         assert (tmp_path / "cut" / name).is_file()
     assert any("charges" in note for note in loaded.summary["results"]["notes"])
+
+
+def test_a_longer_hold_at_the_target_continues_the_finished_run(tmp_path):
+    from workflows.delithiation import run_delithiation
+
+    cell = _small_cell()  # Li6 Mn6 O12: x = 1; one removal of 3 Li reaches x = 1/2
+    common = dict(temperature=300, timestep=1.0, remove_every=0.02, equilibrate=0.01, remove=3, until=0.5,
+                  relax=False, seed=2, every=5, checkpoint_every=5)
+    short = run_delithiation(cell, _fresh_lj(), hold=0.01, output_dir=tmp_path / "cont", **common)
+    assert short.summary["results"]["time_ps"] == pytest.approx(0.01 + 0.01)
+    assert short.summary["settings"]["hold_ps"] == 0.01
+    longer = run_delithiation(cell, _fresh_lj(), hold=0.03, output_dir=tmp_path / "cont", **common)
+    assert longer.summary["results"]["time_ps"] == pytest.approx(0.01 + 0.03)
+    assert longer.series["x"][-1] == pytest.approx(0.5) and longer.summary["results"]["segments"] == 2
+    fresh = run_delithiation(cell, _fresh_lj(), hold=0.03, output_dir=tmp_path / "fresh", **common)
+    for name, col in fresh.series.items():  # continued = uninterrupted, bitwise
+        assert np.array_equal(col, longer.series[name], equal_nan=True), name
+    n = len(short.series["x"])
+    assert np.array_equal(short.series["time_ps"], longer.series["time_ps"][:n])
+    # the default hold is one interval
+    default = run_delithiation(cell, _fresh_lj(), output_dir=tmp_path / "default", **common)
+    assert default.summary["results"]["time_ps"] == pytest.approx(0.01 + 0.02)
+    with pytest.raises(InputError, match="hold = -1"):
+        run_delithiation(cell, _fresh_lj(), hold=-1, output_dir=tmp_path / "bad", **common)
 
 
 def test_delithiation_user_errors(tmp_path):

@@ -13,7 +13,8 @@ is 480 atoms; 24 substitutions give Li1.2Mn0.8O2, 30 give Li1.25Mn0.75O2.
   Mn 3 μB -> Mn4+, 4 -> Mn3+, 5 -> Mn2+; see :data:`MOMENT_TO_OXIDATION`), when the model predicts moments;
 - atomic charges (e) when the model predicts them;
 - O-O pairs by distance: O2 molecule (< 1.3 Å), superoxo (1.3-1.4 Å), peroxo (1.4-1.55 Å), with their
-  charges and moments;
+  charges and moments, and the shortest O-O distance (the precursor of pairing: about 2.6 Å in the
+  lithiated oxide; None when no two O are within :data:`O_O_SHORTEST_CUTOFF`);
 - TM migration: a TM whose position along the stacking axis is nearer a Li layer than a TM layer of the
   initial structure (:class:`Layers`), with its coordination by O within ``tm_o_cutoff`` (4 tetrahedral,
   6 octahedral).
@@ -43,6 +44,8 @@ __all__ = ["MOMENT_TO_OXIDATION", "O_O_CLASSES", "Layers", "analyse_snapshot", "
 LICOO2 = {"a": 2.8156, "c": 14.0542, "z_O": 0.2396}
 #: O-O distance classes, Å (upper bounds)
 O_O_CLASSES = (("O2", 1.3), ("superoxo", 1.4), ("peroxo", 1.55))
+#: Å: the shortest O-O distance is looked for up to here
+O_O_SHORTEST_CUTOFF = 3.2
 #: spin-only moment (μB) -> oxidation state of common cathode transition metals (nearest listed moment)
 MOMENT_TO_OXIDATION = {
     "Mn": ((3.0, 4), (4.0, 3), (5.0, 2)),          # d3, d4, d5 high spin
@@ -194,10 +197,12 @@ def analyse_snapshot(atoms: Atoms, layers: Layers, *, magmoms=None, charges=None
     magmoms = None if magmoms is None else np.asarray(magmoms, dtype=float).reshape(-1)
     charges = None if charges is None else np.asarray(charges, dtype=float).reshape(-1)
     doc: dict[str, Any] = {"x": float(np.sum(symbols == "Li") * 2 / max(len(o), 1)), "n_li": int(np.sum(symbols == "Li"))}
-    i, j, d = neighbor_list("ijd", atoms, max(O_O_CLASSES[-1][1], tm_o_cutoff))
+    i, j, d = neighbor_list("ijd", atoms, max(O_O_SHORTEST_CUTOFF, tm_o_cutoff))
     # O-O pairs
     pairs = []
-    sel = (symbols[i] == "O") & (symbols[j] == "O") & (i < j) & (d < O_O_CLASSES[-1][1])
+    o_o = (symbols[i] == "O") & (symbols[j] == "O") & (i < j)
+    doc["o_o_shortest_A"] = float(d[o_o].min()) if o_o.any() else None
+    sel = o_o & (d < O_O_CLASSES[-1][1])
     for a, b, dist in zip(i[sel], j[sel], d[sel]):
         kind = next(name for name, upper in O_O_CLASSES if dist < upper)
         pairs.append({"i": int(a), "j": int(b), "distance_A": float(dist), "kind": kind,
@@ -241,7 +246,7 @@ SELECTIONS = ("random", "lowest-coordination", "highest-energy")
 WORKFLOW_VERSION = 1
 SERIES_COLUMNS = ("segment", "step", "time_ps", "x", "n_li", "temperature_K", "epot_eV", "tm_moment_mean_uB",
                   "tm_oxidation_mean", "o_moment_mean_uB", "o_moment_max_uB", "tm_charge_mean_e", "o_charge_mean_e",
-                  "O2", "superoxo", "peroxo", "migrated_tm", "migrated_tetrahedral", "migrated_octahedral")
+                  "O2", "superoxo", "peroxo", "o_o_shortest_A", "migrated_tm", "migrated_tetrahedral", "migrated_octahedral")
 
 
 @dataclass
@@ -268,6 +273,10 @@ class DelithiationResult:
                 rows.append((label, f"{ok[0]:.3g} -> {ok[-1]:.3g}"))
         rows.append(("O-O pairs at the end", ", ".join(f"{k} {int(self.series[k][-1])}" for k in ("O2", "superoxo",
                                                                                                    "peroxo"))))
+        shortest = self.series.get("o_o_shortest_A")
+        if shortest is not None and np.isfinite(shortest).any():
+            ok = shortest[np.isfinite(shortest)]
+            rows.append(("shortest O-O distance (start -> end)", f"{ok[0]:.3g} -> {ok[-1]:.3g} Å"))
         rows.append(("migrated TM at the end", f"{int(self.series['migrated_tm'][-1])} "
                                                f"({int(self.series['migrated_tetrahedral'][-1])} tetrahedral)"))
         for note in res.get("notes", []):
@@ -326,15 +335,18 @@ def _per_atom(frame: Atoms, name: str):
 
 def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, timestep: float = 1.0,
                      remove_every: float = 5.0, remove: int = 1, select: str = "random", until: float = 0.0,
-                     equilibrate: float | None = None, relax: bool = True, fmax: float = 0.05, seed: int = 0,
+                     equilibrate: float | None = None, hold: float | None = None, relax: bool = True, fmax: float = 0.05, seed: int = 0,
                      every: int = 100, checkpoint_every: int = 500, tdamp: float | None = None,
                      output_dir=None, progress: bool = False) -> DelithiationResult:
     """Delithiation MD (module doc): relax, equilibrate (NVT Nosé-Hoover, ``equilibrate`` ps, default
     ``remove_every``), then remove ``remove`` Li (``select``) every ``remove_every`` ps until x <= ``until``,
     one resumable :func:`workflows.md.run_md` segment per interval (the integrator rebuilt after each
     removal, the velocities of the other atoms kept), and analyse every frame (every ``every`` steps).
+    The last segment, at the target x, runs for ``hold`` ps (default ``remove_every``): O-O pairing and TM
+    migration are slow and happen at low x. ``hold`` is not part of the run's identity: a larger ``hold``
+    continues a finished run at the target x.
 
-    Units: temperature K, timestep fs, remove_every/equilibrate ps, fmax eV/Å.
+    Units: temperature K, timestep fs, remove_every/equilibrate/hold ps, fmax eV/Å.
     """
     from mattersim.calculator import model_info
     from workflows.md import run_md
@@ -343,6 +355,8 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
         raise InputError(f"select = {select!r}; choose one of {', '.join(SELECTIONS)}.")
     if not (np.isfinite(remove_every) and remove_every > 0) or int(remove) != remove or remove < 1:
         raise InputError("remove_every must be a positive time in ps and remove a whole number >= 1 of Li atoms.")
+    if hold is not None and not (np.isfinite(hold) and hold > 0):
+        raise InputError(f"hold = {hold}: the time at the target x must be a positive time in ps.")
     if output_dir is None:
         raise InputError("A delithiation run needs an output folder (its segments are written there).")
     n_o = int(np.sum(atoms.symbols == "O"))
@@ -363,6 +377,8 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
                 "relax": bool(relax), "fmax": fmax, "seed": int(seed), "every": int(every),
                 "tdamp_fs": 100 * timestep if tdamp is None else tdamp}
     key = run_key(structure_record(atoms), settings, info)
+    hold = remove_every if hold is None else hold
+    settings["hold_ps"] = hold  # after the key: a longer hold continues the same run
     out = Path(output_dir)
     t_start = time.perf_counter()
     with RunFolder(out, "delithiation") as folder:
@@ -375,7 +391,9 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
         series_rows, snapshots = [], []
         t_offset = 0.0
         while True:
-            length = equilibrate if k == 0 else remove_every
+            at_target = k > 0 and (np.sum(current.symbols == "Li") * 2 / n_o <= until + 1e-12
+                                   or not np.any(current.symbols == "Li"))
+            length = equilibrate if k == 0 else hold if at_target else remove_every
             steps = max(1, int(round(length * 1000 / timestep)))
             t0 = time.perf_counter()
             res = run_md(current, calculator, ensemble="nvt", temperature=temperature, timestep=timestep,
@@ -455,7 +473,7 @@ def _series_row(segment: int, frame: Atoms, doc: dict, t_offset: float) -> dict:
     for name in ("tm_moment_mean_uB", "tm_oxidation_mean", "o_moment_mean_uB", "o_moment_max_uB", "tm_charge_mean_e",
                  "o_charge_mean_e"):
         row[name] = doc.get(name)
-    row.update(doc["o_o_counts"])
+    row.update(doc["o_o_counts"], o_o_shortest_A=doc["o_o_shortest_A"])
     row.update(migrated_tm=doc["migrated_counts"]["total"], migrated_tetrahedral=doc["migrated_counts"]["tetrahedral"],
                migrated_octahedral=doc["migrated_counts"]["octahedral"])
     return row
@@ -526,8 +544,9 @@ def _finish_delithiation(folder, atoms, start, info, settings, rows, snapshots, 
 
 def _plots(folder, s: dict) -> None:
     panels = [("tm_moment_mean_uB", "mean TM moment (μB)"), ("tm_oxidation_mean", "mean TM oxidation state"),
-              ("o_moment_mean_uB", "mean |O moment| (μB)"), (("O2", "superoxo", "peroxo"), "O-O pairs"),
-              (("migrated_tm", "migrated_tetrahedral"), "TM in Li layers"), ("temperature_K", "T (K)")]
+              (("o_moment_mean_uB", "o_moment_max_uB"), "|O moment| (μB)"), (("O2", "superoxo", "peroxo"), "O-O pairs"),
+              ("o_o_shortest_A", "shortest O-O distance (Å)"), (("migrated_tm", "migrated_tetrahedral"),
+                                                               "TM in Li layers"), ("temperature_K", "T (K)")]
 
     def draw_against(xname, xlabel):
         def draw(axes):
@@ -548,10 +567,12 @@ def _plots(folder, s: dict) -> None:
                     ax.legend(fontsize=7)
                 if xname == "x":
                     ax.invert_xaxis()
+            for ax in axes.ravel()[len(panels):]:
+                ax.set_axis_off()
         return draw
 
     figure(folder.path / "delithiation_vs_x.png", "Delithiation: against Li content x", draw_against("x", "x in Li_x"),
-           shape=(2, 3), figsize=(12, 6.5))
+           shape=(2, 4), figsize=(15, 6.5))
     figure(folder.path / "delithiation_vs_time.png", "Delithiation: against time", draw_against("time_ps", "t (ps)"),
-           shape=(2, 3), figsize=(12, 6.5))
+           shape=(2, 4), figsize=(15, 6.5))
     folder.record(["delithiation_vs_x.png", "delithiation_vs_time.png"])
