@@ -1,10 +1,11 @@
 """LO-TO dispersion against the supercell size: phonopy's plain NAC and the dipole-tail completion.
 
-    python -m benchmarks.nac_convergence [--model chgnet] [--charges dft|model] [-o results.json]
+    python -m benchmarks.nac_convergence [--model chgnet] [--charges dft|model] [--dims 2,3] [-o results.json]
                                          [--figure docs/figures/nac_convergence.png]
 
 For PhononDB's 3C-SiC (mp-8062), MgO (mp-1265) and NaCl (mp-22862), the phonon workflow runs with the
-model's force constants in 2x2x2 (64 atoms) and 3x3x3 (216 atoms) supercells of the conventional cell,
+model's force constants in 2x2x2 (64 atoms) and 3x3x3 (216 atoms) supercells of the conventional cell
+(``--dims 3,4``: 216 and 512 atoms, for models whose own range exceeds the 64-atom cell),
 with the DFT BORN file (``--charges dft``) or the charges predicted by ``mattersim-dielectric``
 (``--charges model``), once with phonopy's plain NAC (``nac_range=None``) and once with the default
 (``--nac-range``, default ``auto``: the dipole-dipole tail beyond the model's range added,
@@ -65,7 +66,7 @@ def dft_reference(folder: Path) -> dict:
     return highest_branch(ref, ref.primitive_matrix)
 
 
-def run_case(name: str, folder: Path, calc, charges: str, work: Path, nac_range="auto") -> dict:
+def run_case(name: str, folder: Path, calc, charges: str, work: Path, nac_range="auto", dims=DIMS) -> dict:
     from ase.io import read
 
     from workflows.phonon import run_phonon
@@ -73,7 +74,7 @@ def run_case(name: str, folder: Path, calc, charges: str, work: Path, nac_range=
     unit = read(folder / "POSCAR-unitcell", format="vasp")
     born = folder / "BORN" if charges == "dft" else None
     case = {"entry": folder.name, "dft": dft_reference(folder), "runs": {}}
-    for dim in DIMS:
+    for dim in dims:
         for mode, setting in (("plain", None), ("completed", nac_range)):
             t0 = time.perf_counter()
             result = run_phonon(unit, calc, supercell=(dim, dim, dim), nac=True, born_file=born, nac_range=setting,
@@ -85,7 +86,7 @@ def run_case(name: str, folder: Path, calc, charges: str, work: Path, nac_range=
                 "dipole_tail": result.summary["nac"].get("dipole_tail"),
             }
     for mode in ("plain", "completed"):
-        small, large = (case["runs"][f"{mode} {d}"]["bands"] for d in DIMS)
+        small, large = (case["runs"][f"{mode} {d}"]["bands"] for d in dims)
         case[mode] = {
             "max_change_THz": {p: float(np.abs(np.subtract(small[p], large[p])).max()) for p in PATHS},
             "monotonic_where_dft_is": {p: (not monotonic(case["dft"][p])) or (monotonic(small[p]) and monotonic(large[p]))
@@ -108,12 +109,13 @@ def plot(report: dict, path: Path) -> None:
             ax = axes[row][col]
             for p, style in zip(PATHS, ("-", "--")):
                 ax.plot(x, case["dft"][p], "k" + style, lw=1.5, label=f"DFT {p}")
-                for dim, color in zip(DIMS, ("tab:blue", "tab:red")):
+                for dim, color in zip(report["dims"], ("tab:blue", "tab:red")):
                     run = case["runs"][f"{mode} {dim}"]
                     ax.plot(x, run["bands"][p], style, color=color, lw=1.2, label=f"{run['n_atoms']} atoms {p}")
             change = max(case[mode]["max_change_THz"].values())
+            sizes = " → ".join(str(case["runs"][f"{mode} {d}"]["n_atoms"]) for d in report["dims"])
             ax.set_title(f"{name}: {'phonopy plain NAC' if mode == 'plain' else 'dipole tail completed'}\n"
-                         f"largest change 64 → 216 atoms: {change:.2f} THz", fontsize=9)
+                         f"largest change {sizes} atoms: {change:.2f} THz", fontsize=9)
             ax.set_ylabel("highest branch (THz)")
             if row == 1:
                 ax.set_xlabel("fraction of the path from Γ")
@@ -132,11 +134,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--charges", choices=("dft", "model"), default="dft",
                         help="Z* and eps_inf from PhononDB's BORN (dft) or from mattersim-dielectric (model)")
     parser.add_argument("--nac-range", default="auto", help="the window of the completed runs ('auto' or R_ON:R_OFF)")
+    parser.add_argument("--dims", default=",".join(map(str, DIMS)),
+                        help="the two supercells, n x n x n conventional cells (default 2,3: 64 and 216 atoms)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("-o", "--output", type=Path, default=None, help="write the report (json) here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure (PNG) here")
     args = parser.parse_args(argv)
     cases = parse_cases(parser, args.cases, CASES)
+    try:
+        dims = tuple(int(d) for d in args.dims.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 2 or not 1 <= dims[0] < dims[1]:
+        parser.exit(2, f"{parser.prog}: error: --dims {args.dims!r}: give two growing sizes, e.g. 2,3 or 3,4\n")
 
     from mattersim.registry import load_calculator
 
@@ -150,13 +160,14 @@ def main(argv=None) -> dict:
     report = {"benchmark": "nac_convergence", "model": args.model, "charges": args.charges,
               "charges_source": "PhononDB BORN (DFT)" if args.charges == "dft" else "mattersim-dielectric",
               "nac_range": args.nac_range,
-              "supercells": [f"{d}x{d}x{d} conventional" for d in DIMS], "cases": {}}
+              "dims": list(dims), "supercells": [f"{d}x{d}x{d} conventional" for d in dims], "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             folder = _entries() / CASES[name]
-            report["cases"][name] = case = run_case(name, folder, calc, args.charges, Path(tmp), args.nac_range)
+            report["cases"][name] = case = run_case(name, folder, calc, args.charges, Path(tmp), args.nac_range, dims)
+            sizes = "->".join(str(case["runs"][f"plain {d}"]["n_atoms"]) for d in dims)
             for mode in ("plain", "completed"):
-                print(f"{name:7s} {mode:9s} change 64->216 atoms: "
+                print(f"{name:7s} {mode:9s} change {sizes} atoms: "
                       + ", ".join(f"{p} {v:.3f} THz" for p, v in case[mode]["max_change_THz"].items())
                       + "; monotonic where DFT is: " + ", ".join(f"{p} {v}" for p, v in case[mode]["monotonic_where_dft_is"].items()),
                       flush=True)
