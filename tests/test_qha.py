@@ -391,3 +391,20 @@ def test_nac_from_a_born_file_is_used_at_every_volume(tmp_path):
     assert "NAC (gonze) at every volume" in (tmp_path / "nac" / "qha.log").read_text()
     with pytest.raises(InputError, match="BORN file"):
         run_qha(bulk("Cu", "fcc", a=3.6), EMT(), born_file=tmp_path / "nope", **CU)
+
+
+
+def test_a_length_mesh_is_one_regular_mesh_at_every_volume():
+    """A mesh given as a length becomes numbers once (on the V0 cell) and serves all volumes: phonopy's length
+    rule applied at each volume would give 10 at the smallest and 9 at the largest volume of this grid (a
+    jump of F_vib(V) between grids)."""
+    from phonopy.phonon.grid import length2mesh
+
+    length = 19.7
+    res = run_qha(bulk("Cu", "fcc", a=3.6), EMT(), output_dir=None, **{**CU, "volumes": "-0.08:0.08:5", "mesh": length})
+    phase = res.phase()
+    v0 = np.array(phase["structure"]["unitcell_V0"]["cell"])
+    per_volume = {f: length2mesh(length, v0 * (1 + f) ** (1 / 3)).tolist() for f in (-0.08, 0.0, 0.08)}
+    assert per_volume[-0.08] != per_volume[0.08]  # the length rule would change the grid across the volumes
+    assert phase["mesh_numbers"] == per_volume[0.0]
+    assert not phase["checks"]["mode_jumps"] and phase["checks"]["free_energy_monotonic"]["ok"]

@@ -826,6 +826,20 @@ def _set_nac(ph_: _Phase, born_file, predictor, calculator, method: str, symprec
     log.info(f"{ph_.label}: NAC ({method}) at every volume, Z* and eps_inf from {born_sym.source}")
 
 
+def _mesh_numbers(ph_: _Phase, mesh_setting) -> list[int]:
+    """One regular q-mesh for every volume of a phase: the given numbers, or a length (Å) turned into numbers
+    on the primitive cell of the volume nearest V0 (phonopy's ``length2mesh``, symmetry-adapted). phonopy
+    given the length at each volume would pick numbers per volume (they change as the cell grows) and, for
+    non-simple cells, a generalized grid: F_vib(V) would jump between grids and the mode-jump check would
+    compare different q-points."""
+    if not isinstance(mesh_setting, float):
+        return [int(n) for n in mesh_setting]
+    from phonopy.phonon.grid import length2mesh
+
+    p = min(ph_.volumes, key=lambda v: abs(v.fraction)).ph
+    return [int(n) for n in length2mesh(mesh_setting, p.primitive.cell, rotations=p.primitive_symmetry.pointgroup_operations)]
+
+
 def _phase_qha(ph_: _Phase, temperatures, pressures, eos, mesh_setting, tmax, log, folder: RunFolder, info) -> dict:
     """Force constants, thermal properties and checks at every volume of one phase, then its QHA at each
     pressure; writes the phase folder's files; returns the phase's part of ``qha.json``."""
@@ -836,12 +850,13 @@ def _phase_qha(ph_: _Phase, temperatures, pressures, eos, mesh_setting, tmax, lo
     s = np.zeros_like(fe)
     cv = np.zeros_like(fe)
     mesh_f, mesh_q, imaginary = [], None, []
+    mesh_numbers = _mesh_numbers(ph_, mesh_setting)
     for v in ph_.volumes:
         p = v.ph
         p.forces = v.store.data["forces"]
         p.produce_force_constants(calculate_full_force_constants=False, show_drift=False)
         p.symmetrize_force_constants(show_drift=False)
-        p.run_mesh(mesh_setting, is_gamma_center=True)
+        p.run_mesh(mesh_numbers, is_gamma_center=True)
         # the three acoustic modes at Γ (zero frequency, finite only by rounding) are left out, as in the phonon
         # workflow: kT ln(hν/kT) of a ~1e-7 THz mode would add a spurious, volume-dependent free energy
         p.run_thermal_properties(t_min=0.0, t_max=float(temperatures[-1]), t_step=float(temperatures[1] - temperatures[0]),
@@ -976,6 +991,7 @@ def _phase_qha(ph_: _Phase, temperatures, pressures, eos, mesh_setting, tmax, lo
                         "G_eV_per_atom": [[None if not np.isfinite(x) else float(x) for x in row] for row in gibbs_rows],
                         "meaning": "G(T, P) = min_V [E(V) + F_vib(V, T) + P V] per atom (eV/atom); None beyond the "
                                    "sampled volumes"},
+        "mesh_numbers": mesh_numbers,
         "checks": {"imaginary_modes": imaginary, "free_energy_monotonic": mono, "mode_jumps": jumps[:20],
                    "eos_max_relative_residual": resid, "symmetry_kept": kept_symmetry},
         "warnings": warnings_,
