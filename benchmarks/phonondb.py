@@ -8,7 +8,13 @@ Public functions::
     ph = reference_phonopy(entry, nac=True)                          # the DFT reference, a phonopy.Phonopy
     props = phonon_properties(ph, mesh)                              # workflows.phonon.phonon_properties
 
-Command line: ``python -m benchmarks.phonondb --model NAME_OR_PATH --entries DIR [--subset FILE] [--max N] -o OUT``.
+Command line: ``python -m benchmarks.phonondb --model NAME_OR_PATH --entries DIR [--subset FILE] [--max N]
+[--at-dft-volume | --qha [VOLUMES]] -o OUT``.
+
+**QHA variant** (``--qha``, :func:`_qha_record`): the model's quasi-harmonic G(900 K) - G(300 K) at P = 0 from
+:func:`workflows.qha.run_qha` on the entry's unit cell and supercell, against the DFT's harmonic ΔF at the
+DFT volume (``free_energy_change_qha_mae_meV_per_atom``, with the mean quasi-harmonic part of the model's
+change and the entries left out by reason).
 
 **Entries.** A PhononDB entry is a folder ``<id>/`` or an archive ``<id>.tar.lzma`` / ``<id>.tar.xz`` of the
 public PhononDB mirror (a folder ``<id>/`` inside; only the needed members are read, in memory, nothing is
@@ -133,6 +139,11 @@ NAC_METHOD = "gonze"
 SYMPREC = 1e-5
 #: ``relax_mode`` of a run at the DFT volume (positions relaxed at the DFT cell, space group kept)
 AT_DFT_VOLUME = "positions-symmetric (DFT cell)"
+#: the QHA variant (``--qha``): default volume grid (V/V0 - 1; 7 volumes, wider on the expanded side, where
+#: 900 K takes soft crystals), temperature grid (K) and the two temperatures of the free-energy change
+QHA_VOLUMES = "-0.03:0.09:7"
+QHA_TMAX, QHA_TSTEP = 1000.0, 50.0
+QHA_T_LOW, QHA_T_HIGH = 300.0, 900.0
 #: layout version of ``entries/<id>.json``
 ENTRY_SCHEMA = "mattersim-benchmark/phonondb-entry/1"
 #: schema of the model-independent reference properties kept in ``OUT/reference/<id>.json``
@@ -645,6 +656,10 @@ def _evaluate_entry(item, calculator, settings: dict, files=None, reference_cach
         reference["nac"] = dict(reference["no_nac"])
         prediction["nac"] = dict(prediction["no_nac"])
     timings["prediction_nac"] = time.perf_counter() - t
+    if settings.get("qha_volumes"):
+        t = time.perf_counter()
+        prediction["qha"] = _qha_record(entry, calculator, settings, mesh)
+        timings["qha"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     relax = result.summary.get("relaxation") or {}
@@ -683,6 +698,40 @@ def _evaluate_entry(item, calculator, settings: dict, files=None, reference_cach
         "forces": {k: result.summary["forces"][k] for k in ("n_supercells", "residual_force_max_eV_per_A",
                                                              "drift_max_eV_per_A")},
         "timings_s": timings,
+    }
+
+
+def _qha_record(entry: PhononDBEntry, calculator, settings: dict, mesh) -> dict:
+    """The model's quasi-harmonic free-energy change G(900 K) - G(300 K) at P = 0 (meV/atom) of one entry:
+    :func:`workflows.qha.run_qha` on the entry's unit cell and supercell (V0 relaxed, positions and cell
+    shape relaxed at each volume, the space group kept), with its checks; None where the equilibrium volume
+    leaves the sampled volumes before 900 K."""
+    from workflows.qha import run_qha
+
+    res = run_qha(entry.unitcell, calculator, volumes=settings["qha_volumes"], tmax=QHA_TMAX, tstep=QHA_TSTEP,
+                  supercell=entry.supercell_matrix, mesh=mesh, displacement=settings["displacement_A"],
+                  fmax=settings["fmax_eV_per_A"], relax_steps=settings["relax_steps"], symprec=settings["symprec"],
+                  output_dir=None, progress=False)
+    temps, _, g = res.gibbs()
+    at = {t: g[0, i] for i, t in enumerate(temps)}
+    g_low, g_high = at.get(QHA_T_LOW, np.nan), at.get(QHA_T_HIGH, np.nan)
+    delta = 1000.0 * (g_high - g_low)
+    phase = res.phase()
+    checks = phase["checks"]
+    curves = phase["curves"]
+    alpha = None
+    if curves["temperatures_K"] and curves["temperatures_K"][-1] >= QHA_T_LOW:
+        alpha = res.value_at("thermal_expansion_per_K", QHA_T_LOW)
+    return {
+        "free_energy_change_300_900_meV_per_atom": float(delta) if np.isfinite(delta) else None,
+        "imaginary_volumes": len(checks["imaginary_modes"]),
+        "free_energy_monotonic": bool(checks["free_energy_monotonic"]["ok"]),
+        "volume_left_range_at_K": phase["pressures"][0]["volume_left_range_at_K"],
+        "v0_A3_per_atom": phase["static"]["v0_A3_per_atom"],
+        "b0_GPa": phase["static"]["b0_GPa"],
+        "thermal_expansion_300K_per_K": alpha,
+        "mesh_numbers": phase["mesh_numbers"],
+        "warnings": phase["warnings"],
     }
 
 
@@ -779,7 +828,52 @@ def _metrics(records: list[dict], n_entries: int, n_failed: int) -> tuple[list[d
     g_plain, _ = _mae_metrics(records, "no_nac", imaginary=True)
     g_nac, _ = _mae_metrics(records, "nac", imaginary=True)
     groups = {"with imaginary modes": g_plain + g_nac}
-    return m_plain + m_nac + counts, groups, {**p_plain, **p_nac}
+    m_qha, p_qha, reasons = _qha_metrics(records)
+    if m_qha:
+        counts += [metric(f"n_qha_left_out_{k.replace(' ', '_')}", f"QHA entries left out: {k}", None, v, None)
+                   for k, v in reasons.items()]
+    return m_plain + m_nac + m_qha + counts, groups, {**p_plain, **p_nac, **p_qha}
+
+
+def _qha_selection(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Entries of the QHA metric: succeeded, no imaginary mode in the DFT reference, the model's QHA with no
+    imaginary mode at any volume and its volume inside the sampled range to 900 K; the others counted by
+    reason."""
+    ok, reasons = [], {"reference imaginary modes": 0, "imaginary modes at a volume": 0,
+                       "volume outside the sampled range before 900 K": 0}
+    for rec in records:
+        qha = (rec.get("prediction") or {}).get("qha") if rec.get("status") == "ok" else None
+        if qha is None:
+            continue
+        if rec["reference"]["no_nac"]["imaginary_modes"] > 0:
+            reasons["reference imaginary modes"] += 1
+        elif qha["imaginary_volumes"] > 0:
+            reasons["imaginary modes at a volume"] += 1
+        elif qha["free_energy_change_300_900_meV_per_atom"] is None:
+            reasons["volume outside the sampled range before 900 K"] += 1
+        else:
+            ok.append(rec)
+    return ok, reasons
+
+
+def _qha_metrics(records: list[dict]) -> tuple[list[dict], dict[str, np.ndarray], dict]:
+    """The QHA variant's ΔF(300→900 K) MAE against the DFT's harmonic ΔF at the DFT volume, and the mean
+    quasi-harmonic part of the model's change (its QHA minus its harmonic ΔF), when the run has ``--qha``."""
+    if not any((r.get("prediction") or {}).get("qha") is not None for r in records if r.get("status") == "ok"):
+        return [], {}, {}
+    sel, reasons = _qha_selection(records)
+    key = "free_energy_change_300_900_meV_per_atom"
+    ref = np.array([r["reference"]["no_nac"][key] for r in sel], dtype=float)
+    pred = np.array([r["prediction"]["qha"][key] for r in sel], dtype=float)
+    harmonic = np.array([r["prediction"]["no_nac"][key] for r in sel], dtype=float)
+    metrics = [
+        metric("free_energy_change_qha_mae_meV_per_atom", "ΔF(300→900 K) MAE (the model's QHA G at P = 0 against "
+               "the DFT's harmonic F at the DFT volume)", "meV/atom", _mae(ref, pred)),
+        metric("free_energy_change_qha_part_mean_meV_per_atom", "Mean quasi-harmonic part of the model's ΔF (QHA "
+               "minus harmonic)", "meV/atom", float(np.mean(pred - harmonic)) if len(sel) else None, None),
+        metric("n_counted_qha", "Entries in the QHA MAE", None, len(sel), None),
+    ]
+    return metrics, {"free_energy_change_qha__ref": ref, "free_energy_change_qha__pred": pred}, reasons
 
 
 def _write_parity(path: Path, parity: dict[str, np.ndarray]) -> None:
@@ -813,6 +907,14 @@ def definitions(settings: dict) -> dict:
             "both at the DFT volume (the model's phonons at the DFT cell: the volume mismatch left out)" if fixed else
             "each side at its own volume (DFT for the reference, relaxed for the prediction); run with "
             "--at-dft-volume for both at the DFT volume"),
+        **({"free_energy_change_qha": f"the model's G(900 K) - G(300 K) at P = 0 (meV/atom) from its own QHA (volumes "
+                                      f"{settings['qha_volumes']} around its relaxed V0, positions and cell shape "
+                                      "relaxed at each volume, phonopy's QHA with a Vinet EOS) against the DFT's "
+                                      "harmonic F(900 K) - F(300 K) at the DFT volume (PhononDB has one volume): the "
+                                      "difference includes the thermal expansion the DFT side leaves out; counted "
+                                      "where the reference has no imaginary mode, the model none at any volume, and "
+                                      "its volume stays in the sampled range to 900 K"}
+           if settings.get("qha_volumes") else {}),
         "thermal": f"harmonic F (kJ/mol), S and Cv (J/K/mol) at {settings['temperature_K']:g} K per mole of "
                    "primitive cells (the same primitive matrix on both sides)",
         "counted": "succeeded entries without imaginary modes (below -0.01 THz, acoustic Γ modes excepted) in the "
@@ -837,13 +939,18 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
                  benchmark: str = "phonondb", max_entries: int | None = None, fmax: float = FMAX,
                  relax_steps: int = RELAX_STEPS, retry_failed: bool = False,
                  dataset_path: str | os.PathLike | None = None, displacement: float = DISPLACEMENT,
-                 at_dft_volume: bool = False, runner: TaskRunner | None = None,
+                 at_dft_volume: bool = False, qha: str | None = None, runner: TaskRunner | None = None,
                  spec: ModelSpec | None = None) -> dict:
     """Benchmark ``calculator`` on PhononDB ``entries`` and write the results to ``output_dir``.
 
     ``at_dft_volume``: the model relaxes the positions only, at the DFT cell, so that the phonons and the
     free-energy change are compared at the same volume (give it its own ``output_dir``: its entries are keyed
     apart and would replace the default run's in the same folder).
+
+    ``qha``: a volume grid (``"start:stop:count"`` of V/V0 - 1, e.g. :data:`QHA_VOLUMES`) adds the QHA variant:
+    each entry also gets the model's quasi-harmonic G(900 K) - G(300 K) at P = 0 (:func:`_qha_record`),
+    scored against the DFT's harmonic ΔF (about 7 phonon calculations per entry; keyed apart like
+    ``at_dft_volume``, give it its own ``output_dir``). Not with ``at_dft_volume`` (the QHA relaxes V0).
 
     ``entries``: entry folders / archives (e.g. from :func:`find_entries`) or :class:`PhononDBEntry`
     objects; ``max_entries`` keeps the first N. ``mesh``: phonopy's length-based mesh density in Å (the
@@ -869,6 +976,13 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     mesh_length, mesh_numbers = (parsed, None) if isinstance(parsed, float) else (None, parsed)
     if not fmax > 0 or int(relax_steps) < 0:
         raise InputError(f"fmax must be > 0 eV/Å and relax_steps >= 0, not {fmax!r} and {relax_steps!r}.")
+    if qha is not None:
+        from workflows.qha import parse_volume_grid
+
+        if at_dft_volume:
+            raise InputError("The QHA variant relaxes each entry's V0 and samples volumes around it; run it without "
+                             "at_dft_volume (--at-dft-volume).")
+        parse_volume_grid(qha, "qha")  # a bad grid is one clear error before any work
 
     info = model_info(calculator)
     root, slug, out = model_folder(output_dir, benchmark, info)
@@ -880,6 +994,8 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
         "displacement_A": float(displacement),
         "nac_method": NAC_METHOD, "symprec": SYMPREC, "temperature_K": 300.0,
     }
+    if qha is not None:  # only then a setting: the harmonic runs' entry keys stay as they were
+        settings["qha_volumes"] = str(qha)
     model_id = model_identity(info, potential_only=False)  # predicted NAC uses the property model
 
     records: list[dict] = []
@@ -998,6 +1114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="finite displacement of the prediction in Å (PhononDB's 0.01 by default)")
     parser.add_argument("--at-dft-volume", action="store_true",
                         help="relax the positions only, at the DFT cell: phonons and ΔF at the DFT volume")
+    parser.add_argument("--qha", nargs="?", const=QHA_VOLUMES, default=None, metavar="VOLUMES",
+                        help=f"add the QHA variant of ΔF(300→900 K): the model's own QHA at these volumes (default "
+                             f"{QHA_VOLUMES}); about 7x the compute; use its own -o")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--float64", action="store_true", help="evaluate MatterSim models in double precision")
     parser.add_argument("--no-progress", action="store_true")
@@ -1020,7 +1139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec = ModelSpec(model=name, device=args.device, dtype=dtype) if runner.distributed else None
                 yield run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
                                    max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
-                                   displacement=args.displacement, at_dft_volume=args.at_dft_volume, runner=runner,
+                                   displacement=args.displacement, at_dft_volume=args.at_dft_volume, qha=args.qha,
+                                   runner=runner,
                                    spec=spec)
 
     return print_metrics_main(documents())

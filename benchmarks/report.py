@@ -68,7 +68,10 @@ QUANTITY_UNITS: dict[str, str] = {
     "stress": "GPa",
     "omega_max": "THz",
     "group_velocity": "m/s",
+    "group_velocity_max": "m/s",
     "free_energy": "kJ/mol",
+    "free_energy_change": "meV/atom",
+    "free_energy_change_qha": "meV/atom",
     "entropy": "J/K/mol",
     "heat_capacity": "J/K/mol",
 }
@@ -466,7 +469,8 @@ def _render_html(blocks: list, title: str) -> str:
 
 
 def _unit_of(quantity: str) -> str | None:
-    return QUANTITY_UNITS.get(quantity)
+    """The unit of a parity quantity; a PhononDB NAC variant (``omega_max_nac``) has its base quantity's."""
+    return QUANTITY_UNITS.get(quantity, QUANTITY_UNITS.get(quantity.removesuffix("_nac")))
 
 
 def _load_parity(run: ModelRun, notes: list[str], bench: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -603,3 +603,95 @@ def test_run_phonondb_at_the_dft_volume(tmp_path):
     # the same force constants: the harmonic free-energy change is the DFT one exactly
     r, p = sic["reference"]["no_nac"], sic["prediction"]["no_nac"]
     assert p["omega_max_THz"] == pytest.approx(r["omega_max_THz"], rel=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the QHA variant: a crystal whose quasi-harmonic G(T) is known independently
+# ---------------------------------------------------------------------------------------------------------
+
+
+class QuasiHarmonicDFT(Calculator):
+    """One entry's DFT force constants at every volume, scaled so that every frequency goes as
+    λ(v) = (v0/v)^γ (one Grüneisen parameter γ), plus the static energy e(v) = B (v - v0)² / (2 v0) per atom
+    (v: volume per atom, v0 the DFT cell's). Its quasi-harmonic G(T) at P = 0 follows without any QHA code:
+    a mode of frequency λω has F(λω, T) = λ F(ω, T/λ), so G(T) = min_v [e(v) + λ(v) F_DFT(T / λ(v))]."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, entry, gamma=1.5, bulk_modulus_GPa=120.0):
+        super().__init__()
+        self.ph = reference_phonopy(load_entry(entry))
+        self.ph.produce_force_constants(calculate_full_force_constants=True, show_drift=False)
+        self.ph.symmetrize_force_constants(show_drift=False)
+        self.cell0 = np.array(self.ph.supercell.cell)
+        self.frac0 = np.array(self.ph.supercell.scaled_positions)
+        self.v0 = self.ph.unitcell.volume / len(self.ph.unitcell.numbers)
+        self.gamma = gamma
+        self.b = bulk_modulus_GPa / 160.21766208  # eV/Å^3
+
+    def scale(self, v):
+        return (self.v0 / v) ** self.gamma
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        a = self.atoms
+        n, cell = len(a), np.array(a.cell[:])
+        v = a.get_volume() / n
+        forces = np.zeros((n, 3))
+        if n == len(self.frac0):  # a displaced supercell at some volume
+            iso = (a.get_volume() / abs(np.linalg.det(self.cell0))) ** (1 / 3)
+            assert np.allclose(cell, self.cell0 * iso, atol=1e-4), "not the entry's supercell, scaled"
+            du = a.get_scaled_positions(wrap=False) - self.frac0
+            du -= np.round(du)
+            forces = -self.scale(v) ** 2 * np.einsum("ijab,jb->ia", self.ph.force_constants, du @ cell)
+        pressure_term = self.b * (v - self.v0) / self.v0  # dE/dV: ASE's stress of a hydrostatic strain
+        energy = n * 0.5 * self.b * (v - self.v0) ** 2 / self.v0
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces,
+                        "stress": np.array([pressure_term] * 3 + [0.0] * 3)}
+
+    def gibbs(self, temperature, mesh_numbers) -> float:
+        """G(T) at P = 0 (eV/atom) by direct minimisation over v."""
+        from phonopy.physical_units import get_physical_units
+        from scipy.optimize import minimize_scalar
+
+        self.ph.run_mesh(mesh_numbers, is_gamma_center=True)
+        per_atom = get_physical_units().EvTokJmol * len(self.ph.primitive.numbers)
+
+        def g(v):
+            lam = self.scale(v)
+            self.ph.run_thermal_properties(temperatures=[temperature / lam], exclude_gamma_acoustic=True)
+            f = self.ph.thermal_properties.free_energy[0] / per_atom
+            return 0.5 * self.b * (v - self.v0) ** 2 / self.v0 + lam * f
+
+        best = minimize_scalar(g, bounds=(0.95 * self.v0, 1.12 * self.v0), method="bounded",
+                               options={"xatol": 1e-7 * self.v0})
+        return float(best.fun)
+
+
+def test_qha_variant_matches_the_analytic_quasi_harmonic_crystal(tmp_path):
+    entries_dir = _entries_dir()
+    calc = QuasiHarmonicDFT(entries_dir / SIC)
+    doc = run_phonondb([entries_dir / SIC], calc, tmp_path / "qha", progress=False, qha="-0.03:0.09:7")
+    rec = json.loads((tmp_path / "qha" / "QuasiHarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    qha = rec["prediction"]["qha"]
+    assert qha["imaginary_volumes"] == 0 and qha["free_energy_monotonic"]
+    expected = 1000 * (calc.gibbs(900.0, qha["mesh_numbers"]) - calc.gibbs(300.0, qha["mesh_numbers"]))
+    got = qha["free_energy_change_300_900_meV_per_atom"]
+    harmonic = rec["prediction"]["no_nac"]["free_energy_change_300_900_meV_per_atom"]
+    # the harmonic change at V0 is the DFT's (the same force constants); the quasi-harmonic part (expansion
+    # lowers G) is several meV/atom, and the workflow's EOS fits over 7 volumes find it to well under 1 %
+    assert harmonic == pytest.approx(rec["reference"]["no_nac"]["free_energy_change_300_900_meV_per_atom"], rel=1e-6)
+    assert expected - harmonic < -3.0
+    assert got == pytest.approx(expected, abs=0.01 * abs(expected - harmonic))
+    metrics = {m["key"]: m["value"] for m in doc["metrics"]}
+    assert metrics["n_counted_qha"] == 1
+    assert metrics["free_energy_change_qha_mae_meV_per_atom"] == pytest.approx(abs(got - harmonic), rel=1e-9)
+    assert metrics["free_energy_change_qha_part_mean_meV_per_atom"] == pytest.approx(got - harmonic, rel=1e-9)
+    assert "harmonic F(900 K) - F(300 K) at the DFT volume" in doc["definitions"]["free_energy_change_qha"]
+    # keyed apart from the harmonic run; not with at_dft_volume; a bad grid before any work
+    plain = run_phonondb([entries_dir / SIC], HarmonicDFT([entries_dir / SIC]), tmp_path / "plain", progress=False)
+    assert "free_energy_change_qha_mae_meV_per_atom" not in {m["key"] for m in plain["metrics"]}
+    with pytest.raises(InputError, match="without at_dft_volume"):
+        run_phonondb([entries_dir / SIC], calc, tmp_path / "x", qha="-0.03:0.09:7", at_dft_volume=True)
+    with pytest.raises(InputError, match="qha"):
+        run_phonondb([entries_dir / SIC], calc, tmp_path / "x", qha="-0.03:0.09")

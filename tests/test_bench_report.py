@@ -369,3 +369,13 @@ def test_parity_figure_keeps_its_axis_labels_inside_the_image():
         img = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
         for edge in (img[:2], img[-2:], img[:, :2], img[:, -2:]):
             assert edge.min() > 0.9, "a label or marker reaches the image border (cut off)"
+
+
+def test_every_phonondb_parity_quantity_has_a_unit():
+    """The figures label their axes with the unit of each parity quantity, the NAC and QHA variants included."""
+    from benchmarks.phonondb import QUANTITIES
+    from benchmarks.report import _unit_of
+
+    for name, _key, _tag, unit, _label in QUANTITIES:
+        assert _unit_of(name) == unit and _unit_of(f"{name}_nac") == unit, name
+    assert _unit_of("free_energy_change_qha") == "meV/atom" and _unit_of("nonsense") is None
