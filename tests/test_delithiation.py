@@ -209,6 +209,8 @@ def test_a_longer_hold_at_the_target_continues_the_finished_run(tmp_path):
         assert np.array_equal(col, longer.series[name], equal_nan=True), name
     n = len(short.series["x"])
     assert np.array_equal(short.series["time_ps"], longer.series["time_ps"][:n])
+    with pytest.raises(InputError, match=r"holds 0.03 ps at the target x already; give hold >= 0.03 ps"):
+        run_delithiation(cell, _fresh_lj(), hold=0.01, output_dir=tmp_path / "cont", **common)
     # the default hold is one interval
     default = run_delithiation(cell, _fresh_lj(), output_dir=tmp_path / "default", **common)
     assert default.summary["results"]["time_ps"] == pytest.approx(0.01 + 0.02)

@@ -25,6 +25,7 @@ Units: Å, μB, e.
 from __future__ import annotations
 
 import csv
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +336,8 @@ def _per_atom(frame: Atoms, name: str):
 
 def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, timestep: float = 1.0,
                      remove_every: float = 5.0, remove: int = 1, select: str = "random", until: float = 0.0,
-                     equilibrate: float | None = None, hold: float | None = None, relax: bool = True, fmax: float = 0.05, seed: int = 0,
+                     equilibrate: float | None = None, hold: float | None = None, relax: bool = True,
+                     fmax: float = 0.05, seed: int = 0,
                      every: int = 100, checkpoint_every: int = 500, tdamp: float | None = None,
                      output_dir=None, progress: bool = False) -> DelithiationResult:
     """Delithiation MD (module doc): relax, equilibrate (NVT Nosé-Hoover, ``equilibrate`` ps, default
@@ -395,6 +397,10 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
                                    or not np.any(current.symbols == "Li"))
             length = equilibrate if k == 0 else hold if at_target else remove_every
             steps = max(1, int(round(length * 1000 / timestep)))
+            done = _steps_done(out / "segments" / f"{k:03d}")
+            if at_target and done > steps:
+                raise InputError(f"'{out}' holds {done * timestep / 1000:g} ps at the target x already; give hold >= "
+                                 f"{done * timestep / 1000:g} ps (--hold) to continue it, or another output folder.")
             t0 = time.perf_counter()
             res = run_md(current, calculator, ensemble="nvt", temperature=temperature, timestep=timestep,
                          steps=steps, seed=int(seed) + k, every=every, checkpoint_every=checkpoint_every,
@@ -431,6 +437,17 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
                                                k + 1, md_wall, analysis_wall, atom_steps, t_offset,
                                                time.perf_counter() - t_start, x0)
     return DelithiationResult(summary, series, out)
+
+
+def _steps_done(segment: Path) -> int:
+    """The step a segment's MD checkpoint is at (0 when there is none or it cannot be read)."""
+    from workflows.md import CHECKPOINT
+
+    try:
+        with np.load(segment / CHECKPOINT, allow_pickle=False) as data:
+            return int(json.loads(str(data["state"]))["step"])
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 def _relaxed_start(folder, atoms, calculator, key, relax, fmax, flog) -> Atoms:
