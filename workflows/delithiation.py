@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from ase import units as ase_units
 
 from mattersim.errors import InputError
 from workflows.cells import structure_record
@@ -138,10 +139,14 @@ def build_li_rich(template: Atoms | None = None, *, tm: str = "Mn", supercell=(5
 @dataclass
 class Layers:
     """The Li and TM layers of a layered oxide along the stacking axis (the third cell vector), as
-    fractional coordinates of their planes, from the initial structure."""
+    fractional coordinates of their planes, from the initial structure, anchored to its O framework
+    (``o_z``: the O atoms' fractional coordinates along the axis, in order): a snapshot whose framework has
+    moved as a whole along the axis is compared with the planes moved with it (:meth:`shift`), so a rigid
+    translation never counts as migration."""
 
     li_planes: np.ndarray
     tm_planes: np.ndarray
+    o_z: np.ndarray | None = None
 
     @classmethod
     def from_structure(cls, atoms: Atoms, tol: float = 0.02) -> "Layers":
@@ -166,20 +171,32 @@ class Layers:
         if not len(li) or not len(tm):
             raise InputError(f"{atoms.get_chemical_formula()} has no separate Li and TM layers along the third cell "
                              "vector; give a layered oxide with c as the stacking axis.")
-        return cls(li, tm)
+        return cls(li, tm, z[symbols == "O"])
+
+    def shift(self, atoms: Atoms) -> float:
+        """How far (fractional, along the stacking axis) the O framework of ``atoms`` has moved as a whole: the
+        mean of its O atoms' displacements from the initial ones (the same O in the same order, each within
+        half a cell); 0 when the O atoms do not correspond."""
+        o = np.asarray(atoms.numbers) == 8
+        if self.o_z is None or int(o.sum()) != len(self.o_z):
+            return 0.0
+        dz = atoms.get_scaled_positions(wrap=True)[o, 2] - self.o_z
+        return float(np.mean((dz + 0.5) % 1.0 - 0.5))
 
     @staticmethod
     def _nearest(z: np.ndarray, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = np.abs((z[:, None] - planes[None, :] + 0.5) % 1.0 - 0.5)
         return d.argmin(axis=1), d.min(axis=1)
 
+    def _z(self, atoms: Atoms, index) -> np.ndarray:
+        return atoms.get_scaled_positions(wrap=True)[np.asarray(index), 2] - self.shift(atoms)
+
     def tm_layer_of(self, atoms: Atoms, index) -> np.ndarray:
-        z = atoms.get_scaled_positions(wrap=True)[np.asarray(index), 2]
-        return self._nearest(z, self.tm_planes)[0]
+        return self._nearest(self._z(atoms, index), self.tm_planes)[0]
 
     def in_li_layer(self, atoms: Atoms, index) -> np.ndarray:
-        """True for the atoms nearer a Li plane than a TM plane."""
-        z = atoms.get_scaled_positions(wrap=True)[np.asarray(index), 2]
+        """True for the atoms nearer a Li plane than a TM plane (planes moved with the O framework)."""
+        z = self._z(atoms, index)
         return self._nearest(z, self.li_planes)[1] < self._nearest(z, self.tm_planes)[1]
 
 
@@ -429,8 +446,14 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
             flog.info(f"t = {t_offset:.4g} ps: removed Li {orig[gone].tolist()} ({select}); x {x_now:.4g} -> "
                       f"{(n_li - len(gone)) * 2 / n_o:.4g}")
             keep = np.setdiff1d(np.arange(len(final)), gone)
-            current = final[keep]  # positions and momenta of the others unchanged
+            current = final[keep]  # positions unchanged; momenta unchanged but for the removed atoms' share:
             current.calc = None
+            # the removed Li leave their momentum behind as a net drift of the rest, which over picoseconds
+            # carries the whole framework along the stacking axis; the centre-of-mass velocity is taken out
+            masses = current.get_masses()
+            v_com = current.get_momenta().sum(axis=0) / masses.sum()
+            current.set_momenta(current.get_momenta() - masses[:, None] * v_com)
+            flog.info(f"  centre-of-mass velocity {np.linalg.norm(v_com) * 1000 * ase_units.fs:.3g} Å/ps taken out")
             orig = orig[keep]
             k += 1
         summary, series = _finish_delithiation(folder, atoms, start, info, settings, series_rows, snapshots, removed,
