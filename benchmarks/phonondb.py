@@ -658,7 +658,10 @@ def _evaluate_entry(item, calculator, settings: dict, files=None, reference_cach
     timings["prediction_nac"] = time.perf_counter() - t
     if settings.get("qha_volumes"):
         t = time.perf_counter()
-        prediction["qha"] = _qha_record(entry, calculator, settings, mesh)
+        try:
+            prediction["qha"] = _qha_record(entry, calculator, settings, mesh)
+        except Exception as exc:  # noqa: BLE001 - a QHA that fails keeps the entry's harmonic results
+            prediction["qha"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         timings["qha"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -839,13 +842,15 @@ def _qha_selection(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
     """Entries of the QHA metric: succeeded, no imaginary mode in the DFT reference, the model's QHA with no
     imaginary mode at any volume and its volume inside the sampled range to 900 K; the others counted by
     reason."""
-    ok, reasons = [], {"reference imaginary modes": 0, "imaginary modes at a volume": 0,
+    ok, reasons = [], {"QHA failed": 0, "reference imaginary modes": 0, "imaginary modes at a volume": 0,
                        "volume outside the sampled range before 900 K": 0}
     for rec in records:
         qha = (rec.get("prediction") or {}).get("qha") if rec.get("status") == "ok" else None
         if qha is None:
             continue
-        if rec["reference"]["no_nac"]["imaginary_modes"] > 0:
+        if "error" in qha:
+            reasons["QHA failed"] += 1
+        elif rec["reference"]["no_nac"]["imaginary_modes"] > 0:
             reasons["reference imaginary modes"] += 1
         elif qha["imaginary_volumes"] > 0:
             reasons["imaginary modes at a volume"] += 1

@@ -688,6 +688,18 @@ def test_qha_variant_matches_the_analytic_quasi_harmonic_crystal(tmp_path):
     assert metrics["free_energy_change_qha_mae_meV_per_atom"] == pytest.approx(abs(got - harmonic), rel=1e-9)
     assert metrics["free_energy_change_qha_part_mean_meV_per_atom"] == pytest.approx(got - harmonic, rel=1e-9)
     assert "harmonic F(900 K) - F(300 K) at the DFT volume" in doc["definitions"]["free_energy_change_qha"]
+    # a QHA that fails (here: the model refuses every volume but the DFT cell's) keeps the harmonic results
+    class FailsAwayFromV0(QuasiHarmonicDFT):
+        def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+            if abs(atoms.get_volume() / len(atoms) - self.v0) > 1e-3 * self.v0:
+                raise RuntimeError("out of range")
+            super().calculate(atoms, properties, system_changes)
+
+    failing = run_phonondb([entries_dir / SIC], FailsAwayFromV0(entries_dir / SIC), tmp_path / "fails", progress=False,
+                           qha="-0.03:0.09:7")
+    got = {m["key"]: m["value"] for m in failing["metrics"]}
+    assert failing["n_done"] == 1 and got["n_counted_qha"] == 0 and got["n_qha_left_out_QHA_failed"] == 1
+    assert got["omega_max_mae_THz"] == pytest.approx(0.0, abs=1e-6)
     # keyed apart from the harmonic run; not with at_dft_volume; a bad grid before any work
     plain = run_phonondb([entries_dir / SIC], HarmonicDFT([entries_dir / SIC]), tmp_path / "plain", progress=False)
     assert "free_energy_change_qha_mae_meV_per_atom" not in {m["key"] for m in plain["metrics"]}
