@@ -41,8 +41,8 @@ def run(model: str, work: Path, full: bool, device: str = "cpu", progress: bool 
     calc = load_calculator(model, device=device)
     cell, info = build_li_rich(tm="Mn", supercell=p["supercell"], li_excess=p["li_excess"], seed=0)
     result = run_delithiation(cell, calc, temperature=1000.0, timestep=1.0, remove_every=p["remove_every"],
-                              equilibrate=p["equilibrate"], hold=p["hold"], remove=1, select="random", until=0.0, seed=0,
-                              every=p["every"], output_dir=work, progress=progress)
+                              equilibrate=p["equilibrate"], hold=p["hold"], remove=1, select="random", until=0.0,
+                              seed=0, every=p["every"], output_dir=work, progress=progress)
     s, res = result.series, result.summary["results"]
 
     def ends(name):

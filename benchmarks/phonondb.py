@@ -1145,8 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 yield run_phonondb(entries, calc, args.output, mesh=args.mesh, progress=not args.no_progress,
                                    max_entries=args.max, fmax=args.fmax, relax_steps=args.relax_steps,
                                    displacement=args.displacement, at_dft_volume=args.at_dft_volume, qha=args.qha,
-                                   runner=runner,
-                                   spec=spec)
+                                   runner=runner, spec=spec)
 
     return print_metrics_main(documents())
 

@@ -937,8 +937,8 @@ def delithiate_command(
 
     result = run_delithiation(structures[-1][1], calc, temperature=temperature, timestep=timestep,
                               remove_every=every_ps, remove=remove, select=select.value, until=until_x,
-                              equilibrate=equil_ps, hold=hold_ps, relax=relax, seed=seed, every=every, output_dir=outdir,
-                              progress=sys.stderr.isatty())
+                              equilibrate=equil_ps, hold=hold_ps, relax=relax, seed=seed, every=every,
+                              output_dir=outdir, progress=sys.stderr.isatty())
     _print_rows(f"Delithiation ({result.summary['model'].get('name', 'model')})", result.rows(), lambda q: False)
 
 

@@ -25,7 +25,6 @@ Units: Å, μB, e.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +263,8 @@ SELECTIONS = ("random", "lowest-coordination", "highest-energy")
 WORKFLOW_VERSION = 1
 SERIES_COLUMNS = ("segment", "step", "time_ps", "x", "n_li", "temperature_K", "epot_eV", "tm_moment_mean_uB",
                   "tm_oxidation_mean", "o_moment_mean_uB", "o_moment_max_uB", "tm_charge_mean_e", "o_charge_mean_e",
-                  "O2", "superoxo", "peroxo", "o_o_shortest_A", "migrated_tm", "migrated_tetrahedral", "migrated_octahedral")
+                  "O2", "superoxo", "peroxo", "o_o_shortest_A", "migrated_tm", "migrated_tetrahedral",
+                  "migrated_octahedral")
 
 
 @dataclass
@@ -367,8 +367,10 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
 
     Units: temperature K, timestep fs, remove_every/equilibrate/hold ps, fmax eV/Å.
     """
+    from ase.md.velocitydistribution import Stationary
+
     from mattersim.calculator import model_info
-    from workflows.md import run_md
+    from workflows.md import checkpoint_step, run_md
 
     if select not in SELECTIONS:
         raise InputError(f"select = {select!r}; choose one of {', '.join(SELECTIONS)}.")
@@ -410,23 +412,22 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
         series_rows, snapshots = [], []
         t_offset = 0.0
         while True:
-            at_target = k > 0 and (np.sum(current.symbols == "Li") * 2 / n_o <= until + 1e-12
-                                   or not np.any(current.symbols == "Li"))
+            segment = out / "segments" / f"{k:03d}"
+            x_now = float(np.sum(current.symbols == "Li") * 2 / n_o)
+            at_target = x_now <= until + 1e-12  # the last segment (the start is above the target: checked)
             length = equilibrate if k == 0 else hold if at_target else remove_every
             steps = max(1, int(round(length * 1000 / timestep)))
-            done = _steps_done(out / "segments" / f"{k:03d}")
-            if at_target and done > steps:
+            if at_target and (done := checkpoint_step(segment)) > steps:
                 raise InputError(f"'{out}' holds {done * timestep / 1000:g} ps at the target x already; give hold >= "
                                  f"{done * timestep / 1000:g} ps (--hold) to continue it, or another output folder.")
             t0 = time.perf_counter()
             res = run_md(current, calculator, ensemble="nvt", temperature=temperature, timestep=timestep,
                          steps=steps, seed=int(seed) + k, every=every, checkpoint_every=checkpoint_every,
-                         tdamp=tdamp, keep_velocities=k > 0, output_dir=out / "segments" / f"{k:03d}",
-                         progress=progress)
+                         tdamp=tdamp, keep_velocities=k > 0, output_dir=segment, progress=progress)
             md_wall += time.perf_counter() - t0
             atom_steps += steps * len(current)
             t0 = time.perf_counter()
-            for frame in _frames_of(out / "segments" / f"{k:03d}"):
+            for frame in _frames_of(segment):
                 doc = analyse_snapshot(frame, layers, magmoms=_per_atom(frame, "magmoms"),
                                        charges=_per_atom(frame, "charges"))
                 series_rows.append(_series_row(k, frame, doc, t_offset))
@@ -434,8 +435,7 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
             analysis_wall += time.perf_counter() - t0
             t_offset += steps * timestep / 1000.0
             final = res.atoms
-            x_now = float(np.sum(final.symbols == "Li") * 2 / n_o)
-            if x_now <= until + 1e-12 or k > 0 and not np.any(final.symbols == "Li"):
+            if at_target:
                 break
             rng = np.random.default_rng([int(seed), k])
             gone = _li_to_remove(final, int(remove), select, rng, calculator)
@@ -450,9 +450,8 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
             current.calc = None
             # the removed Li leave their momentum behind as a net drift of the rest, which over picoseconds
             # carries the whole framework along the stacking axis; the centre-of-mass velocity is taken out
-            masses = current.get_masses()
-            v_com = current.get_momenta().sum(axis=0) / masses.sum()
-            current.set_momenta(current.get_momenta() - masses[:, None] * v_com)
+            v_com = current.get_momenta().sum(axis=0) / current.get_masses().sum()
+            Stationary(current, preserve_temperature=False)
             flog.info(f"  centre-of-mass velocity {np.linalg.norm(v_com) * 1000 * ase_units.fs:.3g} Å/ps taken out")
             orig = orig[keep]
             k += 1
@@ -460,17 +459,6 @@ def run_delithiation(atoms: Atoms, calculator, *, temperature: float = 1000.0, t
                                                k + 1, md_wall, analysis_wall, atom_steps, t_offset,
                                                time.perf_counter() - t_start, x0)
     return DelithiationResult(summary, series, out)
-
-
-def _steps_done(segment: Path) -> int:
-    """The step a segment's MD checkpoint is at (0 when there is none or it cannot be read)."""
-    from workflows.md import CHECKPOINT
-
-    try:
-        with np.load(segment / CHECKPOINT, allow_pickle=False) as data:
-            return int(json.loads(str(data["state"]))["step"])
-    except (OSError, KeyError, ValueError):
-        return 0
 
 
 def _relaxed_start(folder, atoms, calculator, key, relax, fmax, flog) -> Atoms:

@@ -440,6 +440,15 @@ def run_md(atoms: Atoms, calculator, *, ensemble: str = "nvt", thermostat: str =
     return result
 
 
+def checkpoint_step(directory) -> int:
+    """The step at which the MD run in ``directory`` was last checkpointed (0 without a readable checkpoint)."""
+    try:
+        with np.load(Path(directory) / CHECKPOINT, allow_pickle=False) as data:
+            return int(json.loads(str(data["state"]))["step"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def _load_checkpoint(folder: RunFolder, key: str, settings: dict) -> tuple[dict | None, dict]:
     path = folder.path / CHECKPOINT if folder.path is not None else None
     if path is None or not path.exists():

@@ -837,7 +837,8 @@ def _mesh_numbers(ph_: _Phase, mesh_setting) -> list[int]:
     from phonopy.phonon.grid import length2mesh
 
     p = min(ph_.volumes, key=lambda v: abs(v.fraction)).ph
-    return [int(n) for n in length2mesh(mesh_setting, p.primitive.cell, rotations=p.primitive_symmetry.pointgroup_operations)]
+    rotations = p.primitive_symmetry.pointgroup_operations
+    return [int(n) for n in length2mesh(mesh_setting, p.primitive.cell, rotations=rotations)]
 
 
 def _phase_qha(ph_: _Phase, temperatures, pressures, eos, mesh_setting, tmax, log, folder: RunFolder, info) -> dict:
