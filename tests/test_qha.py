@@ -348,7 +348,7 @@ def test_volume_grid_parser():
     assert parse_volume_grid("-0.02:0.02:5") == pytest.approx([-0.02, -0.01, 0.0, 0.01, 0.02])
     assert parse_volume_grid([0.02, -0.02, 0.0, 0.01, -0.01]) == pytest.approx([-0.02, -0.01, 0.0, 0.01, 0.02])
     for bad, fragment in (("-0.02:0.02:3", "at least 5"), ("a:b:c", "not understood"), ("-0.6:0.1:6", "between -0.5 and 1"),
-                          ("0:1:2.5", "not understood")):
+                          ("0:1:2.5", "not understood"), ("bad", r"not understood; write start:stop:count")):
         with pytest.raises(InputError, match=fragment):
             parse_volume_grid(bad)
 

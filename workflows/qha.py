@@ -97,7 +97,10 @@ def parse_volume_grid(value: Any, name: str = "volumes") -> list[float]:
     else:
         from mattersim.settings import parse_numbers
 
-        values = parse_numbers(value, name)
+        try:
+            values = parse_numbers(value, name)
+        except InputError:  # its hint ("2 2 2") is a supercell's, not a volume grid's
+            raise InputError(f"{name} {value!r} is not understood; {hint}.") from None
     values = sorted({round(float(v), 12) for v in values})
     if len(values) < MIN_VOLUMES:
         raise InputError(f"{name} {value!r} gives {len(values)} distinct values; the quasi-harmonic fit needs at least "
