@@ -109,6 +109,7 @@ def _evaluate(rec: dict, calculator, settings: dict) -> dict:
         "fit_max_relative_residual": s["fit"]["max_relative_residual"],
         "n_strained_cells": s["strain_set"]["n_strained_cells"],
         "relaxation_steps": (s.get("relaxation") or {}).get("steps"),
+        "ion_relaxation": s.get("ion_relaxation"),
         "timings_s": {**s["timings_s"], "entry": time.perf_counter() - t0},
     }
 

@@ -40,7 +40,7 @@ from ase.units import GPa
 from mattersim.calculator import evaluate_batch
 from mattersim.errors import InputError
 
-__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "normalise_mode", "relax"]
+__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "normalise_mode", "internal_curvatures", "relax", "start_hessian"]
 
 logger = logging.getLogger("mattersim.relax")
 
@@ -350,6 +350,45 @@ def relax(
 # ---------------------------------------------------------------------------------------------------------
 
 
+#: BFGS's own starting curvature (eV/Å²), given to the rigid translations of a starting Hessian
+BFGS_ALPHA = 70.0
+#: smallest curvature (eV/Å²) kept in a starting Hessian: a softer or unstable mode (negative curvature) gets
+#: this, so that the first step along it stays bounded; BFGS then learns the true curvature from its steps
+#: (on two MP structures with soft modes 0.5 took 4-5x fewer steps than plain BFGS; 0.1 overshot)
+HESSIAN_FLOOR = 0.5
+
+
+def _ion_hessian(hessian) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(h, t, q)``: the Hessian made symmetric, the rigid translations ``t`` (3N x 3, orthonormal) and an
+    orthonormal basis ``q`` (3N x 3N-3) of the ions' other motions."""
+    h = np.asarray(hessian, dtype=float)
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] % 3 or not np.all(np.isfinite(h)):
+        raise InputError(f"A Hessian of the ions must be a finite 3N x 3N matrix, not of shape {h.shape}.")
+    n = h.shape[0] // 3
+    t = np.zeros((3 * n, 3))
+    for a in range(3):
+        t[a::3, a] = 1.0 / np.sqrt(n)
+    q = np.linalg.svd(t, full_matrices=True)[0][:, 3:]
+    return 0.5 * (h + h.T), t, q
+
+
+def internal_curvatures(hessian) -> np.ndarray:
+    """The eigenvalues (eV/Å², ascending) of a Hessian of the ions (3N x 3N) over their 3N - 3 motions other
+    than the rigid translations; a negative one is an unstable mode."""
+    h, _, q = _ion_hessian(hessian)
+    return np.linalg.eigvalsh(q.T @ h @ q)
+
+
+def start_hessian(hessian) -> np.ndarray:
+    """A Hessian of the ions (3N x 3N, eV/Å²) turned into a starting point for BFGS: made symmetric, the
+    three rigid translations (zero curvature in a periodic crystal) given BFGS's own 70 eV/Å², every other
+    eigenvalue replaced by its magnitude, at least :data:`HESSIAN_FLOOR`."""
+    h, t, q = _ion_hessian(hessian)
+    w, v = np.linalg.eigh(q.T @ h @ q)
+    u = q @ v
+    return (u * np.maximum(np.abs(w), HESSIAN_FLOOR)) @ u.T + BFGS_ALPHA * (t @ t.T)
+
+
 class _CachedResultsCalculator(Calculator):
     """Serves precomputed results for the exact atoms they were computed for.
 
@@ -425,7 +464,11 @@ class BatchRelaxer:
 
     Parameters are those of :func:`relax`; ``max_atoms_per_batch`` bounds the number of atoms evaluated
     together (a larger structure runs alone). ``show_progress`` shows a rich progress bar (on stderr)
-    over finished structures.
+    over finished structures. ``hessian`` (BFGS at fixed cell; structures with the same atoms in the same
+    order, e.g. strained copies of one crystal): the ions' Hessian (3N x 3N, eV/Å²), or a function that
+    returns it, called only if some structure is not converged at its start; BFGS starts from it (made
+    positive, :func:`start_hessian`) instead of 70 eV/Å² times the identity, so the first step is a Newton
+    step: ionic relaxations near a known minimum take a few steps instead of tens.
 
     Example
     -------
@@ -446,6 +489,7 @@ class BatchRelaxer:
         show_progress: bool = False,
         symmetry: bool = False,
         symprec: float = 1e-5,
+        hessian: Any = None,
     ):
         self.calculator = calculator
         #: keep each structure's space group (ASE's ``FixSymmetry``, as :func:`relax` with ``symmetry=True``)
@@ -454,6 +498,13 @@ class BatchRelaxer:
         self.mode = normalise_mode(mode)
         self.optimizer_class = _optimizer_class(optimizer)
         self.optimizer = str(optimizer).upper()
+        if hessian is not None and (self.optimizer != "BFGS" or self.mode != "fixed_cell"):
+            raise InputError("A starting Hessian is for BFGS at fixed cell (the ions' 3N coordinates); "
+                             f"here the optimizer is {self.optimizer} and the mode {self.mode}.")
+        #: the ions' Hessian (3N x 3N, eV/Å²) that BFGS starts from instead of 70 eV/Å² times the identity, or
+        #: a function returning it, called once, only when a structure needs a step
+        self.hessian = hessian
+        self._start_hessian: np.ndarray | None = None
         _check_settings(fmax, steps, pressure)
         if int(max_atoms_per_batch) < 1:
             raise InputError(f"max_atoms_per_batch must be at least 1, got {max_atoms_per_batch!r}.")
@@ -536,6 +587,8 @@ class BatchRelaxer:
                 # relaxation alone, at the last evaluated structure
                 stepped = []
                 for job in active:
+                    if self.hessian is not None and job.opt.nsteps == 0:
+                        job.opt.H0 = self._hessian_for(job)  # BFGS reads H0 at its first step only
                     try:
                         job.opt.step()
                     except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
@@ -623,6 +676,15 @@ class BatchRelaxer:
                 job.cache.store(job.atoms, result)
                 if job.initial_energy is None:
                     job.initial_energy = float(result["energy"])
+
+    def _hessian_for(self, job: _Job) -> np.ndarray:
+        if self._start_hessian is None:
+            raw = self.hessian() if callable(self.hessian) else self.hessian
+            self._start_hessian = start_hessian(raw)
+        if self._start_hessian.shape != (3 * len(job.atoms),) * 2:
+            raise InputError(f"The starting Hessian is {self._start_hessian.shape[0]} x {self._start_hessian.shape[1]}, "
+                             f"but structure {job.label or job.index} has {len(job.atoms)} atoms (3N = {3 * len(job.atoms)}).")
+        return self._start_hessian.copy()
 
     def _finish(self, job: _Job, converged: bool, error: str | None = None) -> RelaxResult:
         if self.symmetry:

@@ -58,6 +58,7 @@ def test_cubic_constants_match_the_energy_curvature(cu_result):
     assert m["k_vrh_GPa"] == pytest.approx((c[0, 0] + 2 * c[0, 1]) / 3, rel=1e-9)  # cubic: K_V = K_R
     assert result.stable and result.summary["stability"]["crystal_class"] == "cubic"
     assert result.summary["strain_set"]["computed_directions"] == [1, 4]  # symmetry: 2 of 6 directions
+    assert result.summary["ion_relaxation"]["hessian_displaced_cells"] is None  # no ion moves: no Hessian
 
 
 def _assert_cubic(c, tol):
@@ -183,6 +184,122 @@ def test_clamped_ion_differs_where_ions_relax():
     clamped = run_elastic(hcp, EMT(), relax_ions=False, **TIGHT)
     assert clamped.summary["settings"]["ions"] == "clamped-ion"
     assert relaxed.c[5, 5] < clamped.c[5, 5] - 0.5
+
+
+def test_unstrained_stress_comes_from_the_relaxation(monkeypatch):
+    """The unstrained cell is the relaxed one: its stress is the relaxation's last call, not a new model call,
+    and it gives the tensor and reference stress of evaluating that cell (hcp: a non-trivial rotation to the
+    standard orientation and a C with five independent constants; at 5 GPa, so the reference stress is not ~0)."""
+    import workflows.elastic as module
+
+    sizes = []
+    real = module.evaluate_batch
+
+    def counting(calc, structures, properties):
+        sizes.append(len(structures))
+        return real(calc, structures, properties)
+
+    monkeypatch.setattr(module, "evaluate_batch", counting)
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    hcp.rotate(30, "z", rotate_cell=True)
+    res = run_elastic(hcp, EMT(), relax_ions=False, pressure=5.0, **TIGHT)
+    n = res.summary["strain_set"]["n_strained_cells"]
+    assert sizes == [n]  # the strained cells only
+    again = run_elastic(res.atoms, EMT(), relax=False, relax_ions=False, pressure=5.0, **TIGHT)
+    assert sizes == [n, n + 1]  # without a relaxation the unstrained cell is evaluated
+    ref, ref_again = (np.array(r.summary["elastic_tensor"]["reference_stress_GPa"]) for r in (res, again))
+    assert np.allclose(ref[:3], -5.0, atol=1e-3)  # relaxed at 5 GPa: a stress worth comparing
+    assert np.allclose(ref, ref_again, rtol=0, atol=1e-9)
+    assert np.allclose(res.c, again.c, rtol=0, atol=1e-6)
+
+
+def test_cell_hessian_matches_finite_differences_by_hand():
+    """phonopy's symmetry-reduced Γ-point force constants of the cell = the Hessian of its ions by central
+    differences of EMT's forces, every coordinate displaced here (hcp Cu, tilted, two atoms)."""
+    from workflows.phonon import cell_hessian
+
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    hcp.rotate(20, "x", rotate_cell=True)
+    h, n_cells = cell_hessian(hcp, EMT(), symprec=1e-5)
+    assert n_cells < 6  # symmetry: fewer than the 6 one-sided displacements of 2 atoms x 3 directions
+    by_hand = np.zeros((6, 6))
+    for j in range(6):
+        f = []
+        for sign in (1, -1):
+            a = hcp.copy()
+            a.positions[j // 3, j % 3] += sign * 0.005
+            a.calc = EMT()
+            f.append(a.get_forces().ravel())
+        by_hand[:, j] = -(f[0] - f[1]) / 0.01
+    assert np.allclose(h, by_hand, atol=2e-3 * np.abs(by_hand).max())
+
+
+def test_relaxed_ion_from_the_hessian_matches_plain_relaxations():
+    """Strained cells whose ions move (hcp) are relaxed by BFGS started from the Γ-point Hessian: the same
+    tensor as FIRE from scratch, in fewer steps; a crystal whose ions stay put under strain (fcc) never asks
+    for the Hessian."""
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    tighter = {"fmax": 1e-5, "relax_steps": 2000}
+    newton = run_elastic(hcp, EMT(), **tighter)
+    fire = run_elastic(hcp, EMT(), optimizer="FIRE", **tighter)
+    ions = newton.summary["ion_relaxation"]
+    assert ions["start"].startswith("the model's Γ-point Hessian") and ions["hessian_displaced_cells"] > 0
+    assert ions["unstable_gamma_modes"] == 0 and min(ions["lowest_curvatures_eV_per_A2"]) > 0
+    assert fire.summary["ion_relaxation"]["hessian_displaced_cells"] is None
+    assert sum(ions["steps"]) < 0.5 * sum(fire.summary["ion_relaxation"]["steps"])
+    # GPa; at 1e-5 eV/Å they agree to 2e-3 GPa, at 1e-4 FIRE's stops 0.07 GPa away, the Hessian's 2e-4
+    assert np.allclose(newton.c, fire.c, atol=0.01)
+
+
+def test_relaxed_ion_equals_clamped_ion_minus_the_internal_strain_term():
+    """Linear response, an independent route to the relaxed-ion tensor: with Λ = ∂F/∂ε the forces that a
+    strain puts on clamped ions and H the ions' Hessian (both by central differences of EMT here),
+    C_relaxed = C_clamped - Λᵀ H⁺ Λ / V. hcp Cu: the term is 17 GPa (C11, C12, C66); the workflow's relaxed
+    strained cells give it to 0.05 GPa (measured 2e-4; the bound is what residual forces of 1e-5 eV/Å can
+    leave on the 0.5 % points)."""
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    tighter = {"fmax": 1e-5, "relax_steps": 3000}
+    relaxed = run_elastic(hcp, EMT(), **tighter)
+    clamped = run_elastic(hcp, EMT(), relax_ions=False, **tighter)
+    a0 = relaxed.atoms
+
+    def forces(a):
+        a = a.copy()
+        a.calc = EMT()
+        return a.get_forces().ravel()
+
+    n, d = 3 * len(a0), 1e-4
+    lam = np.array([(forces(strained_cell(a0, voigt_strain(j, d))) - forces(strained_cell(a0, voigt_strain(j, -d))))
+                    / (2 * d) for j in range(6)]).T
+    h = np.zeros((n, n))
+    for k in range(n):
+        plus, minus = a0.copy(), a0.copy()
+        plus.positions[k // 3, k % 3] += d
+        minus.positions[k // 3, k % 3] -= d
+        h[:, k] = -(forces(plus) - forces(minus)) / (2 * d)
+    term = lam.T @ np.linalg.pinv(0.5 * (h + h.T), rcond=1e-8) @ lam / a0.get_volume() / GPa
+    assert np.abs(term).max() > 10.0  # the ions' relaxation matters here
+    assert np.allclose(relaxed.c, clamped.c - term, atol=0.05)
+
+
+def test_unstable_gamma_modes_are_counted_and_said(caplog):
+    """A Hessian with a negative curvature (beyond finite-difference noise) is an unstable Γ mode: counted in
+    the summary, with a warning; noise of -1e-3 eV/Å² is not."""
+    import logging
+
+    from mattersim.relax import _ion_hessian
+    from workflows.elastic import _ion_relaxation_summary
+
+    _, _, q = _ion_hessian(np.zeros((6, 6)))
+    log = logging.getLogger("test.elastic")
+    for curvatures, unstable in (([-0.3, 2.0, 5.0], 1), ([-1e-3, 2.0, 5.0], 0)):
+        h = q @ np.diag(curvatures) @ q.T
+        with caplog.at_level(logging.WARNING, logger="test.elastic"):
+            caplog.clear()
+            out = _ion_relaxation_summary({"hessian": h, "hessian_cells": np.array(2)}, "start", log)
+        assert out["unstable_gamma_modes"] == unstable
+        assert np.allclose(out["lowest_curvatures_eV_per_A2"], curvatures)
+        assert ("unstable Γ mode" in caplog.text) == bool(unstable)
 
 
 class NoStress(EMT):

@@ -6,7 +6,9 @@ import logging
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS
@@ -424,3 +426,80 @@ def test_a_diverging_relaxation_stops_at_once():
         [("Cu", bulk("Cu", "fcc", a=3.7)), ("Ag", bulk("Ag", "fcc", a=4.2))])
     assert rs[0].converged and not rs[1].converged
     assert "diverged" in rs[1].error and rs[1].steps < 50
+
+
+class _Harmonic(Calculator):
+    """E = ½ uᵀ K u with u the displacement from ``x0`` (a quadratic surface whose Hessian is K exactly)."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, x0, k):
+        super().__init__()
+        self.x0, self.k = np.asarray(x0, dtype=float), np.asarray(k, dtype=float)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        u = (self.atoms.positions - self.x0).ravel()
+        self.results = {"energy": 0.5 * u @ self.k @ u, "free_energy": 0.5 * u @ self.k @ u,
+                        "forces": -(self.k @ u).reshape(-1, 3), "stress": np.zeros(6)}
+
+
+def _harmonic_case(n_atoms=4, seed=0):
+    """Atoms displaced from the minimum of a translation-invariant K with curvatures 1-10 eV/Å²."""
+    rng = np.random.default_rng(seed)
+    _, _, q = relax_mod._ion_hessian(np.zeros((3 * n_atoms, 3 * n_atoms)))
+    k = q @ np.diag(np.linspace(1.0, 10.0, q.shape[1])) @ q.T
+    x0 = rng.uniform(0, 6, size=(n_atoms, 3))
+    atoms = Atoms(f"Cu{n_atoms}", positions=x0 + rng.normal(scale=0.02, size=x0.shape), cell=[6, 6, 6], pbc=True)
+    return atoms, x0, k
+
+
+def test_start_hessian_is_positive_and_keeps_translations_apart():
+    atoms, _, k = _harmonic_case()
+    h = k.copy()
+    h[0, 0] -= 3.0  # an unstable direction (negative curvature) ...
+    h[1, 2] += 1e-3  # ... and float noise that breaks the symmetry
+    s = relax_mod.start_hessian(h)
+    assert np.allclose(s, s.T)
+    w = relax_mod.internal_curvatures(h)
+    assert w[0] < 0  # the input has a negative curvature; the start has its magnitude (or the floor)
+    ws = np.sort(relax_mod.internal_curvatures(s))
+    assert np.allclose(ws, np.sort(np.maximum(np.abs(w), relax_mod.HESSIAN_FLOOR)), atol=1e-9)
+    t = np.zeros((12, 3))
+    for a in range(3):
+        t[a::3, a] = 0.5
+    assert np.allclose(s @ t, relax_mod.BFGS_ALPHA * t)  # rigid translations: BFGS's own curvature
+    with pytest.raises(InputError, match="3N x 3N"):
+        relax_mod.start_hessian(np.zeros((4, 5)))
+
+
+def test_exact_hessian_makes_the_first_step_newtons():
+    """On a quadratic surface BFGS from the exact Hessian lands on the minimum in one step; from its default
+    start it needs many. The Hessian function is called once, and not at all when nothing needs to move."""
+    atoms, x0, k = _harmonic_case()
+    calls = []
+
+    def hessian():
+        calls.append(1)
+        return k
+
+    plain = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=300, mode="fixed_cell", optimizer="BFGS").relax([atoms])[0]
+    newton = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=300, mode="fixed_cell", optimizer="BFGS",
+                          hessian=hessian).relax([atoms, atoms.copy()])
+    assert all(r.converged and r.steps == 1 for r in newton) and plain.steps > 10
+    assert calls == [1]
+    d = newton[0].atoms.positions - x0
+    assert np.allclose(d, d.mean(axis=0), atol=1e-8)  # at the minimum (up to the rigid translation it keeps)
+    at_rest = atoms.copy()
+    at_rest.positions = x0
+    BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, mode="fixed_cell", optimizer="BFGS", hessian=hessian).relax([at_rest])
+    assert calls == [1]  # converged at the start: no Hessian asked for
+
+
+def test_start_hessian_needs_bfgs_at_fixed_cell_and_the_right_size():
+    atoms, x0, k = _harmonic_case()
+    for kwargs in ({"optimizer": "FIRE", "mode": "fixed_cell"}, {"optimizer": "BFGS", "mode": "full"}):
+        with pytest.raises(InputError, match="BFGS at fixed cell"):
+            BatchRelaxer(EMT(), hessian=k, **kwargs)
+    with pytest.raises(InputError, match="has 4 atoms"):
+        BatchRelaxer(_Harmonic(x0, k), mode="fixed_cell", optimizer="BFGS", hessian=np.eye(6)).relax([atoms])

@@ -275,7 +275,15 @@ class ElasticResult:
         rows.append(("fit", f"worst residual {fit['max_residual_GPa']:.3g} GPa ({100 * fit['max_relative_residual']:.2g}% of "
                             f"the component's change); asymmetry |C - Cᵀ| max {s['elastic_tensor']['asymmetry_max_GPa']:.3g} GPa, "
                             f"point-group averaging changed C by up to {s['elastic_tensor']['symmetrization_max_change_GPa']:.3g} GPa"))
-        rows.append(("ions", s["settings"]["ions"]))
+        ions = s["settings"]["ions"]
+        ir = s.get("ion_relaxation") or {}
+        if ir.get("steps") is not None:
+            ions += f"; {sum(ir['steps'])} {s['settings']['optimizer']} steps over {len(ir['steps'])} strained cells"
+        if ir.get("hessian_displaced_cells") is not None:
+            ions += (f", started from the Γ-point Hessian ({ir['hessian_displaced_cells']} displaced cell(s), lowest "
+                     f"curvature {ir['lowest_curvatures_eV_per_A2'][0]:.3g} eV/Å²"
+                     + (f", {ir['unstable_gamma_modes']} UNSTABLE Γ mode(s))" if ir["unstable_gamma_modes"] else ")"))
+        rows.append(("ions", ions))
         if self.output_dir is not None:
             rows.append(("output", str(self.output_dir)))
         return rows
@@ -382,6 +390,40 @@ def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: 
     plt.close(fig)
 
 
+#: a curvature below this (eV/Å²) in the Γ-point Hessian is an unstable mode, not finite-difference noise
+#: (float32 forces displaced by 0.01 Å: about 1e-3 eV/Å²)
+UNSTABLE_CURVATURE = -0.01
+
+
+def _ion_start(relax_ions: bool, optimizer: str) -> str | None:
+    if not relax_ions:
+        return None
+    if str(optimizer).strip().upper() == "BFGS":
+        return "the model's Γ-point Hessian of the unstrained cell (computed when an ion needs to move)"
+    return f"{optimizer}'s default"
+
+
+def _ion_relaxation_summary(data: dict, start: str | None, log) -> dict:
+    """What the relaxed-ion step did: the optimizer's start, steps per strained cell, and the Γ-point Hessian's
+    lowest curvatures (the three rigid translations left out) with the unstable modes it shows."""
+    out: dict[str, Any] = {"start": start, "steps": None, "hessian_displaced_cells": None,
+                           "lowest_curvatures_eV_per_A2": None, "unstable_gamma_modes": None}
+    if "ion_steps" in data:
+        out["steps"] = [int(k) for k in np.asarray(data["ion_steps"])[1:]]  # the strained cells, in job order
+    if "hessian" in data:
+        from mattersim.relax import internal_curvatures
+
+        w = internal_curvatures(data["hessian"])
+        unstable = int(np.sum(w < UNSTABLE_CURVATURE))
+        out.update({"hessian_displaced_cells": int(data["hessian_cells"]),
+                    "lowest_curvatures_eV_per_A2": [float(x) for x in w[:3]], "unstable_gamma_modes": unstable})
+        if unstable:
+            log.warning(f"the relaxed structure has {unstable} unstable Γ mode(s) with this model (lowest curvature "
+                        f"{w[0]:.3g} eV/Å²): it is not at a minimum for its ions, and the relaxed-ion constants depend "
+                        "on where the ions of each strained cell fall")
+    return out
+
+
 def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: bool = True, pressure: float = 0.0,
                 strains: Sequence[float] = (0.005, 0.01), shear_strains: Sequence[float] | None = None,
                 fit: str = "cubic", fmax: float = 0.005, relax_steps: int = 500,
@@ -411,7 +453,8 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                 "pressure_GPa": float(pressure), "strains": mags, "shear_strains": shear_mags, "fit": fit,
                 "fmax_eV_per_A": float(fmax),
                 "relax_steps": int(relax_steps), "optimizer": str(optimizer), "symprec": float(symprec),
-                "use_symmetry": bool(use_symmetry), "strain_frame": "the crystal's standard orientation (spglib)"}
+                "use_symmetry": bool(use_symmetry), "strain_frame": "the crystal's standard orientation (spglib)",
+                "ion_relaxation_start": _ion_start(relax_ions, optimizer)}
     timings = {"relaxation": 0.0, "strained_cells": 0.0}
     t_start = time.perf_counter()
     with RunFolder(output_dir, "elastic", logger) as folder:
@@ -477,6 +520,11 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         if store.data.get("stresses") is None or store.data["stresses"].shape != (n, 3, 3):
             store.data.update({"stresses": np.zeros((n, 3, 3)), "done": np.zeros(n, dtype=bool)})
         done, stresses = store.data["done"], store.data["stresses"]
+        relaxed_stress = None if relax_summary is None else relax_summary.get("stress")
+        if not done[0] and relaxed_stress is not None:
+            # the unstrained cell is the relaxed one: its stress is the relaxation's last model call (turned
+            # into the standard orientation), and it is relaxed already (relaxed-ion): no call needed
+            stresses[0], done[0] = q @ np.asarray(relaxed_stress, dtype=float) @ q.T, True
         cells = [work] + [strained_cell(work, voigt_strain(k, d)) for k, d in jobs]
         todo = [i for i in range(n) if not done[i]]
         t0 = time.perf_counter()
@@ -485,9 +533,21 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             if relax_ions:
                 from mattersim.relax import BatchRelaxer
 
+                def hessian() -> np.ndarray:  # only called if a strained cell's ions are not at rest
+                    from workflows.phonon import cell_hessian
+
+                    if "hessian" not in store.data:
+                        h, n_cells = cell_hessian(work, calculator, symprec=symprec)
+                        store.data.update({"hessian": h, "hessian_cells": np.array(n_cells)})
+                        store.save()
+                    return store.data["hessian"]
+
                 relaxer = BatchRelaxer(calculator, fmax=fmax, steps=relax_steps, mode="fixed_cell",
-                                       optimizer=optimizer, show_progress=progress)
+                                       optimizer=optimizer, show_progress=progress,
+                                       hessian=hessian if settings["ion_relaxation_start"].startswith("the") else None)
                 results = relaxer.relax([cells[i] for i in todo])
+                steps = store.data.setdefault("ion_steps", np.zeros(n, dtype=int))
+                steps[todo] = [r.steps for r in results]
                 bad = [cells[i].get_chemical_formula() for i, r in zip(todo, results) if not r.converged]
                 if bad:
                     log.warning(f"{len(bad)} strained cell(s) did not relax their ions to fmax {fmax} eV/Å within "
@@ -507,6 +567,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             done[todo] = True
             store.save()
         timings["strained_cells"] = time.perf_counter() - t0
+        ion_relaxation = _ion_relaxation_summary(store.data, settings["ion_relaxation_start"], log) if relax_ions else None
 
         # 4. fit. For each computed direction k the slope S_k = dσ/dε_k at zero strain, per stress component: a
         # cubic polynomial through the points (two or more magnitudes: the ± points cancel the even terms and
@@ -561,6 +622,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                           "spacegroup_number": sg_number, "n_atoms": len(unit), "volume_A3": float(unit.get_volume()),
                           "cell_A": np.array(unit.cell[:]).tolist()},
             "relaxation": relax_summary,
+            "ion_relaxation": ion_relaxation,
             "strain_set": {"magnitudes": mags, "shear_magnitudes": shear_mags, "computed_directions": [k + 1 for k in computed],
                            "n_strained_cells": len(jobs),
                            "symmetry": "directions mapped onto computed ones by the point group's rotations "

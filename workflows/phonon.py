@@ -83,6 +83,7 @@ __all__ = [
     "PhononResult",
     "auto_supercell",
     "band_path",
+    "cell_hessian",
     "find_imaginary_modes",
     "min_image_distance",
     "model_cutoff",
@@ -596,6 +597,29 @@ def _build_phonopy(atoms: Atoms, smat, primitive_setting, symprec: float):
         raise InputError(f"phonopy cannot build the primitive cell from the primitive axes {_describe_axes(primitive_setting)} "
                          f"and the supercell {np.asarray(smat).tolist()} of this {len(unit)}-atom unit cell ({reason}); "
                          "use primitive 'auto' (--primitive-axis auto) or axes that are lattice vectors of the crystal.") from None
+
+
+def cell_hessian(atoms: Atoms, calculator, *, displacement: float = 0.01, symprec: float = 1e-5) -> tuple[np.ndarray, int]:
+    """The force constants of the periodic cell ``atoms`` itself as a Hessian of its ions: ``(H, n)`` with H
+    (3N x 3N, eV/Å², Cartesian, the atoms in their order) the second derivatives of the energy with every
+    periodic image of an atom moving with it (the Γ-point force constants of the cell, what its ions feel
+    at fixed cell) and n the number of displaced cells evaluated. phonopy with the cell as its own supercell:
+    symmetry-reduced displacements of ``displacement`` Å, forces in one batched call, its force constants."""
+    from phonopy import Phonopy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*primitive_matrix.*")
+        ph = Phonopy(to_phonopy_atoms(atoms), supercell_matrix=np.eye(3, dtype=int), primitive_matrix=None,
+                     symprec=symprec, log_level=0)
+    shift = ph.supercell.scaled_positions - atoms.get_scaled_positions(wrap=False)
+    if not np.allclose(shift, np.round(shift), atol=1e-8):  # phonopy keeps the order of a 1x1x1 supercell
+        raise RuntimeError("phonopy reordered the atoms of the cell")
+    ph.generate_displacements(distance=displacement)
+    cells = [to_ase_atoms(c) for c in ph.supercells_with_displacements]
+    ph.forces = np.array([r["forces"] for r in evaluate_batch(calculator, cells, ("energy", "forces"))], dtype=float)
+    ph.produce_force_constants()
+    n = len(atoms)
+    return np.asarray(ph.force_constants, dtype=float).transpose(0, 2, 1, 3).reshape(3 * n, 3 * n), len(cells)
 
 
 def _check_nac_source(born_file, predictor, calculator, primitive_atoms: Atoms, symprec: float) -> None:
