@@ -40,7 +40,8 @@ from ase.units import GPa
 from mattersim.calculator import evaluate_batch
 from mattersim.errors import InputError
 
-__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "normalise_mode", "internal_curvatures", "relax", "start_hessian"]
+__all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "internal_curvatures", "normalise_mode", "relax",
+           "start_hessian"]
 
 logger = logging.getLogger("mattersim.relax")
 

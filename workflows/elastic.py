@@ -395,10 +395,15 @@ def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: 
 UNSTABLE_CURVATURE = -0.01
 
 
+def _newton_start(relax_ions: bool, optimizer: str) -> bool:
+    """Whether the strained cells' ions relax with BFGS started from the Γ-point Hessian (BFGS only)."""
+    return bool(relax_ions) and str(optimizer).strip().upper() == "BFGS"
+
+
 def _ion_start(relax_ions: bool, optimizer: str) -> str | None:
     if not relax_ions:
         return None
-    if str(optimizer).strip().upper() == "BFGS":
+    if _newton_start(relax_ions, optimizer):
         return "the model's Γ-point Hessian of the unstrained cell (computed when an ion needs to move)"
     return f"{optimizer}'s default"
 
@@ -544,7 +549,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
 
                 relaxer = BatchRelaxer(calculator, fmax=fmax, steps=relax_steps, mode="fixed_cell",
                                        optimizer=optimizer, show_progress=progress,
-                                       hessian=hessian if settings["ion_relaxation_start"].startswith("the") else None)
+                                       hessian=hessian if _newton_start(relax_ions, optimizer) else None)
                 results = relaxer.relax([cells[i] for i in todo])
                 steps = store.data.setdefault("ion_steps", np.zeros(n, dtype=int))
                 steps[todo] = [r.steps for r in results]

@@ -604,7 +604,8 @@ def cell_hessian(atoms: Atoms, calculator, *, displacement: float = 0.01, sympre
     (3N x 3N, eV/Å², Cartesian, the atoms in their order) the second derivatives of the energy with every
     periodic image of an atom moving with it (the Γ-point force constants of the cell, what its ions feel
     at fixed cell) and n the number of displaced cells evaluated. phonopy with the cell as its own supercell:
-    symmetry-reduced displacements of ``displacement`` Å, forces in one batched call, its force constants."""
+    symmetry-reduced displacements of ``displacement`` Å, forces in one batched call with the undisplaced
+    cell, whose residual forces (a structure relaxed to a finite fmax) are subtracted, its force constants."""
     from phonopy import Phonopy
 
     with warnings.catch_warnings():
@@ -616,7 +617,9 @@ def cell_hessian(atoms: Atoms, calculator, *, displacement: float = 0.01, sympre
         raise RuntimeError("phonopy reordered the atoms of the cell")
     ph.generate_displacements(distance=displacement)
     cells = [to_ase_atoms(c) for c in ph.supercells_with_displacements]
-    ph.forces = np.array([r["forces"] for r in evaluate_batch(calculator, cells, ("energy", "forces"))], dtype=float)
+    forces = np.array([r["forces"] for r in evaluate_batch(calculator, [to_ase_atoms(ph.supercell), *cells],
+                                                           ("energy", "forces"))], dtype=float)
+    ph.forces = forces[1:] - forces[0]
     ph.produce_force_constants()
     n = len(atoms)
     return np.asarray(ph.force_constants, dtype=float).transpose(0, 2, 1, 3).reshape(3 * n, 3 * n), len(cells)
