@@ -144,7 +144,9 @@ def _metrics(records: list[dict], n_entries: int, n_failed: int) -> tuple[list[d
             metric("n_succeeded", "Succeeded entries", None, len(ok), None),
             metric("n_failed", "Failed entries", None, n_failed, "lower"),
             metric("n_unstable_prediction", "Entries the model predicts mechanically unstable", None,
-                   len(ok) - len(stable), None)]
+                   len(ok) - len(stable), None),
+            metric("n_unstable_gamma", "Entries whose relaxed structure has unstable Γ modes (model's Hessian)", None,
+                   sum(1 for r in ok if (r.get("ion_relaxation") or {}).get("unstable_gamma_modes")), None)]
     return out, groups, parity
 
 

@@ -91,3 +91,16 @@ def test_cli_bench_run_elasticity_checks_the_file_first(tmp_path):
     result = runner.invoke(app, ["bench", "run", "elasticity", "--data", str(tmp_path / "none.json.gz"), "-m", "chgnet",
                                  "-o", str(tmp_path / "o")])
     assert_user_error(result, "none.json.gz", "does not exist")
+
+
+def test_entries_with_unstable_gamma_modes_are_counted():
+    from benchmarks.elasticity import _metrics
+
+    def rec(unstable):
+        return {"status": "ok", "stable": True, "reference": {"bulk_modulus_vrh": 100.0, "shear_modulus_vrh": 50.0},
+                "prediction": {"bulk_modulus_vrh": 90.0, "shear_modulus_vrh": 40.0},
+                "ion_relaxation": None if unstable is None else {"unstable_gamma_modes": unstable}}
+
+    out, _, _ = _metrics([rec(None), rec(0), rec(2), rec(1)], 4, 0)
+    values = {m["key"]: m["value"] for m in out}
+    assert values["n_unstable_gamma"] == 2 and values["bulk_modulus_mae_GPa"] == pytest.approx(10.0)
