@@ -467,9 +467,10 @@ class BatchRelaxer:
     together (a larger structure runs alone). ``show_progress`` shows a rich progress bar (on stderr)
     over finished structures. ``hessian`` (BFGS at fixed cell; structures with the same atoms in the same
     order, e.g. strained copies of one crystal): the ions' Hessian (3N x 3N, eV/Å²), or a function that
-    returns it, called only if some structure is not converged at its start; BFGS starts from it (made
-    positive, :func:`start_hessian`) instead of 70 eV/Å² times the identity, so the first step is a Newton
-    step: ionic relaxations near a known minimum take a few steps instead of tens.
+    returns it (or None: BFGS starts as usual), called only if some structure is not converged at its
+    start; BFGS starts from it (made positive, :func:`start_hessian`) instead of 70 eV/Å² times the
+    identity, so the first step is a Newton step: ionic relaxations near a known minimum take a few steps
+    instead of tens.
 
     Example
     -------
@@ -505,7 +506,7 @@ class BatchRelaxer:
         #: the ions' Hessian (3N x 3N, eV/Å²) that BFGS starts from instead of 70 eV/Å² times the identity, or
         #: a function returning it, called once, only when a structure needs a step
         self.hessian = hessian
-        self._start_hessian: np.ndarray | None = None
+        self._start_hessian: Any = None  # the start once computed; False when the function returned None
         _check_settings(fmax, steps, pressure)
         if int(max_atoms_per_batch) < 1:
             raise InputError(f"max_atoms_per_batch must be at least 1, got {max_atoms_per_batch!r}.")
@@ -589,7 +590,9 @@ class BatchRelaxer:
                 stepped = []
                 for job in active:
                     if self.hessian is not None and job.opt.nsteps == 0:
-                        job.opt.H0 = self._hessian_for(job)  # BFGS reads H0 at its first step only
+                        start = self._hessian_for(job)
+                        if start is not None:
+                            job.opt.H0 = start  # BFGS reads H0 at its first step only
                     try:
                         job.opt.step()
                     except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
@@ -678,10 +681,13 @@ class BatchRelaxer:
                 if job.initial_energy is None:
                     job.initial_energy = float(result["energy"])
 
-    def _hessian_for(self, job: _Job) -> np.ndarray:
+    def _hessian_for(self, job: _Job) -> np.ndarray | None:
+        """The starting Hessian for ``job`` (None: the function gave none, BFGS starts as it always does)."""
         if self._start_hessian is None:
             raw = self.hessian() if callable(self.hessian) else self.hessian
-            self._start_hessian = start_hessian(raw)
+            self._start_hessian = False if raw is None else start_hessian(raw)
+        if self._start_hessian is False:
+            return None
         if self._start_hessian.shape != (3 * len(job.atoms),) * 2:
             raise InputError(f"The starting Hessian is {self._start_hessian.shape[0]} x {self._start_hessian.shape[1]}, "
                              f"but structure {job.label or job.index} has {len(job.atoms)} atoms (3N = {3 * len(job.atoms)}).")

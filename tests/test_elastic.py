@@ -289,6 +289,28 @@ def test_relaxed_ion_equals_clamped_ion_minus_the_internal_strain_term():
     assert np.allclose(relaxed.c, clamped.c - term, atol=0.05)
 
 
+def test_a_failing_hessian_leaves_the_relaxations_to_plain_bfgs(monkeypatch, caplog):
+    """The Hessian is an optimisation: when it cannot be had, the strained cells relax from BFGS's usual
+    start, with a warning, to the same tensor."""
+    import logging
+
+    import workflows.phonon as phonon
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("phonopy reordered the atoms of the cell")
+
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    tighter = {"fmax": 1e-5, "relax_steps": 2000}
+    good = run_elastic(hcp, EMT(), **tighter)
+    monkeypatch.setattr(phonon, "cell_hessian", broken)
+    with caplog.at_level(logging.WARNING):
+        plain = run_elastic(hcp, EMT(), **tighter)
+    assert "the Γ-point Hessian failed (RuntimeError" in caplog.text
+    assert plain.summary["ion_relaxation"]["hessian_displaced_cells"] is None
+    assert sum(plain.summary["ion_relaxation"]["steps"]) > sum(good.summary["ion_relaxation"]["steps"])
+    assert np.allclose(plain.c, good.c, atol=0.01)
+
+
 def test_unstable_gamma_modes_are_counted_and_said(caplog):
     """A Hessian with a negative curvature (beyond finite-difference noise) is an unstable Γ mode: counted in
     the summary, with a warning; noise of -1e-3 eV/Å² is not."""

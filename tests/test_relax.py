@@ -503,3 +503,16 @@ def test_start_hessian_needs_bfgs_at_fixed_cell_and_the_right_size():
             BatchRelaxer(EMT(), hessian=k, **kwargs)
     with pytest.raises(InputError, match="has 4 atoms"):
         BatchRelaxer(_Harmonic(x0, k), mode="fixed_cell", optimizer="BFGS", hessian=np.eye(6)).relax([atoms])
+
+
+def test_a_hessian_function_that_gives_none_leaves_bfgs_as_it_is():
+    atoms, x0, k = _harmonic_case()
+    calls = []
+
+    def none():
+        calls.append(1)
+
+    plain = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=300, mode="fixed_cell", optimizer="BFGS").relax([atoms])[0]
+    fallback = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=300, mode="fixed_cell", optimizer="BFGS",
+                            hessian=none).relax([atoms, atoms.copy()])
+    assert calls == [1] and all(r.steps == plain.steps for r in fallback)

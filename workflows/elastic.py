@@ -538,11 +538,16 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             if relax_ions:
                 from mattersim.relax import BatchRelaxer
 
-                def hessian() -> np.ndarray:  # only called if a strained cell's ions are not at rest
+                def hessian() -> np.ndarray | None:  # only called if a strained cell's ions are not at rest
                     from workflows.phonon import cell_hessian
 
                     if "hessian" not in store.data:
-                        h, n_cells = cell_hessian(work, calculator, symprec=symprec)
+                        try:
+                            h, n_cells = cell_hessian(work, calculator, symprec=symprec)
+                        except Exception as exc:  # noqa: BLE001 - a start is an optimisation: BFGS goes on without
+                            log.warning(f"the Γ-point Hessian failed ({type(exc).__name__}: {str(exc)[:200]}); the "
+                                        "strained cells' ions relax with BFGS from its default start")
+                            return None
                         store.data.update({"hessian": h, "hessian_cells": np.array(n_cells)})
                         store.save()
                     return store.data["hessian"]
