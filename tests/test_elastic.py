@@ -311,6 +311,36 @@ def test_a_failing_hessian_leaves_the_relaxations_to_plain_bfgs(monkeypatch, cap
     assert np.allclose(plain.c, good.c, atol=0.01)
 
 
+def test_held_unstable_modes_keep_the_ions_where_the_structure_is(monkeypatch):
+    """A saddle: hcp Cu with its two in-plane optic modes (the ones that strain moves) made unstable in the
+    Hessian. Held, the strained cells' ions have nothing left to relax along, and the relaxed-ion tensor is
+    the clamped-ion one (not 17 GPa softer), in a step or two per cell."""
+    import workflows.phonon as phonon
+    from mattersim.relax import _ion_hessian
+
+    real = phonon.cell_hessian
+
+    def saddle(atoms, calculator, **kwargs):
+        h, n = real(atoms, calculator, **kwargs)
+        h, _, q = _ion_hessian(h)
+        w, v = np.linalg.eigh(q.T @ h @ q)
+        u = q @ v
+        in_plane = [i for i in range(u.shape[1]) if np.abs(u[2::3, i]).max() < 1e-6]
+        assert len(in_plane) == 2
+        w[in_plane] = -1.0
+        return (u * w) @ u.T, n
+
+    monkeypatch.setattr(phonon, "cell_hessian", saddle)
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    tighter = {"fmax": 1e-5, "relax_steps": 2000}
+    held = run_elastic(hcp, EMT(), **tighter)
+    clamped = run_elastic(hcp, EMT(), relax_ions=False, **tighter)
+    assert held.summary["ion_relaxation"]["unstable_gamma_modes"] == 2
+    assert max(held.summary["ion_relaxation"]["steps"]) <= 2
+    assert np.allclose(held.c, clamped.c, atol=0.01)
+    assert "UNSTABLE Γ mode(s), held" in dict(held.rows())["ions"]
+
+
 def test_unstable_gamma_modes_are_counted_and_said(caplog):
     """A Hessian with a negative curvature (beyond finite-difference noise) is an unstable Γ mode: counted in
     the summary, with a warning; noise of -1e-3 eV/Å² is not."""

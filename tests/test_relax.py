@@ -516,3 +516,26 @@ def test_a_hessian_function_that_gives_none_leaves_bfgs_as_it_is():
     fallback = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=300, mode="fixed_cell", optimizer="BFGS",
                             hessian=none).relax([atoms, atoms.copy()])
     assert calls == [1] and all(r.steps == plain.steps for r in fallback)
+
+
+def test_unstable_modes_of_the_start_hessian_are_held():
+    """On E = ½ uᵀ K u with one negative curvature, BFGS from K goes down the unstable direction without end;
+    with the unstable mode held (the default) the ions relax in the stable directions in one Newton step and
+    keep their displacement along the unstable one; the result carries no constraint."""
+    atoms, x0, _ = _harmonic_case()
+    _, _, q = relax_mod._ion_hessian(np.zeros((12, 12)))
+    curv = np.linspace(1.0, 10.0, q.shape[1])
+    curv[0] = -2.0
+    k = q @ np.diag(curv) @ q.T
+    mode = q[:, 0]
+    assert np.allclose(relax_mod.unstable_modes(k), [mode]) or np.allclose(relax_mod.unstable_modes(k), [-mode])
+    u0 = (atoms.positions - x0).ravel()
+    held = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=50, mode="fixed_cell", optimizer="BFGS", hessian=k).relax([atoms])[0]
+    assert held.converged and held.steps == 1 and not held.atoms.constraints
+    u = (held.atoms.positions - x0).ravel()
+    assert u @ mode == pytest.approx(u0 @ mode, abs=1e-12)  # not moved along the unstable mode
+    stable = q[:, 1:]
+    assert np.allclose(stable.T @ u, 0.0, atol=1e-8)  # at the minimum in every stable direction
+    loose = BatchRelaxer(_Harmonic(x0, k), fmax=1e-6, steps=50, mode="fixed_cell", optimizer="BFGS", hessian=k,
+                         hold_unstable=False).relax([atoms])[0]
+    assert not loose.converged and abs((loose.atoms.positions - x0).ravel() @ mode) > 1.0  # slid away

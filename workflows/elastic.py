@@ -282,7 +282,8 @@ class ElasticResult:
         if ir.get("hessian_displaced_cells") is not None:
             ions += (f", started from the Γ-point Hessian ({ir['hessian_displaced_cells']} displaced cell(s), lowest "
                      f"curvature {ir['lowest_curvatures_eV_per_A2'][0]:.3g} eV/Å²"
-                     + (f", {ir['unstable_gamma_modes']} UNSTABLE Γ mode(s))" if ir["unstable_gamma_modes"] else ")"))
+                     + (f", {ir['unstable_gamma_modes']} UNSTABLE Γ mode(s), held" if ir["unstable_gamma_modes"] else "")
+                     + ")")
         rows.append(("ions", ions))
         if self.output_dir is not None:
             rows.append(("output", str(self.output_dir)))
@@ -390,11 +391,6 @@ def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: 
     plt.close(fig)
 
 
-#: a curvature below this (eV/Å²) in the Γ-point Hessian is an unstable mode, not finite-difference noise
-#: (float32 forces displaced by 0.01 Å: about 1e-3 eV/Å²)
-UNSTABLE_CURVATURE = -0.01
-
-
 def _newton_start(relax_ions: bool, optimizer: str) -> bool:
     """Whether the strained cells' ions relax with BFGS started from the Γ-point Hessian (BFGS only)."""
     return bool(relax_ions) and str(optimizer).strip().upper() == "BFGS"
@@ -410,13 +406,14 @@ def _ion_start(relax_ions: bool, optimizer: str) -> str | None:
 
 def _ion_relaxation_summary(data: dict, start: str | None, log) -> dict:
     """What the relaxed-ion step did: the optimizer's start, steps per strained cell, and the Γ-point Hessian's
-    lowest curvatures (the three rigid translations left out) with the unstable modes it shows."""
+    lowest curvatures (the three rigid translations left out) and the number of unstable modes, which the
+    strained cells' relaxations held fixed (:class:`mattersim.relax.BatchRelaxer`'s ``hold_unstable``)."""
     out: dict[str, Any] = {"start": start, "steps": None, "hessian_displaced_cells": None,
                            "lowest_curvatures_eV_per_A2": None, "unstable_gamma_modes": None}
     if "ion_steps" in data:
         out["steps"] = [int(k) for k in np.asarray(data["ion_steps"])[1:]]  # the strained cells, in job order
     if "hessian" in data:
-        from mattersim.relax import internal_curvatures
+        from mattersim.relax import UNSTABLE_CURVATURE, internal_curvatures
 
         w = internal_curvatures(data["hessian"])
         unstable = int(np.sum(w < UNSTABLE_CURVATURE))
@@ -424,8 +421,9 @@ def _ion_relaxation_summary(data: dict, start: str | None, log) -> dict:
                     "lowest_curvatures_eV_per_A2": [float(x) for x in w[:3]], "unstable_gamma_modes": unstable})
         if unstable:
             log.warning(f"the relaxed structure has {unstable} unstable Γ mode(s) with this model (lowest curvature "
-                        f"{w[0]:.3g} eV/Å²): it is not at a minimum for its ions, and the relaxed-ion constants depend "
-                        "on where the ions of each strained cell fall")
+                        f"{w[0]:.3g} eV/Å²): it is a saddle point, not a minimum, for its ions. "
+                        "The strained cells' ions relax in the stable directions only (those modes held), so the "
+                        "relaxed-ion constants are those of the structure as it is kept, not of where it would fall")
     return out
 
 
