@@ -280,8 +280,9 @@ class ElasticResult:
         if ir.get("steps") is not None:
             ions += f"; {sum(ir['steps'])} {s['settings']['optimizer']} steps over {len(ir['steps'])} strained cells"
         if ir.get("hessian_displaced_cells") is not None:
-            ions += (f", started from the Γ-point Hessian ({ir['hessian_displaced_cells']} displaced cell(s), lowest "
-                     f"curvature {ir['lowest_curvatures_eV_per_A2'][0]:.3g} eV/Å²"
+            lowest = ir["lowest_curvatures_eV_per_A2"]
+            ions += (f", started from the Γ-point Hessian ({ir['hessian_displaced_cells']} displaced cell(s)"
+                     + (f", lowest curvature {lowest[0]:.3g} eV/Å²" if lowest else "")
                      + (f", {ir['unstable_gamma_modes']} UNSTABLE Γ mode(s), held" if ir["unstable_gamma_modes"] else "")
                      + ")")
         rows.append(("ions", ions))
