@@ -133,7 +133,11 @@ def _metrics(records: list[dict], n_entries: int, n_failed: int) -> tuple[list[d
         ref = np.array([r["reference"][key] for r in ok], dtype=float)
         pred = np.array([r["prediction"][key] if r["prediction"][key] is not None else np.nan for r in ok], dtype=float)
         finite = np.isfinite(ref) & np.isfinite(pred)
-        out.append(metric(f"{name}_mae_GPa", label, "GPa", float(np.mean(np.abs(pred - ref)[finite])) if finite.any() else None))
+        err = np.abs(pred - ref)[finite]
+        out.append(metric(f"{name}_mae_GPa", label, "GPa", float(np.mean(err)) if finite.any() else None))
+        # robust beside the mean: the Reuss average of a (nearly) unstable tensor can be any number (-6e4 GPa)
+        out.append(metric(f"{name}_median_ae_GPa", label.replace("MAE", "median |error|"), "GPa",
+                          float(np.median(err)) if finite.any() else None))
         parity[f"{name}__ref"], parity[f"{name}__pred"] = ref[finite], pred[finite]
         s_ref = np.array([r["reference"][key] for r in stable], dtype=float)
         s_pred = np.array([r["prediction"][key] for r in stable], dtype=float)

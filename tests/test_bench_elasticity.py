@@ -93,7 +93,7 @@ def test_cli_bench_run_elasticity_checks_the_file_first(tmp_path):
     assert_user_error(result, "none.json.gz", "does not exist")
 
 
-def test_entries_with_unstable_gamma_modes_are_counted():
+def test_unstable_gamma_count_and_the_median_error():
     from benchmarks.elasticity import _metrics
 
     def rec(unstable):
@@ -101,6 +101,10 @@ def test_entries_with_unstable_gamma_modes_are_counted():
                 "prediction": {"bulk_modulus_vrh": 90.0, "shear_modulus_vrh": 40.0},
                 "ion_relaxation": None if unstable is None else {"unstable_gamma_modes": unstable}}
 
-    out, _, _ = _metrics([rec(None), rec(0), rec(2), rec(1)], 4, 0)
+    records = [rec(None), rec(0), rec(2), rec(1)]
+    records[0]["prediction"]["shear_modulus_vrh"] = -6e4  # the Reuss average of a nearly singular tensor
+    out, _, _ = _metrics(records, 4, 0)
     values = {m["key"]: m["value"] for m in out}
     assert values["n_unstable_gamma"] == 2 and values["bulk_modulus_mae_GPa"] == pytest.approx(10.0)
+    assert values["shear_modulus_mae_GPa"] == pytest.approx((60050.0 + 3 * 10.0) / 4)
+    assert values["shear_modulus_median_ae_GPa"] == pytest.approx(10.0)  # robust to it
