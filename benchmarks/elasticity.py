@@ -93,7 +93,8 @@ def _evaluate(rec: dict, calculator, settings: dict) -> dict:
     t0 = time.perf_counter()
     atoms = _atoms(rec)
     result = run_elastic(atoms, calculator, relax=True, relax_ions=settings["ions"] == "relaxed-ion",
-                         strains=settings["strains"], fmax=settings["fmax_eV_per_A"], relax_steps=settings["relax_steps"],
+                         strains=settings["strains"], fmax=settings["fmax_eV_per_A"],
+                         ion_fmax=settings.get("ion_fmax_eV_per_A"), relax_steps=settings["relax_steps"],
                          symprec=settings["symprec"])
     s = result.summary
     return {
@@ -160,7 +161,9 @@ def definitions(settings: dict) -> dict:
         "reference": "Materials Project PBE elastic tensors (K_VRH, G_VRH in GPa; matcalc's MP binary set)",
         "prediction": f"workflows.elastic.run_elastic: relaxation (cell and positions, symmetry kept, fmax "
                       f"{settings['fmax_eV_per_A']:g} eV/Å), strains ±{settings['strains']} in the symmetry-independent "
-                      f"Voigt directions, {settings['ions']}, slopes of a cubic fit, point-group averaged",
+                      f"Voigt directions, {settings['ions']} (the strained cells' ions to "
+                      f"{settings.get('ion_fmax_eV_per_A', settings['fmax_eV_per_A']):g} eV/Å, BFGS from the model's "
+                      "Γ-point Hessian, its unstable modes held), slopes of a cubic fit, point-group averaged",
         "moduli": "Voigt-Reuss-Hill averages (pymatgen ElasticTensor)",
         "groups": "'predicted stable': only the entries whose predicted tensor passes the Born criteria",
         "energy_convention": "not used: elastic constants depend on stresses only",
@@ -183,8 +186,8 @@ def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.Pat
     entries_dir = out / "entries"
     entries_dir.mkdir(parents=True, exist_ok=True)
     settings = {"ions": "relaxed-ion" if relax_ions else "clamped-ion", "strains": sorted(float(s) for s in strains),
-                "fmax_eV_per_A": float(fmax), "relax_steps": int(relax_steps), "symprec": float(symprec),
-                "strain_frame": "the crystal's standard orientation (spglib)"}
+                "fmax_eV_per_A": float(fmax), "ion_fmax_eV_per_A": float(fmax) / 10.0, "relax_steps": int(relax_steps),
+                "symprec": float(symprec), "strain_frame": "the crystal's standard orientation (spglib)"}
     model_id = model_identity(info)
     failures, fingerprints, jobs = [], [], []
     with RunLog(out / "run.log", logger) as log:

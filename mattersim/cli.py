@@ -695,7 +695,8 @@ def elastic_command(
     fit: str = typer.Option("cubic", "--fit", help="cubic (slope at zero strain of a cubic polynomial, exact to O(s^4)) or linear (a straight line, as matcalc)."),
     relax: bool = typer.Option(True, "--relax/--no-relax", help="Relax positions and cell first (space group kept)."),
     clamped_ion: bool = typer.Option(False, "--clamped-ion", help="Do not relax the ions of the strained cells (default: relaxed-ion, the physical answer)."),
-    fmax: float = typer.Option(0.005, "--fmax", help="Force threshold of all relaxations, eV/Å."),
+    fmax: float = typer.Option(0.005, "--fmax", help="Force threshold of the relaxation, eV/Å."),
+    ion_fmax: Optional[float] = typer.Option(None, "--ion-fmax", help="Force threshold of the strained cells' ions (relaxed-ion), eV/Å; default --fmax / 10 (soft modes need it)."),
     relax_steps: int = typer.Option(500, "--relax-steps", help="Maximum steps of each relaxation."),
     symprec: float = typer.Option(1e-5, "--symprec", help="Symmetry tolerance in Å."),
     outdir: Path = typer.Option(Path("elastic"), "--output", "-o", help="Output directory (a rerun with the same inputs resumes there)."),
@@ -730,7 +731,8 @@ def elastic_command(
     from workflows.elastic import run_elastic, run_elastic_many  # lazily: the core never imports workflows
 
     settings = dict(relax=relax, relax_ions=not clamped_ion, pressure=pressure, strains=magnitudes,
-                    shear_strains=shear_magnitudes, fit=fit, fmax=fmax, relax_steps=relax_steps, symprec=symprec)
+                    shear_strains=shear_magnitudes, fit=fit, fmax=fmax, ion_fmax=ion_fmax, relax_steps=relax_steps,
+                    symprec=symprec)
     if len(files) > 1 or runner.distributed:
         from workflows.candidates import file_label
         from workflows.cells import unique_labels

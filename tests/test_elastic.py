@@ -256,6 +256,10 @@ def test_relaxed_ion_from_the_hessian_matches_plain_relaxations():
     assert sum(ions["steps"]) < 0.5 * sum(fire.summary["ion_relaxation"]["steps"])
     # GPa; at 1e-5 eV/Å they agree to 2e-3 GPa, at 1e-4 FIRE's stops 0.07 GPa away, the Hessian's 2e-4
     assert np.allclose(newton.c, fire.c, atol=0.01)
+    # the strained cells' own threshold: fmax / 10 unless given
+    assert newton.summary["settings"]["ion_fmax_eV_per_A"] == pytest.approx(1e-6)
+    loose = run_elastic(hcp, EMT(), ion_fmax=1e-3, **tighter)
+    assert sum(loose.summary["ion_relaxation"]["steps"]) < sum(ions["steps"])
 
 
 def test_relaxed_ion_equals_clamped_ion_minus_the_internal_strain_term():
@@ -369,6 +373,7 @@ class NoStress(EMT):
     ({"strains": [0.0]}, _cu(), "every magnitude must be > 0"),
     ({"strains": [0.06]}, _cu(), "at most 0.05"),
     ({"strains": "abc"}, _cu(), "strains must be numbers"),
+    ({"ion_fmax": 0.0}, _cu(), "ion_fmax .--ion-fmax. must be a positive number"),
     ({}, Atoms("H2O", positions=[[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]]), "3D-periodic"),
 ])
 def test_bad_inputs(kwargs, atoms, fragment):
