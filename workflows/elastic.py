@@ -448,8 +448,10 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
     0.005 eV/Å and -111 GPa at the default 0.0005; with the Newton start that costs 2-7 steps per cell;
     ``fit``: ``"cubic"`` (slope at zero strain of a cubic polynomial, exact to O(s^4); needs two magnitudes,
     else a line) or ``"linear"`` (a straight line, as pymatgen and matcalc fit);
-    ``use_symmetry``: compute only the directions that the point group's images of the others do not span
-    (:func:`strain_directions`); False computes all six;
+    ``optimizer``: of the relaxations; with BFGS (default) the strained cells' ions start from the model's
+    Γ-point Hessian of the unstrained cell (a Newton first step, computed only when an ion must move) and
+    that Hessian's unstable modes are held (docs/elastic.md); ``use_symmetry``: compute only the directions
+    that the point group's images of the others do not span (:func:`strain_directions`); False computes all six;
     ``output_dir``: where to write the files of the module docstring (None: nothing).
     """
     mags = _check(atoms, strains, calculator, fmax)
