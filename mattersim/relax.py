@@ -362,9 +362,10 @@ UNSTABLE_CURVATURE = -0.01
 HESSIAN_FLOOR = 0.5
 
 
-def _ion_hessian(hessian) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(h, t, q)``: the Hessian made symmetric, the rigid translations ``t`` (3N x 3, orthonormal) and an
-    orthonormal basis ``q`` (3N x 3N-3) of the ions' other motions."""
+def _ion_modes(hessian) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(w, u, t)`` of a Hessian of the ions (3N x 3N, made symmetric): its curvatures ``w`` (ascending) and
+    modes ``u`` (columns, orthonormal) over the 3N - 3 motions other than the rigid translations ``t``
+    (3N x 3, orthonormal)."""
     h = np.asarray(hessian, dtype=float)
     if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] % 3 or not np.all(np.isfinite(h)):
         raise InputError(f"A Hessian of the ions must be a finite 3N x 3N matrix, not of shape {h.shape}.")
@@ -373,32 +374,35 @@ def _ion_hessian(hessian) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for a in range(3):
         t[a::3, a] = 1.0 / np.sqrt(n)
     q = np.linalg.svd(t, full_matrices=True)[0][:, 3:]
-    return 0.5 * (h + h.T), t, q
+    w, v = np.linalg.eigh(q.T @ (0.5 * (h + h.T)) @ q)
+    return w, q @ v, t
 
 
 def internal_curvatures(hessian) -> np.ndarray:
     """The eigenvalues (eV/Å², ascending) of a Hessian of the ions (3N x 3N) over their 3N - 3 motions other
     than the rigid translations; a negative one is an unstable mode."""
-    h, _, q = _ion_hessian(hessian)
-    return np.linalg.eigvalsh(q.T @ h @ q)
+    return _ion_modes(hessian)[0]
+
+
+def _unstable(w: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return u[:, w < UNSTABLE_CURVATURE].T
 
 
 def unstable_modes(hessian) -> np.ndarray:
     """The unstable modes of a Hessian of the ions: its eigenvectors (rows, 3N, unit length, orthogonal to the
     rigid translations) whose curvature is below :data:`UNSTABLE_CURVATURE`, most unstable first."""
-    h, _, q = _ion_hessian(hessian)
-    w, v = np.linalg.eigh(q.T @ h @ q)
-    return (q @ v[:, w < UNSTABLE_CURVATURE]).T
+    return _unstable(*_ion_modes(hessian)[:2])
+
+
+def _start(w: np.ndarray, u: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return (u * np.maximum(np.abs(w), HESSIAN_FLOOR)) @ u.T + BFGS_ALPHA * (t @ t.T)
 
 
 def start_hessian(hessian) -> np.ndarray:
     """A Hessian of the ions (3N x 3N, eV/Å²) turned into a starting point for BFGS: made symmetric, the
     three rigid translations (zero curvature in a periodic crystal) given BFGS's own 70 eV/Å², every other
     eigenvalue replaced by its magnitude, at least :data:`HESSIAN_FLOOR`."""
-    h, t, q = _ion_hessian(hessian)
-    w, v = np.linalg.eigh(q.T @ h @ q)
-    u = q @ v
-    return (u * np.maximum(np.abs(w), HESSIAN_FLOOR)) @ u.T + BFGS_ALPHA * (t @ t.T)
+    return _start(*_ion_modes(hessian))
 
 
 class _CachedResultsCalculator(Calculator):
@@ -708,9 +712,12 @@ class BatchRelaxer:
         """The starting Hessian for ``job`` (None: the function gave none, BFGS starts as it always does)."""
         if self._start_hessian is None:
             raw = self.hessian() if callable(self.hessian) else self.hessian
-            self._start_hessian = False if raw is None else start_hessian(raw)
-            if raw is not None and self.hold_unstable:
-                self._held = list(unstable_modes(raw))
+            if raw is None:
+                self._start_hessian = False
+            else:  # one eigendecomposition for the start and the held modes
+                w, u, t = _ion_modes(raw)
+                self._start_hessian = _start(w, u, t)
+                self._held = list(_unstable(w, u)) if self.hold_unstable else []
         if self._start_hessian is False:
             return None
         if self._start_hessian.shape != (3 * len(job.atoms),) * 2:
