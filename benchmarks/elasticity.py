@@ -179,6 +179,8 @@ def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.Pat
     resumes. ``symprec`` (Å) is looser than the workflow's default, as
     MP structures are not exactly symmetric. ``runner``/``spec``: the entries as tasks on Dask
     (:func:`benchmarks.common.run_entry_tasks`)."""
+    from workflows.elastic import ION_FMAX_DIVISOR  # run_elastic's default, recorded in the entries' key
+
     t_start = time.perf_counter()
     items = list(records)[: max_entries] if max_entries is not None else list(records)
     info = model_info(calculator)
@@ -186,7 +188,8 @@ def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.Pat
     entries_dir = out / "entries"
     entries_dir.mkdir(parents=True, exist_ok=True)
     settings = {"ions": "relaxed-ion" if relax_ions else "clamped-ion", "strains": sorted(float(s) for s in strains),
-                "fmax_eV_per_A": float(fmax), "ion_fmax_eV_per_A": float(fmax) / 10.0, "relax_steps": int(relax_steps),
+                "fmax_eV_per_A": float(fmax), "ion_fmax_eV_per_A": float(fmax) / ION_FMAX_DIVISOR,
+                "relax_steps": int(relax_steps),
                 "symprec": float(symprec), "strain_frame": "the crystal's standard orientation (spglib)"}
     model_id = model_identity(info)
     failures, fingerprints, jobs = [], [], []

@@ -392,6 +392,10 @@ def _plot(path: Path, computed: list[int], strains: dict[int, np.ndarray], sig: 
     plt.close(fig)
 
 
+#: the strained cells' ionic force threshold is ``fmax`` divided by this, unless ``ion_fmax`` is given
+ION_FMAX_DIVISOR = 10.0
+
+
 def _newton_start(relax_ions: bool, optimizer: str) -> bool:
     """Whether the strained cells' ions relax with BFGS started from the Γ-point Hessian (BFGS only)."""
     return bool(relax_ions) and str(optimizer).strip().upper() == "BFGS"
@@ -455,7 +459,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
     ``output_dir``: where to write the files of the module docstring (None: nothing).
     """
     mags = _check(atoms, strains, calculator, fmax)
-    ion_fmax = float(fmax) / 10.0 if ion_fmax is None else ion_fmax
+    ion_fmax = float(fmax) / ION_FMAX_DIVISOR if ion_fmax is None else ion_fmax
     if not (isinstance(ion_fmax, (int, float)) and np.isfinite(ion_fmax) and ion_fmax > 0):
         raise InputError(f"ion_fmax (--ion-fmax) must be a positive number of eV/Å, not {ion_fmax!r}.")
     shear_mags = mags if shear_strains is None else _magnitudes(shear_strains, "shear_strains", 2 * MAX_STRAIN)
