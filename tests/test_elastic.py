@@ -37,6 +37,24 @@ def _curvature(atoms, strain_of) -> float:
     return 2 * a2 / atoms.get_volume() / GPa
 
 
+def _emt_forces(atoms) -> np.ndarray:
+    a = atoms.copy()
+    a.calc = EMT()
+    return a.get_forces().ravel()
+
+
+def _hessian_by_hand(atoms, d: float) -> np.ndarray:
+    """The ions' Hessian (3N x 3N, eV/Å²) of EMT by central differences of the forces, every coordinate ±d Å."""
+    n = 3 * len(atoms)
+    h = np.zeros((n, n))
+    for k in range(n):
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[k // 3, k % 3] += d
+        minus.positions[k // 3, k % 3] -= d
+        h[:, k] = -(_emt_forces(plus) - _emt_forces(minus)) / (2 * d)
+    return h
+
+
 @pytest.fixture(scope="module")
 def cu_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("elastic") / "cu"
@@ -218,26 +236,14 @@ def test_cell_hessian_matches_finite_differences_by_hand():
     differences of EMT's forces, every coordinate displaced here (hcp Cu, tilted, two atoms)."""
     from workflows.phonon import cell_hessian
 
-    def by_hand(cell):
-        out = np.zeros((6, 6))
-        for j in range(6):
-            f = []
-            for sign in (1, -1):
-                a = cell.copy()
-                a.positions[j // 3, j % 3] += sign * 0.005
-                a.calc = EMT()
-                f.append(a.get_forces().ravel())
-            out[:, j] = -(f[0] - f[1]) / 0.01
-        return out
-
     hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
     hcp.rotate(20, "x", rotate_cell=True)
     h, n_cells = cell_hessian(hcp, EMT(), symprec=1e-5)
     assert n_cells < 6  # symmetry: fewer than the 6 one-sided displacements of 2 atoms x 3 directions
-    ref = by_hand(hcp)
+    ref = _hessian_by_hand(hcp, 0.005)
     assert np.allclose(h, ref, atol=2e-3 * np.abs(ref).max())
     hcp.rattle(0.03, seed=1)  # off the minimum: residual forces, only inversion left (measured 1.6e-4)
-    ref = by_hand(hcp)
+    ref = _hessian_by_hand(hcp, 0.005)
     assert np.allclose(cell_hessian(hcp, EMT(), symprec=1e-5)[0], ref, atol=2e-3 * np.abs(ref).max())
 
 
@@ -274,20 +280,10 @@ def test_relaxed_ion_equals_clamped_ion_minus_the_internal_strain_term():
     clamped = run_elastic(hcp, EMT(), relax_ions=False, **tighter)
     a0 = relaxed.atoms
 
-    def forces(a):
-        a = a.copy()
-        a.calc = EMT()
-        return a.get_forces().ravel()
-
-    n, d = 3 * len(a0), 1e-4
-    lam = np.array([(forces(strained_cell(a0, voigt_strain(j, d))) - forces(strained_cell(a0, voigt_strain(j, -d))))
-                    / (2 * d) for j in range(6)]).T
-    h = np.zeros((n, n))
-    for k in range(n):
-        plus, minus = a0.copy(), a0.copy()
-        plus.positions[k // 3, k % 3] += d
-        minus.positions[k // 3, k % 3] -= d
-        h[:, k] = -(forces(plus) - forces(minus)) / (2 * d)
+    d = 1e-4
+    lam = np.array([_emt_forces(strained_cell(a0, voigt_strain(j, d))) - _emt_forces(strained_cell(a0, voigt_strain(j, -d)))
+                    for j in range(6)]).T / (2 * d)
+    h = _hessian_by_hand(a0, d)
     term = lam.T @ np.linalg.pinv(0.5 * (h + h.T), rcond=1e-8) @ lam / a0.get_volume() / GPa
     assert np.abs(term).max() > 10.0  # the ions' relaxation matters here
     assert np.allclose(relaxed.c, clamped.c - term, atol=0.05)
