@@ -20,6 +20,7 @@ import hashlib
 import json
 import resource
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,21 @@ def run_entry_tasks(jobs: list[dict], task, *, calculator, runner=None, spec=Non
 
 
 def _with_peak_rss(calculator, payload) -> dict:
-    """``task(calculator, item)`` of a (task, item) payload, with the peak RSS of the process that ran it."""
+    """``task(calculator, item)`` of a (task, item) payload, with the peak RSS of the process that ran it and
+    the task's CPU time (``timings_s["cpu"]``, s, all threads of that process: unlike the wall times, it does
+    not count the time a shared or paused machine gave to other work)."""
     task, item = payload
-    return {**task(calculator, item), "peak_rss_mib": peak_rss_mib()}
+    c0 = time.process_time()
+    out = task(calculator, item)
+    timings = {**(out.get("timings_s") or {}), "cpu": time.process_time() - c0}
+    return {**out, "timings_s": timings, "peak_rss_mib": peak_rss_mib()}
+
+
+def compute_times(records: list[dict]) -> dict:
+    """The summed per-entry times of a benchmark's succeeded and failed entries: ``compute_time_s`` (wall,
+    each entry's ``timings_s["total"]``) and ``compute_cpu_time_s`` (CPU, ``timings_s["cpu"]``, over the
+    ``n_entries_with_cpu_time`` entries that recorded it: entries from before it was recorded have none)."""
+    timings = [r.get("timings_s") or {} for r in records]
+    cpu = [float(t["cpu"]) for t in timings if t.get("cpu") is not None]
+    return {"compute_time_s": sum(float(t.get("total", 0.0)) for t in timings),
+            "compute_cpu_time_s": sum(cpu) if cpu else None, "n_entries_with_cpu_time": len(cpu)}

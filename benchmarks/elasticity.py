@@ -32,8 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.common import (entry_key, metric, metrics_document, model_folder, peak_rss_mib, print_metrics_main,
-                               run_entry_tasks, utc_now, write_benchmark_json)
+from benchmarks.common import (compute_times, entry_key, metric, metrics_document, model_folder, peak_rss_mib,
+                               print_metrics_main, run_entry_tasks, utc_now, write_benchmark_json)
 from mattersim.calculator import model_info
 from mattersim.distributed import ModelSpec, TaskRunner, add_dask_options
 from mattersim.errors import InputError
@@ -219,7 +219,7 @@ def run_elasticity(records: Sequence[dict], calculator, output_dir: str | os.Pat
         doc = metrics_document(benchmark=benchmark, kind="elasticity", dataset=dataset, model=info, metrics=metrics,
                                n_items=len(items), n_done=sum(r.get("status") == "ok" for r in records_out),
                                failures=failures, wall_time_s=time.perf_counter() - t_start, groups=groups,
-                               extra={**settings, "evaluated_now": n_new, "reused": n_reused,
+                               extra={**settings, **compute_times(records_out), "evaluated_now": n_new, "reused": n_reused,
                                       "peak_rss_mib": peak_rss_mib()},
                                definitions=definitions(settings))
         with atomic_path(out / "parity.npz") as tmp:

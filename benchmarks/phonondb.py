@@ -99,8 +99,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from ase import Atoms
 
-from benchmarks.common import (entry_key, load_json, metric, metrics_document, model_folder, peak_rss_mib,
-                               print_metrics_main, run_entry_tasks, utc_now, write_benchmark_json)
+from benchmarks.common import (compute_times, entry_key, load_json, metric, metrics_document, model_folder,
+                               peak_rss_mib, print_metrics_main, run_entry_tasks, utc_now, write_benchmark_json)
 from mattersim.calculator import model_info
 from mattersim.data import parse_phonopy_conf
 from mattersim.errors import InputError
@@ -1050,12 +1050,11 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
             "n_items": len(items),
             "reference": "A. Togo, PhononDB (2018-04-17), VASP PBEsol, CC BY 4.0",
         }
-        compute = sum(float((r.get("timings_s") or {}).get("total", 0.0)) for r in records)
         doc = metrics_document(
             benchmark=benchmark, kind="phonon", dataset=dataset, model=info, metrics=metrics, n_items=len(items),
             n_done=sum(r.get("status") == "ok" for r in records), failures=failures,
             wall_time_s=time.perf_counter() - t_start, groups=groups,
-            extra={**settings, "compute_time_s": compute, "evaluated_now": n_evaluated, "reused": n_reused,
+            extra={**settings, **compute_times(records), "evaluated_now": n_evaluated, "reused": n_reused,
                    "peak_rss_mib": peak_rss_mib(),
                    "imaginary_threshold_THz": -0.01,
                    "counted": "succeeded entries without imaginary modes in the reference and the prediction of "

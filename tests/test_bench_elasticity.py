@@ -50,6 +50,10 @@ def test_runner_scores_resumes_and_isolates_failures(emt_set, tmp_path):
     assert "Voigt-Reuss-Hill" in doc["definitions"]["moduli"] and doc["settings"]["ions"] == "relaxed-ion"
     entry = json.loads((out / "EMT" / "entries" / "cu.json").read_text())
     assert entry["stable"] and len(entry["elastic_tensor_ieee_GPa"]) == 6
+    # each succeeded entry records its CPU time; the metrics sum them (the failed entry has none)
+    cpu = [json.loads((out / "EMT" / "entries" / f"{k}.json").read_text())["timings_s"]["cpu"] for k in ("cu", "al")]
+    assert all(c > 0 for c in cpu) and doc["settings"]["n_entries_with_cpu_time"] == 2
+    assert doc["settings"]["compute_cpu_time_s"] == pytest.approx(sum(cpu), rel=1e-12)
     # rerun: every entry reused (the failed one too), same numbers
     again = run_elasticity(records, EMT(), out, progress=False)
     assert again["settings"]["reused"] == 3 and again["settings"]["evaluated_now"] == 0
@@ -108,3 +112,23 @@ def test_unstable_gamma_count_and_the_median_error():
     assert values["n_unstable_gamma"] == 2 and values["bulk_modulus_mae_GPa"] == pytest.approx(10.0)
     assert values["shear_modulus_mae_GPa"] == pytest.approx((60050.0 + 3 * 10.0) / 4)
     assert values["shear_modulus_median_ae_GPa"] == pytest.approx(10.0)  # robust to it
+
+
+def test_cpu_time_leaves_out_waiting():
+    """A task's CPU time is what it computed: a task that waits 0.3 s records its wall time but almost no CPU
+    time (the case of a benchmark paused or sharing the machine), and entries without it are left out."""
+    import time
+
+    from benchmarks.common import _with_peak_rss, compute_times
+
+    def task(calculator, item):
+        t0 = time.perf_counter()
+        time.sleep(item)
+        return {"status": "ok", "timings_s": {"total": time.perf_counter() - t0}}
+
+    rec = _with_peak_rss(None, (task, 0.3))
+    assert rec["timings_s"]["total"] >= 0.3 and rec["timings_s"]["cpu"] < 0.1 and rec["peak_rss_mib"] > 0
+    times = compute_times([rec, {"timings_s": {"total": 2.0}}, {"status": "failed"}])
+    assert times["compute_time_s"] == pytest.approx(rec["timings_s"]["total"] + 2.0)
+    assert times["compute_cpu_time_s"] == rec["timings_s"]["cpu"] and times["n_entries_with_cpu_time"] == 1
+    assert compute_times([{"timings_s": {"total": 1.0}}])["compute_cpu_time_s"] is None
