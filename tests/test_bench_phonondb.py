@@ -688,6 +688,28 @@ def test_qha_variant_matches_the_analytic_quasi_harmonic_crystal(tmp_path):
     assert metrics["free_energy_change_qha_mae_meV_per_atom"] == pytest.approx(abs(got - harmonic), rel=1e-9)
     assert metrics["free_energy_change_qha_part_mean_meV_per_atom"] == pytest.approx(got - harmonic, rel=1e-9)
     assert "harmonic F(900 K) - F(300 K) at the DFT volume" in doc["definitions"]["free_energy_change_qha"]
+    # the same QHA on top of a harmonic run's entry (harmonic_from): its results taken as they are, only the
+    # QHA computed, the same number; a harmonic run at other settings (displacement) is not taken
+    harm = run_phonondb([entries_dir / SIC], calc, tmp_path / "harm", progress=False)
+    harm_rec = json.loads((tmp_path / "harm" / "QuasiHarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    reused = run_phonondb([entries_dir / SIC], calc, tmp_path / "reuse", progress=False, qha="-0.03:0.09:7",
+                          harmonic_from=tmp_path / "harm")
+    rec2 = json.loads((tmp_path / "reuse" / "QuasiHarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    assert rec2["harmonic_from"]["key"] == harm_rec["key"] and rec2["key"] == rec["key"]
+    assert "prediction" not in rec2["timings_s"] and rec2["timings_s"]["qha"] > 0
+    assert rec2["reference"] == harm_rec["reference"] and rec2["relaxation"] == harm_rec["relaxation"]
+    assert {k: v for k, v in rec2["prediction"].items() if k != "qha"} == harm_rec["prediction"]
+    assert rec2["prediction"]["qha"]["free_energy_change_300_900_meV_per_atom"] == pytest.approx(got, rel=1e-9)
+    assert {m["key"]: m["value"] for m in reused["metrics"]}["n_counted_qha"] == 1
+    run_phonondb([entries_dir / SIC], calc, tmp_path / "harm2", progress=False, displacement=0.02)
+    other = run_phonondb([entries_dir / SIC], calc, tmp_path / "reuse2", progress=False, qha="-0.03:0.09:7",
+                         displacement=0.01, harmonic_from=tmp_path / "harm2")
+    rec3 = json.loads((tmp_path / "reuse2" / "QuasiHarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    assert other["n_done"] == 1 and "harmonic_from" not in rec3 and rec3["timings_s"]["prediction"] > 0
+    with pytest.raises(InputError, match="with qha"):
+        run_phonondb([entries_dir / SIC], calc, tmp_path / "x", harmonic_from=tmp_path / "harm")
+    with pytest.raises(InputError, match="not a folder"):
+        run_phonondb([entries_dir / SIC], calc, tmp_path / "x", qha="-0.03:0.09:7", harmonic_from=tmp_path / "none")
     # a QHA that fails (here: the model refuses every volume but the DFT cell's) keeps the harmonic results
     class FailsAwayFromV0(QuasiHarmonicDFT):
         def calculate(self, atoms=None, properties=None, system_changes=all_changes):
@@ -700,6 +722,21 @@ def test_qha_variant_matches_the_analytic_quasi_harmonic_crystal(tmp_path):
     got = {m["key"]: m["value"] for m in failing["metrics"]}
     assert failing["n_done"] == 1 and got["n_counted_qha"] == 0 and got["n_qha_left_out_QHA_failed"] == 1
     assert got["omega_max_mae_THz"] == pytest.approx(0.0, abs=1e-6)
+    # a model whose own phonons at V0 are unstable (the DFT force constants negated): the QHA is not run at
+    # all (this calculator refuses every other volume, as above) and the entry is left out for that reason
+    class UnstableAtV0(FailsAwayFromV0):
+        def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            self.results["forces"] = -self.results["forces"]
+
+    unstable = run_phonondb([entries_dir / SIC], UnstableAtV0(entries_dir / SIC), tmp_path / "unstable",
+                            progress=False, qha="-0.03:0.09:7")
+    rec = json.loads((tmp_path / "unstable" / "UnstableAtV0" / "entries" / f"{SIC}.json").read_text())
+    assert rec["prediction"]["no_nac"]["imaginary_modes"] > 0
+    assert rec["prediction"]["qha"] == {"skipped": "prediction imaginary modes at V0"}
+    got = {m["key"]: m["value"] for m in unstable["metrics"]}
+    assert got["n_counted_qha"] == 0 and got["n_qha_left_out_QHA_failed"] == 0
+    assert got["n_qha_left_out_prediction_imaginary_modes_at_V0"] == 1
     # keyed apart from the harmonic run; not with at_dft_volume; a bad grid before any work
     plain = run_phonondb([entries_dir / SIC], HarmonicDFT([entries_dir / SIC]), tmp_path / "plain", progress=False)
     assert "free_energy_change_qha_mae_meV_per_atom" not in {m["key"] for m in plain["metrics"]}
@@ -707,3 +744,32 @@ def test_qha_variant_matches_the_analytic_quasi_harmonic_crystal(tmp_path):
         run_phonondb([entries_dir / SIC], calc, tmp_path / "x", qha="-0.03:0.09:7", at_dft_volume=True)
     with pytest.raises(InputError, match="qha"):
         run_phonondb([entries_dir / SIC], calc, tmp_path / "x", qha="-0.03:0.09")
+
+
+def test_qha_selection_is_one_rule_for_skipped_and_computed_entries():
+    """The QHA metric counts the entries of the harmonic one: an entry with imaginary modes in the reference
+    or in the model's harmonic phonons at V0 is left out for that reason whether its QHA was skipped or (by an
+    earlier version) computed; the QHA's own checks come after."""
+    from benchmarks.phonondb import _qha_selection, _qha_skip_reason
+
+    def rec(name, ref_imag, pred_imag, qha):
+        return {"id": name, "status": "ok", "reference": {"no_nac": {"imaginary_modes": ref_imag}},
+                "prediction": {"no_nac": {"imaginary_modes": pred_imag}, "qha": qha}}
+
+    good = {"imaginary_volumes": 0, "free_energy_change_300_900_meV_per_atom": -100.0}
+    records = [rec("ok", 0, 0, good),
+               rec("ref", 3, 0, {"skipped": "reference imaginary modes"}),
+               rec("ref-old", 2, 1, good),  # computed by an earlier version: the same reason
+               rec("pred", 0, 4, {"skipped": "prediction imaginary modes at V0"}),
+               rec("pred-old", 0, 1, good),
+               rec("failed", 0, 0, {"error": "RuntimeError: x"}),
+               rec("volume", 0, 0, {**good, "imaginary_volumes": 2}),
+               rec("range", 0, 0, {**good, "free_energy_change_300_900_meV_per_atom": None}),
+               {"id": "harmonic-only", "status": "ok", "prediction": {}},
+               {"id": "failed-entry", "status": "failed"}]
+    ok, reasons = _qha_selection(records)
+    assert [r["id"] for r in ok] == ["ok"]
+    assert reasons == {"reference imaginary modes": 2, "prediction imaginary modes at V0": 2, "QHA failed": 1,
+                       "imaginary modes at a volume": 1, "volume outside the sampled range before 900 K": 1}
+    assert _qha_skip_reason(records[2]["reference"], records[2]["prediction"]) == "reference imaginary modes"
+    assert _qha_skip_reason(records[0]["reference"], records[0]["prediction"]) is None
