@@ -849,17 +849,28 @@ def common_entry_metrics(records_by_model: dict[str, dict[str, dict]]) -> tuple[
 
     ``records_by_model``: ``{model: {entry id: record}}`` (:func:`read_entry_records`). Returns
     ``({variant: common ids}, {model: metrics})`` with the metric keys of ``metrics.json`` (and
-    ``n_counted`` / ``n_counted_nac`` = the size of the common set)."""
+    ``n_counted`` / ``n_counted_nac`` = the size of the common set). Runs of the QHA variant add ``"qha"``:
+    the entries every model's QHA metric counts (:func:`_qha_selection`), and its MAE on them."""
     common: dict[str, list[str]] = {}
     for variant in ("no_nac", "nac"):
         sets = [{eid for eid, rec in recs.items() if _selection([rec], variant, imaginary=False)}
                 for recs in records_by_model.values()]
         common[variant] = sorted(set.intersection(*sets)) if sets else []
+    with_qha = bool(records_by_model) and all(
+        any((r.get("prediction") or {}).get("qha") is not None for r in recs.values() if r.get("status") == "ok")
+        for recs in records_by_model.values())
+    if with_qha:
+        sets = [{eid for eid, rec in recs.items() if _qha_selection([rec])[0]} for recs in records_by_model.values()]
+        common["qha"] = sorted(set.intersection(*sets))
     out: dict[str, list[dict]] = {}
     for model, recs in records_by_model.items():
         metrics: list[dict] = []
         for variant in ("no_nac", "nac"):
             metrics += _mae_metrics([recs[eid] for eid in common[variant]], variant, imaginary=False)[0]
+        if with_qha:
+            chosen = [recs[eid] for eid in common["qha"]]
+            metrics += _qha_metrics(chosen)[0] if chosen else [
+                metric("n_counted_qha", "Entries in the QHA MAE", None, 0, None)]
         out[model] = metrics
     return common, out
 

@@ -667,9 +667,11 @@ def _common_entries_section(body: list, runs: list[ModelRun], notes: list[str], 
         return None
     common, metrics = common_entry_metrics(records)
     body.append(Heading(3, "Metrics on the entries common to all models"))
+    qha = (f"; {len(common['qha'])} for the QHA variant (counted by every model's QHA metric)"
+           if "qha" in common else "")
     body.append(Para(f"The same entries for every model: {len(common['no_nac'])} without NAC, "
                      f"{len(common['nac'])} with NAC (succeeded for all models, no imaginary mode in the "
-                     "reference nor in any prediction). The table above counts each model's own entries.",
+                     f"reference nor in any prediction){qha}. The table above counts each model's own entries.",
                      css="small"))
     body.append(_metric_table(runs, [metrics[r.slug] for r in runs], notes, f"{bench} / common entries"))
     return {"ids": common, "metrics": metrics}

@@ -773,3 +773,30 @@ def test_qha_selection_is_one_rule_for_skipped_and_computed_entries():
                        "imaginary modes at a volume": 1, "volume outside the sampled range before 900 K": 1}
     assert _qha_skip_reason(records[2]["reference"], records[2]["prediction"]) == "reference imaginary modes"
     assert _qha_skip_reason(records[0]["reference"], records[0]["prediction"]) is None
+
+
+def test_common_entries_of_the_qha_variant():
+    """Runs of the QHA variant are ranked on the entries every model's QHA metric counts too: each model's
+    QHA MAE over that intersection, by hand."""
+    from benchmarks.phonondb import QUANTITIES, common_entry_metrics
+
+    def rec(ref_imag, pred_imag, qha_value, ref_value=-100.0):
+        side = {key: 1.0 for _, key, *_ in QUANTITIES}
+        ref = {**side, "imaginary_modes": ref_imag, "free_energy_change_300_900_meV_per_atom": ref_value}
+        pred = {**side, "imaginary_modes": pred_imag, "free_energy_change_300_900_meV_per_atom": -90.0}
+        qha = ({"skipped": "x"} if qha_value is None else
+               {"imaginary_volumes": 0, "free_energy_change_300_900_meV_per_atom": qha_value})
+        return {"status": "ok", "has_born": False, "reference": {"no_nac": ref, "nac": ref},
+                "prediction": {"no_nac": pred, "nac": pred, "qha": qha}}
+
+    a = {"e1": rec(0, 0, -110.0), "e2": rec(0, 0, -120.0, -130.0), "e3": rec(0, 2, None), "e4": rec(1, 0, None)}
+    b = {"e1": rec(0, 0, -105.0), "e2": rec(0, 3, None), "e3": rec(0, 0, -95.0), "e4": rec(1, 0, None)}
+    common, metrics = common_entry_metrics({"a": a, "b": b})
+    assert common["qha"] == ["e1"] and common["no_nac"] == ["e1"]
+    got = {m: {x["key"]: x["value"] for x in metrics[m]} for m in ("a", "b")}
+    assert got["a"]["free_energy_change_qha_mae_meV_per_atom"] == pytest.approx(10.0)
+    assert got["b"]["free_energy_change_qha_mae_meV_per_atom"] == pytest.approx(5.0)
+    assert got["a"]["n_counted_qha"] == got["b"]["n_counted_qha"] == 1
+    # harmonic runs have no QHA entry set
+    plain = {k: {**r, "prediction": {kk: v for kk, v in r["prediction"].items() if kk != "qha"}} for k, r in a.items()}
+    assert "qha" not in common_entry_metrics({"a": plain, "b": plain})[0]
