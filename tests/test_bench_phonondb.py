@@ -690,7 +690,7 @@ def test_qha_variant_matches_the_analytic_quasi_harmonic_crystal(tmp_path):
     assert "harmonic F(900 K) - F(300 K) at the DFT volume" in doc["definitions"]["free_energy_change_qha"]
     # the same QHA on top of a harmonic run's entry (harmonic_from): its results taken as they are, only the
     # QHA computed, the same number; a harmonic run at other settings (displacement) is not taken
-    harm = run_phonondb([entries_dir / SIC], calc, tmp_path / "harm", progress=False)
+    run_phonondb([entries_dir / SIC], calc, tmp_path / "harm", progress=False)
     harm_rec = json.loads((tmp_path / "harm" / "QuasiHarmonicDFT" / "entries" / f"{SIC}.json").read_text())
     reused = run_phonondb([entries_dir / SIC], calc, tmp_path / "reuse", progress=False, qha="-0.03:0.09:7",
                           harmonic_from=tmp_path / "harm")
