@@ -16,7 +16,8 @@ from pymatgen.analysis.elasticity import ElasticTensor
 
 from mattersim.calculator import model_info
 from mattersim.errors import InputError
-from workflows.elastic import ElasticResult, born_stability, run_elastic, strained_cell, voigt_strain
+from workflows.elastic import (ElasticResult, born_stability, crystal_symmetry, run_elastic, sign_images, strained_cell,
+                               voigt_strain)
 
 TIGHT = {"fmax": 1e-4, "relax_steps": 2000}
 
@@ -193,6 +194,30 @@ def test_outputs_resume_and_reload(cu_result, monkeypatch):
     rerun = run_elastic(_cu(), Counting(), output_dir=out, **TIGHT)
     assert Counting.calls == 0  # relaxed structure and all stresses come from stresses.npz
     assert np.allclose(rerun.c, result.c)
+
+
+def test_negative_strains_are_symmetry_images(monkeypatch):
+    """Where an operation R turns a direction into its negative, σ(-s) = R σ(+s) Rᵀ replaces a strained cell:
+    cubic Cu's three shears (the 4-fold axes), never a normal strain, nothing for P-1 (inversion keeps every
+    strain). hcp Cu with its ions relaxed (10 cells instead of 12: its yz shear is flipped by the 2-fold axis
+    along z) gives the tensor of the run that strains -s too, to the ions' convergence (the hexagonal
+    pattern's 2e-3 GPa)."""
+    import workflows.elastic as module
+
+    flips = sign_images(crystal_symmetry(_cu())[2], range(6))
+    assert sorted(flips) == [3, 4, 5]
+    for k, rot in flips.items():
+        assert np.allclose(rot @ voigt_strain(k, 1.0) @ rot.T, -voigt_strain(k, 1.0))
+    assert sign_images([np.eye(3), -np.eye(3)], range(6)) == {}
+    assert run_elastic(_cu(), EMT(), relax_ions=False, **TIGHT).summary["strain_set"]["n_strained_cells"] == 6
+
+    hcp = bulk("Cu", "hcp", a=2.55, c=4.16)
+    reduced = run_elastic(hcp, EMT(), fmax=1e-5, relax_steps=3000)
+    monkeypatch.setattr(module, "sign_images", lambda rotations, directions: {})
+    every = run_elastic(hcp, EMT(), fmax=1e-5, relax_steps=3000)
+    assert reduced.summary["strain_set"]["negative_strains_by_symmetry"] == [4]
+    assert (reduced.summary["strain_set"]["n_strained_cells"], every.summary["strain_set"]["n_strained_cells"]) == (10, 12)
+    assert np.abs(reduced.c - every.c).max() < 2e-3
 
 
 def test_clamped_ion_differs_where_ions_relax():

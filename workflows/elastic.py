@@ -7,7 +7,9 @@ Steps (logged to ``elastic.log``):
 2. strains: the Voigt directions, each at ``±s`` for every magnitude ``s`` in ``strains``. A direction that the
    point group's images of the directions already chosen span is not computed (:func:`strain_directions`):
    the stresses of the images are the rotated stresses (``σ(R ε Rᵀ) = R σ(ε) Rᵀ``), and C follows from all
-   of them by least squares; a cubic crystal needs 2 directions, a hexagonal one 3, a triclinic one 6;
+   of them by least squares; a cubic crystal needs 2 directions, a hexagonal one 3, a triclinic one 6.
+   Where an operation turns a direction into its negative (most shears: :func:`sign_images`), only its
+   positive strains get a cell (cubic: 6 strained cells instead of 8, orthorhombic 18 instead of 24);
 3. relaxed-ion (default, the physical answer): the ions of every strained cell relax at fixed cell, all
    cells together through :class:`mattersim.relax.BatchRelaxer` (one batched model call per step);
    clamped-ion (``relax_ions=False``) evaluates the strained cells once, in one batched call;
@@ -57,7 +59,7 @@ from workflows.cells import structure_record
 from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
 __all__ = ["ElasticResult", "MAX_STRAIN", "born_stability", "crystal_symmetry", "run_elastic", "run_elastic_many",
-           "strain_directions"]
+           "sign_images", "strain_directions"]
 
 logger = logging.getLogger("mattersim.elastic")
 
@@ -139,6 +141,21 @@ def strain_directions(rotations: Sequence[np.ndarray]) -> list[int]:
             images = np.einsum("nab,bc,ndc->nad", rots, voigt_strain(j, 1.0), rots)
             span = np.vstack([span] + [_strain_voigt(e)[None, :] for e in images])
     return computed
+
+
+def sign_images(rotations: Sequence[np.ndarray], directions: Sequence[int]) -> dict[int, np.ndarray]:
+    """For each Voigt direction in ``directions`` that some point-group operation R turns into its own negative
+    (``R E_k Rᵀ = -E_k``), that R: the stress of the strain -s is then ``R σ(+s) Rᵀ`` and only the positive
+    magnitudes need a strained cell. Shears of every crystal with a 2-fold axis or a mirror along a cell axis
+    (cubic: yz by the 4-fold axis along x); never a normal strain (R keeps the trace)."""
+    out: dict[int, np.ndarray] = {}
+    for k in directions:
+        e = voigt_strain(k, 1.0)
+        for rot in rotations:
+            if np.allclose(rot @ e @ rot.T, -e, atol=1e-8):
+                out[k] = np.asarray(rot, dtype=float)
+                break
+    return out
 
 
 def strained_cell(atoms: Atoms, strain: np.ndarray) -> Atoms:
@@ -529,9 +546,13 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         computed = strain_directions(rotations)
         values = {j: np.array(sorted([-m for m in ms] + [0.0] + ms)) for j in range(6)
                   for ms in [mags if j < 3 else shear_mags]}
-        jobs = [(k, d) for k in computed for d in values[k] if d != 0.0]
+        # a direction that an operation turns into its negative needs no cell for -s: σ(-s) = R σ(+s) Rᵀ
+        flips = sign_images(rotations, computed)
+        jobs = [(k, d) for k in computed for d in values[k] if d > 0.0 or (d < 0.0 and k not in flips)]
         log.info(f"strains: space group {spacegroup}; {len(computed)} of 6 Voigt directions computed "
-                 f"({', '.join(str(k + 1) for k in computed)}), {len(jobs)} strained cells, {settings['ions']}")
+                 f"({', '.join(str(k + 1) for k in computed)}), {len(jobs)} strained cells"
+                 + (f" (the negative strains of direction(s) {', '.join(str(k + 1) for k in flips)} are images of "
+                    "the positive ones)" if flips else "") + f", {settings['ions']}")
 
         # 3. stresses of the unstrained and strained cells (resumable)
         n = len(jobs) + 1
@@ -599,6 +620,9 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         # (R E_k Rᵀ, R S_k Rᵀ) over the point group by least squares: C u = v for every pair.
         sigma0_tensor = stresses[0] / GPa
         by_job = {(k, round(float(d), 12)): stresses[i + 1] / GPa for i, (k, d) in enumerate(jobs)}
+        for k, rot in flips.items():
+            for d in values[k][values[k] > 0.0]:
+                by_job[(k, round(float(-d), 12))] = rot @ by_job[(k, round(float(d), 12))] @ rot.T
         sig_dir: dict[int, np.ndarray] = {}
         slopes: dict[int, np.ndarray] = {}
         resid = np.full((6, 6), np.nan)
@@ -648,6 +672,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
             "ion_relaxation": ion_relaxation,
             "strain_set": {"magnitudes": mags, "shear_magnitudes": shear_mags, "computed_directions": [k + 1 for k in computed],
                            "n_strained_cells": len(jobs),
+                           "negative_strains_by_symmetry": [k + 1 for k in flips],
                            "symmetry": "directions mapped onto computed ones by the point group's rotations "
                                        "(σ(R ε Rᵀ) = R σ(ε) Rᵀ)" if use_symmetry else "none"},
             "elastic_tensor": {
