@@ -17,6 +17,8 @@ DFT volume (``free_energy_change_qha_mae_meV_per_atom``, with the mean quasi-har
 change and the entries left out by reason). It is computed only for the entries the harmonic metrics count
 (no imaginary mode in the DFT reference, nor in the model's harmonic phonons at its relaxed V0); the others
 record why (``{"skipped": reason}``), which spares about 60 % of its cost on the 312-entry subset.
+:func:`stable_reference_ids` (``--stable-reference-ids FILE``, no model) lists the entries whose DFT
+reference has no imaginary mode, so that a ``--qha --subset FILE`` run skips the others altogether.
 
 **Entries.** A PhononDB entry is a folder ``<id>/`` or an archive ``<id>.tar.lzma`` / ``<id>.tar.xz`` of the
 public PhononDB mirror (a folder ``<id>/`` inside; only the needed members are read, in memory, nothing is
@@ -92,6 +94,7 @@ import json
 import logging
 import lzma
 import os
+import sys
 import tarfile
 import tempfile
 import time
@@ -125,6 +128,7 @@ __all__ = [
     "phonon_properties",
     "reference_phonopy",
     "run_phonondb",
+    "stable_reference_ids",
 ]
 
 logger = logging.getLogger("mattersim.bench")
@@ -602,6 +606,54 @@ def _save_reference(folder: Path | None, entry: "PhononDBEntry", settings: dict,
                                                               "reference": reference, "mesh": mesh})
 
 
+def _reference_properties(entry: PhononDBEntry, ref, settings: dict, cache: Path | None) -> tuple[dict, list, bool]:
+    """The DFT reference's properties of ``entry`` (``ref``: its :func:`reference_phonopy` without NAC), without
+    and with NAC (the entry's BORN), on the settings' mesh: ``(reference, mesh numbers, taken from the cache)``.
+    Computed once per entry and settings and kept in the folder ``cache`` (None: not kept)."""
+    cached = _load_reference(cache, entry, settings)
+    if cached is not None:
+        return cached["reference"], cached["mesh"], True
+    mesh = _mesh(settings)
+    ref_props = phonon_properties(ref, mesh)
+    reference, ref_mesh = {"no_nac": _record(ref_props), "nac": None}, [int(n) for n in ref_props["mesh"]["numbers"]]
+    if entry.has_born:
+        ref.nac_params = _dft_born(entry, ref.primitive, settings["symprec"]).to_phonopy_nac_params(method=NAC_METHOD)
+        reference["nac"] = _record(phonon_properties(ref, mesh))
+    _save_reference(cache, entry, settings, reference, ref_mesh)
+    return reference, ref_mesh, False
+
+
+def _reference_settings(mesh_length: float | None, mesh_numbers) -> dict:
+    """The settings the reference's properties depend on (a run's settings hold these and more)."""
+    return {"mesh_length_A": mesh_length, "mesh": mesh_numbers, "nac_method": NAC_METHOD, "symprec": SYMPREC,
+            "temperature_K": 300.0}
+
+
+def stable_reference_ids(entries: Sequence[str | os.PathLike | PhononDBEntry], output_dir: str | os.PathLike, *,
+                         mesh: float | Sequence[int] = DEFAULT_MESH_LENGTH, progress: bool = True) -> list[str]:
+    """The ids of the ``entries`` (in their order) whose DFT phonons, without NAC, have no imaginary mode: the
+    only ones whose free-energy change the metrics count, so the only ones worth the QHA variant's 7 phonon
+    runs per entry (``--stable-reference-ids FILE``, then ``--qha --subset FILE``). The reference's
+    properties are computed as :func:`run_phonondb` computes them and kept in ``output_dir/reference/``,
+    where a run into the same ``output_dir`` takes them. No model is involved."""
+    from mattersim.io import progress_bar
+
+    parsed = parse_mesh(mesh, "mesh")
+    settings = _reference_settings(*((parsed, None) if isinstance(parsed, float) else (None, parsed)))
+    cache = Path(output_dir) / "reference"
+    stable = []
+    items = list(entries)
+    with progress_bar(progress, len(items), "DFT references") as bar:
+        for item in items:
+            entry = item if isinstance(item, PhononDBEntry) else load_entry(item)
+            reference, _, _ = _reference_properties(entry, reference_phonopy(entry, nac=False, symprec=SYMPREC),
+                                                    settings, cache)
+            if reference["no_nac"]["imaginary_modes"] == 0:
+                stable.append(entry.id)
+            bar.advance(1)
+    return stable
+
+
 #: the bookkeeping fields of an entry's json (set by the runner); the rest are the entry's results
 _BOOKKEEPING = ("schema", "id", "index", "source", "key", "input_sha256", "model", "settings", "date", "status",
                 "timings_s", "peak_rss_mib", "worker", "traceback", "harmonic_from")
@@ -656,18 +708,9 @@ def _evaluate_entry(item, calculator, settings: dict, files=None, reference_cach
     t = time.perf_counter()
     ref = reference_phonopy(entry, nac=False, symprec=settings["symprec"])
     mesh = _mesh(settings)
-    cached = _load_reference(reference_cache, entry, settings)
-    if cached is not None:
-        reference, ref_mesh = cached["reference"], cached["mesh"]
-    else:
-        ref_props = phonon_properties(ref, mesh)
-        reference, ref_mesh = {"no_nac": _record(ref_props), "nac": None}, [int(n) for n in ref_props["mesh"]["numbers"]]
-        if entry.has_born:
-            ref.nac_params = _dft_born(entry, ref.primitive, settings["symprec"]).to_phonopy_nac_params(method=NAC_METHOD)
-            reference["nac"] = _record(phonon_properties(ref, mesh))
-        _save_reference(reference_cache, entry, settings, reference, ref_mesh)
+    reference, ref_mesh, cached = _reference_properties(entry, ref, settings, reference_cache)
     timings["reference"] = time.perf_counter() - t
-    timings["reference_cached"] = float(cached is not None)
+    timings["reference_cached"] = float(cached)
 
     t = time.perf_counter()
     at_dft_volume = settings["relax_mode"] == AT_DFT_VOLUME
@@ -1070,11 +1113,10 @@ def run_phonondb(entries: Sequence[str | os.PathLike | PhononDBEntry], calculato
     root, slug, out = model_folder(output_dir, benchmark, info)
     entries_dir = out / "entries"
     entries_dir.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "mesh_length_A": mesh_length, "mesh": mesh_numbers, "fmax_eV_per_A": float(fmax),
+    settings = {  # the entry key hashes them sorted: their order here does not matter
+        **_reference_settings(mesh_length, mesh_numbers), "fmax_eV_per_A": float(fmax),
         "relax_steps": int(relax_steps), "relax_mode": AT_DFT_VOLUME if at_dft_volume else "full-symmetric",
         "displacement_A": float(displacement),
-        "nac_method": NAC_METHOD, "symprec": SYMPREC, "temperature_K": 300.0,
     }
     if qha is not None:  # only then a setting: the harmonic runs' entry keys stay as they were
         settings["qha_volumes"] = str(qha)
@@ -1192,7 +1234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mattersim.registry import load_calculator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="model name or checkpoint path (repeatable)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="model name or checkpoint path (repeatable; required unless --stable-reference-ids)")
     parser.add_argument("--entries", required=True, nargs="+",
                         help="a folder of PhononDB entries (<id>/ or <id>.tar.lzma), or entry paths")
     parser.add_argument("--subset", default=None, help="file with the entry ids to use, one per line")
@@ -1210,21 +1253,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--harmonic-from", default=None, metavar="DIR",
                         help="with --qha: the -o of a harmonic run of the same model and settings, whose entries "
                              "are reused (only the QHA is computed for them)")
+    parser.add_argument("--stable-reference-ids", default=None, metavar="FILE",
+                        help="no model: write to FILE the ids of the entries whose DFT phonons have no imaginary "
+                             "mode (the only ones the QHA variant can count; pass FILE as --subset of a --qha "
+                             "run into the same -o, which reuses the references kept there)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--float64", action="store_true", help="evaluate MatterSim models in double precision")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-o", "--output", required=True)
     add_dask_options(parser)
     args = parser.parse_args(argv)
+    if not args.model and args.stable_reference_ids is None:
+        parser.error("--model is required (unless --stable-reference-ids FILE)")
 
-    def documents():
+    def chosen_entries():
         for p in args.entries:
             if not Path(p).exists():
                 raise InputError(f"PhononDB entries '{p}' do not exist; pass a folder of entries (<id>/ folders or "
                                  "<id>.tar.lzma archives) or entry paths.")
         one = Path(args.entries[0])
         folder_of_entries = len(args.entries) == 1 and one.is_dir() and not (one / "FORCE_SETS").exists()
-        entries = find_entries(one if folder_of_entries else args.entries, args.subset)
+        return find_entries(one if folder_of_entries else args.entries, args.subset)
+
+    if args.stable_reference_ids is not None:
+        try:
+            entries = chosen_entries()[: args.max]
+            stable = stable_reference_ids(entries, args.output, mesh=args.mesh, progress=not args.no_progress)
+        except InputError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return 2
+        with atomic_path(args.stable_reference_ids) as tmp:
+            Path(tmp).write_text("".join(f"{eid}\n" for eid in stable))
+        print(f"{len(stable)} of {len(entries)} entries have DFT phonons without imaginary modes: "
+              f"{args.stable_reference_ids}")
+        return 0
+
+    def documents():
+        entries = chosen_entries()
         dtype = "float64" if args.float64 else "float32"
         with TaskRunner(workers=args.workers, scheduler=args.scheduler) as runner:
             for name in args.model:

@@ -25,6 +25,7 @@ from benchmarks.phonondb import (
     main,
     reference_phonopy,
     run_phonondb,
+    stable_reference_ids,
 )
 from conftest import shared_path
 from mattersim.errors import InputError
@@ -453,6 +454,48 @@ def test_second_model_takes_the_reference_from_the_first(tmp_path):
     run_phonondb([d / SIC], Third([d / SIC], scale=1.3), out, progress=False)
     third = json.loads((out / "Third" / "entries" / f"{SIC}.json").read_text())
     assert third["timings_s"]["reference_cached"] == 0.0 and third["reference"] == first["reference"]
+
+
+def test_stable_reference_ids_and_the_qha_run_that_takes_them(tmp_path, monkeypatch, capsys):
+    """The entries whose DFT phonons have no imaginary mode, without a model: NaSbF6's DFT reference has
+    them, 3C-SiC's not; an independent check with phonopy alone on the DFT files (its lowest mesh frequency,
+    the three acoustic Γ modes aside). The references are kept where a run into the same folder takes them,
+    and a second call computes nothing. The command writes the ids, one per line, and needs no model."""
+    import benchmarks.phonondb as module
+
+    d = _entries_dir()
+    for eid, unstable in ((SIC, False), (NASBF6, True)):
+        ph = reference_phonopy(load_entry(d / eid))
+        ph.run_mesh(DEFAULT_MESH_LENGTH)
+        mesh = ph.get_mesh_dict()
+        freqs = np.array(mesh["frequencies"])
+        gamma = np.flatnonzero(np.all(np.abs(mesh["qpoints"]) < 1e-12, axis=1))
+        assert len(gamma) == 1  # Γ-centred: Γ is on the mesh, and its three acoustic modes are left aside
+        freqs[gamma[0], :3] = 0.0
+        assert (freqs.min() < -0.01) == unstable
+    out = tmp_path / "out"
+    assert stable_reference_ids([d / SIC, d / NASBF6], out, progress=False) == [SIC]
+    assert sorted(f.name for f in (out / "reference").iterdir()) == sorted([f"{SIC}.json", f"{NASBF6}.json"])
+
+    def no_properties(*args, **kwargs):
+        raise AssertionError("recomputed a cached reference")
+
+    monkeypatch.setattr(module, "phonon_properties", no_properties)
+    assert stable_reference_ids([d / NASBF6, d / SIC], out, progress=False) == [SIC]
+    monkeypatch.undo()
+    run_phonondb([d / SIC], HarmonicDFT([d / SIC], scale=1.1), out, progress=False)
+    rec = json.loads((out / "HarmonicDFT" / "entries" / f"{SIC}.json").read_text())
+    assert rec["timings_s"]["reference_cached"] == 1.0
+
+    subset = tmp_path / "all.txt"
+    subset.write_text(f"{SIC}\n{NASBF6}\n")
+    ids = tmp_path / "stable.txt"
+    assert main(["--entries", str(d), "--subset", str(subset), "--stable-reference-ids", str(ids), "--no-progress",
+                 "-o", str(tmp_path / "cli")]) == 0
+    assert ids.read_text() == f"{SIC}\n" and "1 of 2 entries" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--entries", str(d), "-o", str(tmp_path / "x")])  # neither a model nor --stable-reference-ids
+    assert "--model is required" in capsys.readouterr().err
 
 
 def test_model_born_charges_and_identity(tmp_path):
