@@ -1265,6 +1265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.model and args.stable_reference_ids is None:
         parser.error("--model is required (unless --stable-reference-ids FILE)")
+    if args.model and args.stable_reference_ids is not None:
+        parser.error("--stable-reference-ids lists entries from the DFT data alone: run it without --model, then "
+                     "the models with --subset FILE")
 
     def chosen_entries():
         for p in args.entries:

@@ -496,6 +496,9 @@ def test_stable_reference_ids_and_the_qha_run_that_takes_them(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(["--entries", str(d), "-o", str(tmp_path / "x")])  # neither a model nor --stable-reference-ids
     assert "--model is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "chgnet", "--entries", str(d), "--stable-reference-ids", str(ids), "-o", str(tmp_path / "x")])
+    assert "without --model" in capsys.readouterr().err
 
 
 def test_model_born_charges_and_identity(tmp_path):
