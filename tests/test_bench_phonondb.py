@@ -467,9 +467,8 @@ def test_stable_reference_ids_and_the_qha_run_that_takes_them(tmp_path, monkeypa
     for eid, unstable in ((SIC, False), (NASBF6, True)):
         ph = reference_phonopy(load_entry(d / eid))
         ph.run_mesh(DEFAULT_MESH_LENGTH)
-        mesh = ph.get_mesh_dict()
-        freqs = np.array(mesh["frequencies"])
-        gamma = np.flatnonzero(np.all(np.abs(mesh["qpoints"]) < 1e-12, axis=1))
+        freqs = np.array(ph.mesh.frequencies)
+        gamma = np.flatnonzero(np.all(np.abs(ph.mesh.qpoints) < 1e-12, axis=1))
         assert len(gamma) == 1  # Γ-centred: Γ is on the mesh, and its three acoustic modes are left aside
         freqs[gamma[0], :3] = 0.0
         assert (freqs.min() < -0.01) == unstable
