@@ -650,7 +650,7 @@ class _BondMLP(torch.autograd.Function):
                                "again, build it under mattersim.m3gnet.twice_differentiable()")
         pre, *kept = ctx.kept
         ctx.kept = None
-        ws, e, h = ctx.ws, pre.shape[0], w_g.shape[0]
+        ws, e = ctx.ws, pre.shape[0]
         n = ws.narrow[:, :e]  # eight (e, h) scratch blocks
         grad_out = torch.index_select(grad, 0, centre, out=n[0]) if ctx.aggregate else grad
         if kept:

@@ -76,7 +76,7 @@ def resolve_budget(memory_budget_gb: float | str | None = None, device="cpu") ->
         text = os.environ.get(ENV_BUDGET, "").strip()
         if not text:
             return default_budget_bytes(device)
-        gb = _parse_gb(text, f"The environment variable {ENV_BUDGET}", f"set it to e.g. 4 (GB) or unset it")
+        gb = _parse_gb(text, f"The environment variable {ENV_BUDGET}", "set it to e.g. 4 (GB) or unset it")
     return int(gb * GB)
 
 

@@ -659,7 +659,7 @@ def _load_chgnet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
 def _load_sevennet(spec: ModelSpec, *, device: str, dtype: str) -> Any:
     _float32_only(spec.name, dtype)
     try:
-        from sevenn.calculator import SevenNetCalculator
+        from sevenn.calculator import SevenNetCalculator  # noqa: F401 - is sevenn there?
     except ImportError as exc:
         raise _missing_package(spec, exc) from exc
     with warnings.catch_warnings():

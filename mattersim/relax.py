@@ -39,6 +39,7 @@ from ase.units import GPa
 
 from mattersim.calculator import evaluate_batch
 from mattersim.errors import InputError
+from mattersim.symmetry import fix_symmetry
 
 __all__ = ["MODES", "OPTIMIZERS", "BatchRelaxer", "RelaxResult", "internal_curvatures", "normalise_mode", "relax",
            "start_hessian", "unstable_modes"]
@@ -303,7 +304,8 @@ def relax(
         Passed to the ASE optimizer (``logfile="-"`` logs to stdout).
     symmetry, symprec:
         Keep the space group (found by spglib with tolerance ``symprec`` Å) during the relaxation, with
-        ASE's ``FixSymmetry`` constraint on positions and cell: what a phonon calculation on the
+        ASE's ``FixSymmetry`` constraint on positions and cell (built from one spglib analysis,
+        :func:`mattersim.symmetry.fix_symmetry`): what a phonon calculation on the
         crystal's own primitive cell needs (a tiny symmetry-breaking drift of a free relaxation would
         make that primitive cell inexact).
     """
@@ -316,9 +318,7 @@ def relax(
     work = atoms.copy()
     work.calc = calculator
     if symmetry:
-        from ase.constraints import FixSymmetry
-
-        work.set_constraint(FixSymmetry(work, symprec=symprec))
+        work.set_constraint(fix_symmetry(work, symprec=symprec))
     initial_volume = float(work.get_volume()) if _wants_stress(work) else None
     optimizable = _make_optimizable(work, mode, pressure)
     with opt_cls(optimizable, logfile=logfile, trajectory=None if trajectory is None else str(trajectory)) as opt, \
@@ -674,9 +674,7 @@ class BatchRelaxer:
     def _start(self, job: _Job, trajectory: str | None) -> None:
         work = job.atoms.copy()
         if self.symmetry:
-            from ase.constraints import FixSymmetry
-
-            work.set_constraint(FixSymmetry(work, symprec=self.symprec))
+            work.set_constraint(fix_symmetry(work, symprec=self.symprec))
         job.properties = ("energy", "forces", "stress") if (self.mode != "fixed_cell" or _wants_stress(work)) else ("energy", "forces")
         job.cache = _CachedResultsCalculator(self.calculator, job.properties)
         work.calc = job.cache

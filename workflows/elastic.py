@@ -55,6 +55,7 @@ from ase.units import GPa
 from mattersim.calculator import evaluate_batch, model_info
 from mattersim.errors import InputError
 from mattersim.io import atomic_path, full_stress
+from mattersim.symmetry import symmetry_dataset
 from workflows.cells import structure_record
 from workflows.outputs import ArrayStore, RunFolder, load_summary, run_key, summary_header
 
@@ -90,22 +91,10 @@ def _strain_voigt(e: np.ndarray) -> np.ndarray:
     return full_3x3_to_voigt_6_stress(e) * _ENGINEERING
 
 
-def _dataset(atoms: Atoms, symprec: float):
-    """spglib's symmetry dataset of ``atoms`` (None when it finds none)."""
-    import warnings
-
-    import spglib
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # spglib 2.5's notice about its error handling
-        return spglib.get_symmetry_dataset((np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers),
-                                           symprec=symprec)
-
-
 def crystal_symmetry(atoms: Atoms, symprec: float = 1e-5, data: Any = None) -> tuple[str, int, list[np.ndarray]]:
     """Space-group symbol and number and the point-group operations as distinct Cartesian 3x3 matrices, from
     one spglib call, or from its ``data`` when given (P1 and the identity when spglib finds nothing)."""
-    data = _dataset(atoms, symprec) if data is None else data
+    data = symmetry_dataset(atoms, symprec) if data is None else data
     if data is None:
         return "P1", 1, [np.eye(3)]
     lat = np.array(atoms.cell[:])  # rows are lattice vectors: x = latᵀ f
@@ -118,7 +107,7 @@ def standard_rotation(atoms: Atoms, symprec: float = 1e-5, data: Any = None) -> 
     """The rotation q (3x3, orthogonal) that turns ``atoms`` into spglib's standard orientation of its crystal
     (x_std = q x): cubic axes along x, y, z; the hexagonal and tetragonal c along z. The identity when spglib
     finds no symmetry. ``data``: spglib's dataset of ``atoms``, if already at hand."""
-    data = _dataset(atoms, symprec) if data is None else data
+    data = symmetry_dataset(atoms, symprec) if data is None else data
     if data is None:
         return np.eye(3)
     u, _, vt = np.linalg.svd(np.asarray(data.std_rotation_matrix, dtype=float))
@@ -536,7 +525,7 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
         # responses beyond linear order, so the tensor would depend on how the input cell happens to be oriented
         # (MP primitive cells of cubic crystals: up to 18 GPa in G_VRH with 5 % shears); there, too, the images
         # of a strain under the point group are other Voigt directions of the same magnitude.
-        data = _dataset(unit, symprec)  # one spglib call for both: the point group turns with the cell
+        data = symmetry_dataset(unit, symprec)  # one spglib call for both: the point group turns with the cell
         q = standard_rotation(unit, symprec, data)
         work = unit.copy()
         work.set_cell(np.array(unit.cell[:]) @ q.T, scale_atoms=True)
@@ -602,7 +591,8 @@ def run_elastic(atoms: Atoms, calculator, *, relax: bool = True, relax_ions: boo
                                          "elastic constants.")
                     stresses[i], finals[i] = full_stress(r.stress), r.atoms
             else:
-                results = evaluate_batch(calculator, [cells[i] for i in todo], ("energy", "forces", "stress"))
+                # clamped ions: stresses only (a model that differentiates once per derivative skips the forces)
+                results = evaluate_batch(calculator, [cells[i] for i in todo], ("energy", "stress"))
                 for i, r in zip(todo, results):
                     if r.get("stress") is None or not np.all(np.isfinite(r["stress"])):
                         raise InputError("The model returned no finite stress for a strained cell; it cannot give "
