@@ -36,11 +36,11 @@ def symmetry_dataset(atoms: Atoms, symprec: float = 1e-5) -> Any:
 
 
 def _atom_maps(frac: np.ndarray, rotations: np.ndarray, translations: np.ndarray, numbers: np.ndarray):
-    """For each operation (R, t): ``perm`` with atom i sent onto atom perm[i] (nearest periodic image, same
-    element) and ``delta`` = (R f_i + t) - f_perm[i] as the nearest lattice image (fractional); None when an
-    operation does not map the atoms one to one. One operation at a time (a supercell has many)."""
+    """For each operation (R, t) the map ``perm`` (G x N) that sends atom i onto atom perm[i] (the same element
+    at the nearest periodic image of R f_i + t), or None when an operation does not map the atoms one to one.
+    One operation at a time (a supercell has many)."""
     other = numbers[:, None] != numbers[None, :]
-    perms, deltas = [], []
+    perms = []
     for r, t in zip(rotations, translations):
         d = (frac @ r.T + t)[:, None, :] - frac[None, :, :]  # (N, N, 3)
         d -= np.round(d)
@@ -50,8 +50,7 @@ def _atom_maps(frac: np.ndarray, rotations: np.ndarray, translations: np.ndarray
         if np.unique(p).size != p.size:
             return None
         perms.append(p)
-        deltas.append(d[np.arange(len(p)), p])
-    return np.array(perms), np.array(deltas)
+    return np.array(perms)
 
 
 def symmetrize(atoms: Atoms, dataset: Any) -> tuple[np.ndarray, np.ndarray] | None:
@@ -62,11 +61,10 @@ def symmetrize(atoms: Atoms, dataset: Any) -> tuple[np.ndarray, np.ndarray] | No
     maps (``perm[g][i]``: the atom that operation g sends atom i onto), or None (``atoms`` untouched) when an
     operation of ``dataset`` does not map the atoms one to one (a tolerance too loose for this structure)."""
     rotations = np.asarray(dataset.rotations, dtype=float)
-    maps = _atom_maps(atoms.get_scaled_positions(wrap=False), rotations,
+    perm = _atom_maps(atoms.get_scaled_positions(wrap=False), rotations,
                       np.asarray(dataset.translations, dtype=float), atoms.numbers)
-    if maps is None:
+    if perm is None:
         return None
-    perm = maps[0]
     site = list(dataset.mapping_to_primitive)  # primitive site of each atom
     # spglib's primitive lattice is the input's (not idealised): in the input cell's basis its vectors are
     # multiples of 1/n (n = cells of the primitive one in the input), exact once rounded so
