@@ -233,7 +233,8 @@ def symmetrize_dielectric(atoms: Atoms, born: np.ndarray, epsilon: np.ndarray,
         from phonopy.structure.symmetry import symmetrize_borns_and_epsilon
 
         cell = PhonopyAtoms(numbers=atoms.numbers, cell=np.asarray(atoms.cell[:], dtype=float),
-                            scaled_positions=atoms.get_scaled_positions(wrap=True))
+                            scaled_positions=atoms.get_scaled_positions(wrap=True),
+                            masses=np.ones(len(atoms)))  # unused here; phonopy has none for Pu, Po, ...
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "largely broken" symmetry: the prediction is averaged anyway
             born, epsilon = symmetrize_borns_and_epsilon(born, epsilon, cell, symprec=symprec)

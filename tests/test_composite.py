@@ -570,3 +570,19 @@ def test_cli_phonon_table_shows_lo_uncertainty(installed, tmp_path, monkeypatch)
     assert "LO / TO" in result.stdout and "±" in result.stdout and "σ(Z*)" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nac"]["uncertainty"]["gamma_lo_to"]["n_members"] == 3
+
+
+def test_symmetrize_dielectric_of_an_element_phonopy_has_no_mass_for():
+    """PuO2 (phonopy knows no mass for Pu; symmetrisation needs none): the fluorite site symmetry makes Z* and
+    eps_inf isotropic, and the Z* sum to zero once the acoustic sum rule is imposed by the symmetrisation."""
+    from mattersim.composite import symmetrize_dielectric
+
+    atoms = bulk("PuO2", "fluorite", a=5.4)
+    rng = np.random.default_rng(0)
+    born = rng.normal(size=(3, 3, 3)) + np.array([4.0, -2.0, -2.0])[:, None, None] * np.eye(3)
+    eps = np.eye(3) * 6.0 + 0.1 * rng.normal(size=(3, 3))
+    z, e = symmetrize_dielectric(atoms, born, eps)
+    for zi in z:
+        np.testing.assert_allclose(zi, np.eye(3) * np.trace(zi) / 3, atol=1e-10)
+    np.testing.assert_allclose(e, np.eye(3) * np.trace(e) / 3, atol=1e-10)
+    np.testing.assert_allclose(z.sum(axis=0), 0.0, atol=1e-10)

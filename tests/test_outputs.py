@@ -86,3 +86,21 @@ def test_summary_header():
     assert list(head)[:4] == ["workflow", "workflow_version", "mattersim_version", "software"]
     assert head["workflow"] == "demo" and head["workflow_version"] == 3 and head["files"] == ["a"]
     assert {"python", "numpy", "ase", "phonopy", "pymatgen", "torch"} <= set(head["software"])
+
+
+def test_phonopy_cell_of_an_element_phonopy_has_no_mass_for():
+    """phonopy has no mass for Pu (and Po, Am, ...): the cell gets ASE's there and phonopy's elsewhere, so that
+    a Pu compound's phonons (and the elastic workflow's Γ-point Hessian) run instead of failing."""
+    from ase.data import atomic_masses, atomic_numbers
+    from phonopy import Phonopy
+
+    from workflows.cells import to_phonopy_atoms
+
+    puo2 = bulk("PuO2", "fluorite", a=5.4)
+    cell = to_phonopy_atoms(puo2)
+    o_phonopy = to_phonopy_atoms(bulk("MgO", "rocksalt", a=4.2)).masses[1]  # phonopy's own O
+    np.testing.assert_allclose(cell.masses, [atomic_masses[atomic_numbers["Pu"]], o_phonopy, o_phonopy])
+    assert Phonopy(cell, supercell_matrix=np.eye(3, dtype=int)).primitive.masses[0] == pytest.approx(244.06, abs=0.01)
+    # masses set on the atoms win
+    puo2.set_masses([239.05, 16.0, 16.0])
+    np.testing.assert_allclose(to_phonopy_atoms(puo2).masses, [239.05, 16.0, 16.0])

@@ -21,13 +21,31 @@ __all__ = ["structure_record", "to_ase_atoms", "to_phonopy_atoms"]
 
 
 def to_phonopy_atoms(atoms):
+    """phonopy's cell of ``atoms``: the masses set on ``atoms``, else phonopy's own, and for the elements that
+    phonopy has no mass for (Po, At, Rn, Fr, Ra, Pu and beyond) ASE's (the longest-lived isotope's)."""
     from phonopy.structure.atoms import PhonopyAtoms
 
     if isinstance(atoms, PhonopyAtoms):
         return atoms
-    kwargs = {"masses": atoms.get_masses()} if atoms.has("masses") else {}
-    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell[:], dtype=float),
-                        scaled_positions=atoms.get_scaled_positions(wrap=False), **kwargs)
+    kwargs = dict(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell[:], dtype=float),
+                  scaled_positions=atoms.get_scaled_positions(wrap=False))
+    if atoms.has("masses"):
+        return PhonopyAtoms(masses=atoms.get_masses(), **kwargs)
+    try:
+        return PhonopyAtoms(**kwargs)
+    except RuntimeError:  # "Masses of {...} are undefined"
+        masses = [_phonopy_mass(sym) or ase_mass for sym, ase_mass in zip(kwargs["symbols"], atoms.get_masses())]
+        return PhonopyAtoms(masses=masses, **kwargs)
+
+
+def _phonopy_mass(symbol: str) -> float | None:
+    """phonopy's mass of ``symbol`` (None where it has none)."""
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    try:
+        return float(PhonopyAtoms(symbols=[symbol], cell=np.eye(3), scaled_positions=np.zeros((1, 3))).masses[0])
+    except RuntimeError:
+        return None
 
 
 def to_ase_atoms(cell) -> Atoms:
