@@ -34,7 +34,8 @@ def to_phonopy_atoms(atoms):
     try:
         return PhonopyAtoms(**kwargs)
     except RuntimeError:  # "Masses of {...} are undefined"
-        masses = [_phonopy_mass(sym) or ase_mass for sym, ase_mass in zip(kwargs["symbols"], atoms.get_masses())]
+        known = {sym: _phonopy_mass(sym) for sym in set(kwargs["symbols"])}
+        masses = [known[sym] or ase_mass for sym, ase_mass in zip(kwargs["symbols"], atoms.get_masses())]
         return PhonopyAtoms(masses=masses, **kwargs)
 
 
