@@ -26,12 +26,16 @@ def symmetry_dataset(atoms: Atoms, symprec: float = 1e-5) -> Any:
     """spglib's symmetry dataset of ``atoms`` at tolerance ``symprec`` (Å), or None when it finds none."""
     import spglib
 
+    try:  # spglib >= 2.5 raises this (in its new error mode) where older versions returned None
+        from spglib.error import SpglibError
+    except ImportError:  # pragma: no cover - spglib < 2.5 only returns None
+        SpglibError = ()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # spglib 2.5's notice about its error handling
         try:
             return spglib.get_symmetry_dataset(
                 (np.array(atoms.cell[:]), atoms.get_scaled_positions(), atoms.numbers), symprec=symprec)
-        except Exception:  # spglib >= 2.5 may raise where older versions returned None
+        except SpglibError:
             return None
 
 

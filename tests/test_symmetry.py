@@ -124,3 +124,24 @@ def test_operations_that_do_not_map_the_atoms_one_to_one_fall_back_to_ase(monkey
     monkeypatch.setattr(FixSymmetry, "__init__", lambda self, a, symprec: used.append(symprec))
     fix_symmetry(atoms, 1e-5, dataset=Loose())
     assert used == [1e-5]
+
+
+@pytest.mark.parametrize("old_error_handling", [True, False])
+def test_a_structure_spglib_cannot_analyse_has_no_dataset_in_either_spglib_error_mode(monkeypatch,
+                                                                                      old_error_handling):
+    # two atoms on one site: spglib finds no symmetry; older spglib (and 2.x's default) returns None, its new
+    # error mode raises SpglibError; both read as "no symmetry" (P1), any other exception is not swallowed
+    import spglib
+    from ase import Atoms
+
+    error = pytest.importorskip("spglib.error")
+    monkeypatch.setattr(error, "OLD_ERROR_HANDLING", old_error_handling)
+    atoms = Atoms("Cu2", scaled_positions=[[0, 0, 0], [0, 0, 0]], cell=[3.0, 3.0, 3.0], pbc=True)
+    assert symmetry_dataset(atoms) is None
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a structure without symmetry")
+
+    monkeypatch.setattr(spglib, "get_symmetry_dataset", broken)
+    with pytest.raises(TypeError):
+        symmetry_dataset(atoms)
