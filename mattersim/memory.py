@@ -8,7 +8,10 @@ evaluated alone (MatterSim then uses its lowest-memory mode, see :mod:`mattersim
 The budget is the working memory of one call, on top of what the process holds anyway (Python, torch,
 the weights). It is, in this order: the ``memory_budget_gb`` argument, the ``MATTERSIM_MEMORY_BUDGET_GB``
 environment variable, or ``min(8 GB, a third of the device's memory)`` (RAM for the CPU, the GPU's memory
-for CUDA), which leaves room on a 24 GB machine. Here 1 GB = 2**30 bytes.
+for CUDA), which leaves room on a 24 GB machine. Where N processes share the device (N local Dask workers,
+which get ``MATTERSIM_PROCESSES_PER_DEVICE=N`` from :class:`mattersim.distributed.TaskRunner`; set it
+yourself for the workers of a cluster you start), the default is ``min(8 GB, a third of the memory / N)``:
+the calls of all N together stay within a third of it. Here 1 GB = 2**30 bytes.
 
 This module imports no torch at import time.
 """
@@ -26,6 +29,8 @@ from mattersim.errors import InputError
 
 GB = 2**30
 ENV_BUDGET = "MATTERSIM_MEMORY_BUDGET_GB"
+#: how many processes share this process's device (local Dask workers): the default budget is divided
+ENV_SHARE = "MATTERSIM_PROCESSES_PER_DEVICE"
 #: the default budget: at most this many GB ...
 DEFAULT_MAX_GB = 8.0
 #: ... and at most this fraction of the device's memory
@@ -50,11 +55,29 @@ def total_memory_bytes(device="cpu") -> int | None:
             return None
 
 
+def processes_per_device() -> int:
+    """``$MATTERSIM_PROCESSES_PER_DEVICE`` (1 when unset); anything but a positive integer raises
+    :class:`InputError`."""
+    text = os.environ.get(ENV_SHARE, "").strip()
+    if not text:
+        return 1
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"The environment variable {ENV_SHARE} must be a positive whole number of processes "
+                         f"sharing the device, got {text!r}; set it to e.g. 2 or unset it.")
+    return n
+
+
 def default_budget_bytes(device="cpu") -> int:
-    """``min(8 GB, a third of the device's memory)`` (8 GB where the memory is unknown)."""
+    """``min(8 GB, a third of the device's memory / N)``, N the processes sharing the device
+    (:func:`processes_per_device`); 8 GB / N where the memory is unknown."""
     total = total_memory_bytes(device)
     cap = DEFAULT_MAX_GB * GB
-    return int(cap if total is None else min(cap, DEFAULT_FRACTION * total))
+    n = processes_per_device()
+    return int(cap / n if total is None else min(cap, DEFAULT_FRACTION * total / n))
 
 
 def _parse_gb(value, what: str, fix: str) -> float:

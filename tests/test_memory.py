@@ -13,7 +13,8 @@ from ase.build import bulk, molecule
 from mattersim import m3gnet
 from mattersim.errors import InputError
 from mattersim.graph import build_structure_graph, collate
-from mattersim.memory import ENV_BUDGET, GB, MemoryModel, budget_batches, default_budget_bytes, pair_counts, resolve_budget
+from mattersim.memory import (ENV_BUDGET, ENV_SHARE, GB, MemoryModel, budget_batches, default_budget_bytes, pair_counts,
+                              resolve_budget, total_memory_bytes)
 from mattersim.potential import Potential, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_budget_from_argument_variable_and_default(monkeypatch):
     monkeypatch.delenv(ENV_BUDGET, raising=False)
+    monkeypatch.delenv(ENV_SHARE, raising=False)
     assert resolve_budget(2) == 2 * GB
     assert resolve_budget("0.5") == GB // 2
     default = resolve_budget(None)
@@ -31,6 +33,29 @@ def test_budget_from_argument_variable_and_default(monkeypatch):
     monkeypatch.setenv(ENV_BUDGET, "3")
     assert resolve_budget(None) == 3 * GB
     assert resolve_budget(1) == GB  # the argument wins over the variable
+
+
+def test_default_budget_is_shared_among_the_processes_of_one_device(monkeypatch):
+    # N local workers on one machine: together within the third of the memory one process would get alone
+    monkeypatch.delenv(ENV_BUDGET, raising=False)
+    monkeypatch.delenv(ENV_SHARE, raising=False)
+    total = total_memory_bytes()
+    alone = default_budget_bytes()
+    assert alone == int(min(8 * GB, total / 3))
+    for n in (2, 3, 64):
+        monkeypatch.setenv(ENV_SHARE, str(n))
+        assert default_budget_bytes() == int(min(8 * GB, total / (3 * n))) == resolve_budget(None)
+        assert default_budget_bytes() * n <= max(alone, total / 3) + n
+    monkeypatch.setenv(ENV_BUDGET, "3")
+    assert resolve_budget(None) == 3 * GB  # an explicit budget is not divided
+
+
+@pytest.mark.parametrize("bad", ["two", "0", "-1", "1.5"])
+def test_bad_processes_per_device_is_one_clear_error(bad, monkeypatch):
+    monkeypatch.delenv(ENV_BUDGET, raising=False)
+    monkeypatch.setenv(ENV_SHARE, bad)
+    with pytest.raises(InputError, match=rf"{ENV_SHARE} must be a positive whole number .* got '{bad}'; set it"):
+        resolve_budget(None)
 
 
 @pytest.mark.parametrize("bad", ["abc", "-1", "0", "nan", "inf", ""])
