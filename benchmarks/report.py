@@ -74,6 +74,8 @@ QUANTITY_UNITS: dict[str, str] = {
     "free_energy_change_qha": "meV/atom",
     "entropy": "J/K/mol",
     "heat_capacity": "J/K/mol",
+    "bulk_modulus": "GPa",
+    "shear_modulus": "GPa",
 }
 
 #: Failed items listed per model in the Markdown/HTML (the JSON keeps all of them).
@@ -330,6 +332,20 @@ def _duration(seconds: Any) -> str:
     return f"{s / 3600:.2f} h"
 
 
+def _time_text(m: dict) -> str:
+    """How long a model's run took. A resumed run's ``wall_time_s`` is only its last invocation's (entries
+    from earlier ones reused), so the per-entry times summed (``compute_time_s`` in its settings) come first
+    where recorded."""
+    wall = _duration(m.get("wall_time_s"))
+    settings = m.get("settings") or {}
+    if settings.get("compute_time_s") is None:
+        return wall
+    text = f"{_duration(settings['compute_time_s'])} summed over entries"
+    if settings.get("reused"):
+        return f"{text}; last invocation {wall}, {settings['reused']} entries reused"
+    return f"{text}; wall {wall}"
+
+
 def _one_line(text: Any, limit: int = 300) -> str:
     s = " ".join(str(text if text is not None else "").split())
     return s if len(s) <= limit else s[: limit - 1] + "…"
@@ -527,8 +543,22 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _parity_limits(data: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """Shared axis limits: every reference value and the central 99 % of the predictions, so that a few wild
+    predictions (a mechanically unstable tensor's Reuss average, a blown-up frame) do not shrink the rest
+    into a corner; the predictions outside are drawn at the edge."""
+    refs = np.concatenate([r for _, r, _ in data.values()] or [np.zeros(0)])
+    preds = np.concatenate([p for _, _, p in data.values()] or [np.zeros(0)])
+    values = [refs] + ([np.percentile(preds, [0.5, 99.5])] if preds.size else [])
+    allv = np.concatenate(values)
+    lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+    pad = 0.03 * (hi - lo) if hi > lo else 0.5 * max(abs(hi), 1.0)
+    return lo - pad, hi + pad
+
+
 def _parity_png(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> bytes:
-    """One panel per model (shared limits), subsampled small markers, the y = x line, MAE in the title."""
+    """One panel per model (shared limits, :func:`_parity_limits`), subsampled small markers, predictions
+    beyond the limits as crosses at the edge (counted in the title), the y = x line, MAE in the title."""
     from matplotlib.figure import Figure
 
     unit = _unit_of(quantity)
@@ -537,22 +567,27 @@ def _parity_png(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(3.8 * ncols, 3.6 * nrows + 0.4), layout="constrained")
-    allv = np.concatenate([np.concatenate([r, p]) for _, r, p in data.values()] or [np.zeros(1)])
-    lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
-    pad = 0.03 * (hi - lo) if hi > lo else 0.5 * max(abs(hi), 1.0)
-    lo, hi = lo - pad, hi + pad
+    lo, hi = _parity_limits(data)
     for i, (slug, (label, ref, pred)) in enumerate(data.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         idx = _subsample(ref.size, MAX_SCATTER_POINTS)
         size = 6 if ref.size <= 2000 else 2
-        ax.scatter(ref[idx], pred[idx], s=size, alpha=0.5, linewidths=0, color=f"C{i}", rasterized=True)
+        r, p = ref[idx], pred[idx]
+        out = (p < lo) | (p > hi)
+        ax.scatter(r[~out], p[~out], s=size, alpha=0.5, linewidths=0, color=f"C{i}", rasterized=True)
+        if out.any():
+            ax.scatter(r[out], np.clip(p[out], lo, hi), s=12, marker="x", linewidths=0.6, color="0.35",
+                       clip_on=False, rasterized=True)
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_aspect("equal", adjustable="box")
         mae = float(np.mean(np.abs(pred - ref))) if ref.size else float("nan")
         shown = "" if ref.size <= MAX_SCATTER_POINTS else f", {MAX_SCATTER_POINTS} shown"
-        ax.set_title(f"{label}\nMAE {format_value(mae)}{' ' + unit if unit else ''} (n={ref.size}{shown})", fontsize=9)
+        beyond = int(np.count_nonzero((pred < lo) | (pred > hi)))
+        edge = f"\n{beyond} beyond the axes: × at the edge" if beyond else ""
+        ax.set_title(f"{label}\nMAE {format_value(mae)}{' ' + unit if unit else ''} (n={ref.size}{shown}){edge}",
+                     fontsize=9)
         ax.set_xlabel(f"reference {quantity}{u}", fontsize=9)
         ax.set_ylabel(f"predicted {quantity}{u}", fontsize=9)
         ax.tick_params(labelsize=8)
@@ -754,7 +789,7 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
         body.append(Bullets([
             f"{_model_header(r)}: {r.metrics.get('n_items', '–')} items, {r.metrics.get('n_done', '–')} done, "
             f"{r.metrics.get('n_failed', len(r.metrics.get('failures') or []))} failed, "
-            f"wall time {_duration(r.metrics.get('wall_time_s'))}"
+            f"time {_time_text(r.metrics)}"
             for r in runs]))
         defs = _definitions_block(runs)
         if defs:
@@ -837,8 +872,8 @@ def make_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike
          for b in benchmarks.values()]))
     tail.append(Heading(2, "Runs"))
     tail.append(Table(
-        ["Benchmark", "Model", "Date", "Wall time", "Software", "Platform", "Folder"],
-        [[Cell(b.name), Cell(_model_header(r)), Cell(r.date or "–"), Cell(_duration(r.metrics.get("wall_time_s"))),
+        ["Benchmark", "Model", "Date", "Time", "Software", "Platform", "Folder"],
+        [[Cell(b.name), Cell(_model_header(r)), Cell(r.date or "–"), Cell(_time_text(r.metrics)),
           Cell(_software_line(r.metrics.get("software") or {})),
           Cell(str((r.metrics.get("software") or {}).get("platform") or "–")), Cell(str(r.folder))]
          for b in benchmarks.values() for r in b.models.values()]))

@@ -145,8 +145,8 @@ def test_markdown_table_values_and_bold(report):
     assert rows["Tied metric (GPa) ↓"] == ["**0.2**", "**0.2**"]  # ties all bold
     assert rows["Sometimes missing (GPa) ↓"] == ["–", "**0.3**"]  # None shown as a dash
     # one line per model with counts and wall time
-    assert "- model-a (1.0): 30 items, 30 done, 0 failed, wall time 12.5 s" in hex_md
-    assert "- model-b (2.1): 30 items, 5 done, 25 failed, wall time 12.5 s" in hex_md
+    assert "- model-a (1.0): 30 items, 30 done, 0 failed, time 12.5 s" in hex_md
+    assert "- model-b (2.1): 30 items, 5 done, 25 failed, time 12.5 s" in hex_md
 
 
 def test_group_tables(report):
@@ -379,3 +379,28 @@ def test_every_phonondb_parity_quantity_has_a_unit():
     for name, _key, _tag, unit, _label in QUANTITIES:
         assert _unit_of(name) == unit and _unit_of(f"{name}_nac") == unit, name
     assert _unit_of("free_energy_change_qha") == "meV/atom" and _unit_of("nonsense") is None
+
+
+def test_parity_limits_keep_the_references_and_push_wild_predictions_to_the_edge():
+    """A few predictions hundreds of GPa off (unstable tensors' Reuss averages) must not set the axes: the
+    limits hold every reference value and the central 99 % of the predictions, the rest is counted."""
+    from benchmarks.report import _parity_limits, _parity_png, _unit_of
+
+    ref = np.linspace(1.0, 300.0, 1000)
+    pred = 0.9 * ref
+    pred[:5] = [-800.0, -500.0, 2000.0, 900.0, -300.0]
+    lo, hi = _parity_limits({"a": ("m", ref, pred)})
+    assert lo <= 1.0 and hi >= 300.0  # every reference value is inside
+    assert -50 < lo and hi < 350  # the five wild ones are not
+    assert _parity_png("elasticity", "shear_modulus", {"a": ("m", ref, pred)})[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _unit_of("bulk_modulus") == _unit_of("shear_modulus") == "GPa"
+
+
+def test_a_resumed_run_reports_the_summed_entry_time_not_only_its_last_invocation():
+    from benchmarks.report import _time_text
+
+    assert _time_text({"wall_time_s": 12.5}) == "12.5 s"
+    assert _time_text({"wall_time_s": 0.6, "settings": {"compute_time_s": 7200.0, "reused": 3953}}) == (
+        "2.00 h summed over entries; last invocation 0.6 s, 3953 entries reused")
+    assert _time_text({"wall_time_s": 90.0, "settings": {"compute_time_s": 150.0, "reused": 0}}) == (
+        "2.5 min summed over entries; wall 90.0 s")
