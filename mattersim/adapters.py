@@ -202,8 +202,7 @@ def _chgnet_class() -> type:
                 with chgnet_first_derivatives():  # CHGNet's predict_graph, which refuses the tasks without "f"
                     pred = self.model([graphs[k] for k in idx], task=task)
                 for pos, k in enumerate(idx):
-                    out[k] = {key: pred[key][pos].detach().cpu().numpy().copy() for key in ("e", "f", "s", "m")
-                              if key in pred}
+                    out[k] = {key: pred[key][pos].detach().cpu().numpy() for key in ("e", "f", "s", "m") if key in pred}
                 # the energy keeps the forward pass's graph (CHGNet retains it for the second derivative):
                 # dropped before the next batch, which would otherwise run with two batches' activations
                 del pred
