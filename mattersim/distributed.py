@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from mattersim.errors import InputError
+from mattersim.memory import ENV_SHARE, release_freed_memory
 
 __all__ = ["ModelSpec", "TaskResult", "TaskRunner", "add_dask_options", "worker_calculator", "worker_loads"]
 
@@ -48,26 +49,6 @@ logger = logging.getLogger("mattersim.distributed")
 #: long in a worker as in a plain single-thread process (measured: 18 s against 10.7 s). Local workers run
 #: with glibc's default (None unsets it); set the same in the Dask config of a cluster you start yourself.
 WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": None}
-
-_MALLOC_TRIM: list = []  # glibc's malloc_trim, looked up once per process (None where there is none)
-
-
-def release_freed_memory() -> None:
-    """Give the heap's freed pages back to the operating system (glibc's ``malloc_trim(0)``; nothing
-    elsewhere). A worker runs it after each task: with glibc's default thresholds (:data:`WORKER_MALLOC`),
-    one large task (CHGNet, 18 strained 40-atom cells: 6 GB) otherwise leaves its peak resident for good,
-    and the next large one grows past Dask's memory limit of the worker, which restarts it and loses its
-    task. It costs microseconds to milliseconds, against seconds per task."""
-    if not _MALLOC_TRIM:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _MALLOC_TRIM.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
-        except (OSError, AttributeError):  # not glibc (macOS, musl)
-            _MALLOC_TRIM.append(None)
-    if _MALLOC_TRIM[0] is not None:
-        _MALLOC_TRIM[0](0)
 
 
 @dataclass(frozen=True)
@@ -232,8 +213,6 @@ class TaskRunner:
                                  "or dask-jobqueue) or use --workers N for local workers.") from None
         else:
             import dask
-
-            from mattersim.memory import ENV_SHARE
 
             threads = max(1, (os.cpu_count() or 1) // self.workers)
             environ = {**{k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},

@@ -16,7 +16,6 @@ Results agree with the official code to float32 rounding (about 1e-7 relative).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import threading
 from typing import NamedTuple
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from mattersim.graph import Encoded, GraphBatch, edge_geometry
-from mattersim.memory import MemoryModel
+from mattersim.memory import MALLOC_TRIM, MemoryModel
 
 #: model_args of the official v1 architecture (1M checkpoint); the 5M one differs in ``units``/blocks.
 DEFAULT_MODEL_ARGS = {
@@ -365,16 +364,6 @@ def _inference(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
 
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 class _HeapTrim:
     """Hands the C heap's free pages back to the operating system every few edge chunks of a large graph
     (the recompute mode, whose plain-autograd chunks allocate their temporaries afresh).
@@ -388,14 +377,14 @@ class _HeapTrim:
     every = 4
 
     def __init__(self, n_chunks: int, device: torch.device):
-        self.active = _MALLOC_TRIM is not None and device.type == "cpu" and n_chunks > self.every
+        self.active = MALLOC_TRIM is not None and device.type == "cpu" and n_chunks > self.every
         self.count = 0
 
     def tick(self) -> None:
         if self.active:
             self.count += 1
             if self.count % self.every == 0:
-                _MALLOC_TRIM(0)
+                MALLOC_TRIM(0)
 
 
 def _silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

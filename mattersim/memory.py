@@ -18,6 +18,7 @@ This module imports no torch at import time.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from dataclasses import dataclass
@@ -53,6 +54,27 @@ def total_memory_bytes(device="cpu") -> int | None:
             return int(psutil.virtual_memory().total)
         except ImportError:
             return None
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+#: glibc's ``malloc_trim`` (None where there is none: macOS, musl)
+MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the operating system (``malloc_trim(0)``; a no-op without glibc).
+    Resident memory otherwise stays at a process's peak: a Dask worker runs it after each task, so that one
+    large task does not leave its peak resident for the next (and past Dask's memory limit of the worker,
+    which restarts it and loses its task). Microseconds to milliseconds; the freed pages fault in again
+    when reused, so not after every model call (B48O6's elastic entry: 462 s against 355 s)."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 def processes_per_device() -> int:

@@ -137,25 +137,6 @@ def test_local_workers_share_the_default_memory_budget(monkeypatch):
     assert [r.value for r in res] == [("2", int(min(8 * GB, total_memory_bytes() / 6)))] * 2
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.path.exists("/proc/self/statm")
-                         and __import__("platform").libc_ver()[0] == "glibc"), reason="glibc's malloc_trim, Linux")
-def test_freed_heap_memory_goes_back_to_the_system():
-    # 4000 arrays of 64 kB come from the heap (below glibc's mmap threshold); freed, all but the last, they
-    # stay resident (the last one pins the heap's top) until malloc_trim gives the free pages back
-    from mattersim.distributed import release_freed_memory
-
-    def rss_mib():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    arrays = [np.ones(8000) for _ in range(4000)]
-    last = arrays[-1]
-    del arrays
-    before = rss_mib()
-    release_freed_memory()
-    assert before - rss_mib() > 150 and last[0] == 1.0  # of 244 MiB freed
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the PhononDB benchmark on Dask
 # ---------------------------------------------------------------------------------------------------------

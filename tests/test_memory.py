@@ -3,6 +3,9 @@ and the size counts the estimates use. Nothing here measures memory or time (ben
 does)."""
 
 import math
+import os
+import platform
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from mattersim import m3gnet
 from mattersim.errors import InputError
 from mattersim.graph import build_structure_graph, collate
 from mattersim.memory import (ENV_BUDGET, ENV_SHARE, GB, MemoryModel, budget_batches, default_budget_bytes, pair_counts,
-                              resolve_budget, total_memory_bytes)
+                              release_freed_memory, resolve_budget, total_memory_bytes)
 from mattersim.potential import Potential, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +59,23 @@ def test_bad_processes_per_device_is_one_clear_error(bad, monkeypatch):
     monkeypatch.setenv(ENV_SHARE, bad)
     with pytest.raises(InputError, match=rf"{ENV_SHARE} must be a positive whole number .* got '{bad}'; set it"):
         resolve_budget(None)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.path.exists("/proc/self/statm")
+                         and platform.libc_ver()[0] == "glibc"), reason="glibc's malloc_trim, Linux")
+def test_freed_heap_memory_goes_back_to_the_system():
+    # 4000 arrays of 64 kB come from the heap (below glibc's mmap threshold); freed, all but the last, they
+    # stay resident (the last one pins the heap's top) until malloc_trim gives the free pages back
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    arrays = [np.ones(8000) for _ in range(4000)]
+    last = arrays[-1]
+    del arrays
+    before = rss_mib()
+    release_freed_memory()
+    assert before - rss_mib() > 150 and last[0] == 1.0  # of 244 MiB freed
 
 
 @pytest.mark.parametrize("bad", ["abc", "-1", "0", "nan", "inf", ""])
