@@ -89,6 +89,16 @@ def _ours(calc, atoms, relaxed: bool) -> dict:
             "cells": res.summary["strain_set"]["n_strained_cells"]}
 
 
+def _differences(rows) -> dict:
+    """Largest and median |ΔK| and |ΔG| (GPa) between the two tools over ``rows`` (None where empty)."""
+    out = {}
+    for key, name in (("k", "dK"), ("g", "dG")):
+        d = [abs(r["mattersim"][key] - r["matcalc"][key]) for r in rows]
+        out[f"max_abs_{name}_GPa"] = max(d, default=None)
+        out[f"median_abs_{name}_GPa"] = float(np.median(d)) if d else None
+    return out
+
+
 AGREEMENT_FMAX = 1e-3  # eV/Å: the shared relaxation and, relaxed-ion, the strained cells' ions in both tools
 # the agreement's two shear sets (engineering strains; matcalc gets half, as tensor strains): the comparison's
 # large shears, and small ones (our workflow's default magnitudes), where a straight line is the tangent
@@ -142,12 +152,8 @@ def _agreement_rows(calc, refs: dict, relaxed: bool, shears) -> dict:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
     stable = [r for r in rows if r.get("stable")]
-    dk = [abs(r["mattersim"]["k"] - r["matcalc"]["k"]) for r in stable]
-    dg = [abs(r["mattersim"]["g"] - r["matcalc"]["g"]) for r in stable]
-    return {"shear_strains_engineering": list(shears), "n_stable": len(stable),
-            "max_abs_dK_GPa": max(dk, default=None), "max_abs_dG_GPa": max(dg, default=None),
-            "median_abs_dK_GPa": float(np.median(dk)) if dk else None,
-            "median_abs_dG_GPa": float(np.median(dg)) if dg else None, "rows": rows}
+    return {"shear_strains_engineering": list(shears), "n_stable": len(stable), **_differences(stable),
+            "rows": rows}
 
 
 def agreement(calc, cases, modes) -> dict:
@@ -193,14 +199,9 @@ def run(model: str, n: int, modes, device: str = "cpu", check_agreement: bool = 
             rows.append({"id": mp_id, "n_atoms": len(atoms), "mattersim": ours, "matcalc": peer,
                          "time_mattersim_s": t1 - t0, "time_matcalc_s": t2 - t1})
         both = [r for r in rows if "k" in r["mattersim"] and "k" in r["matcalc"]]
-        dk = [abs(r["mattersim"]["k"] - r["matcalc"]["k"]) for r in both]
-        dg = [abs(r["mattersim"]["g"] - r["matcalc"]["g"]) for r in both]
         report["modes"][mode] = {
             "time_mattersim_s": t_ours, "time_matcalc_s": t_peer, "ratio_matcalc_over_mattersim": t_peer / t_ours,
-            "max_abs_dK_GPa": max(dk) if dk else None, "max_abs_dG_GPa": max(dg) if dg else None,
-            "median_abs_dK_GPa": float(np.median(dk)) if dk else None,
-            "median_abs_dG_GPa": float(np.median(dg)) if dg else None,
-            "n_compared": len(both), "rows": rows}
+            **_differences(both), "n_compared": len(both), "rows": rows}
         print(f"{model} {mode}: mattersim {t_ours:.1f} s, matcalc {t_peer:.1f} s, ratio {t_peer / t_ours:.2f}; "
               f"max |dK| {report['modes'][mode]['max_abs_dK_GPa']}, max |dG| {report['modes'][mode]['max_abs_dG_GPa']} GPa",
               flush=True)
