@@ -597,6 +597,11 @@ def _parity_png(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray
 
 def _error_png(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> bytes:
     """Step histograms of pred - ref, all points, models overlaid, shared bins over the central 99 %."""
+    return _png(_error_figure(bench, quantity, data))
+
+
+def _error_figure(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray, np.ndarray]]):
+    """The figure of :func:`_error_png`; headroom above the tallest bar keeps the legend off the peaks."""
     from matplotlib.figure import Figure
 
     unit = _unit_of(quantity)
@@ -610,13 +615,18 @@ def _error_png(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray,
     bins = np.linspace(lo, hi, 61)
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
+    tallest, shown = 0.0, 0
     for i, (slug, (label, err)) in enumerate(errors.items()):
         if err.size == 0:
             continue
         clipped = np.clip(err, lo, hi)
         mae = float(np.mean(np.abs(err)))
-        ax.hist(clipped, bins=bins, weights=np.full(err.size, 1.0 / err.size), histtype="step", lw=1.5,
-                color=f"C{i}", label=f"{label}: MAE {format_value(mae)}{' ' + unit if unit else ''}, n={err.size}")
+        heights, _, _ = ax.hist(clipped, bins=bins, weights=np.full(err.size, 1.0 / err.size), histtype="step",
+                                lw=1.5, color=f"C{i}",
+                                label=f"{label}: MAE {format_value(mae)}{' ' + unit if unit else ''}, n={err.size}")
+        tallest, shown = max(tallest, float(np.max(heights))), shown + 1
+    if tallest > 0:  # room for the legend's rows above the data
+        ax.set_ylim(0.0, tallest * (1.12 + 0.08 * shown))
     ax.axvline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel(f"predicted − reference {quantity}{f' ({unit})' if unit else ''}  [outliers clipped to the edges]",
                   fontsize=9)
@@ -624,7 +634,7 @@ def _error_png(bench: str, quantity: str, data: dict[str, tuple[str, np.ndarray,
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=8)
     ax.set_title(f"{bench}: {quantity} error distribution", fontsize=11)
-    return _png(fig)
+    return fig
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -404,3 +404,25 @@ def test_a_resumed_run_reports_the_summed_entry_time_not_only_its_last_invocatio
         "2.00 h summed over entries; last invocation 0.6 s, 3953 entries reused")
     assert _time_text({"wall_time_s": 90.0, "settings": {"compute_time_s": 150.0, "reused": 0}}) == (
         "2.5 min summed over entries; wall 90.0 s")
+
+
+def test_error_histogram_legend_stays_above_the_peaks():
+    """Narrow error distributions (a peak at zero, as SevenNet-0's bulk moduli give) used to reach into the
+    legend's box: the legend must sit entirely above the tallest bar, for one to five models."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from benchmarks.report import _error_figure
+
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(1.0, 300.0, 4000)
+    for n_models in (1, 2, 5):
+        data = {f"m{i}": (f"model-{i} (version {i})", ref, ref + rng.laplace(scale=2.0 + i, size=ref.size))
+                for i in range(n_models)}
+        fig = _error_figure("elasticity", "bulk_modulus", data)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)  # lays out the figure and places the legend ("best") as the PNG gets it
+        ax = fig.axes[0]
+        box = ax.get_legend().get_window_extent(renderer)
+        legend_bottom = ax.transData.inverted().transform((box.x0, box.y0))[1]
+        tallest = max(float(np.max(patch.get_path().vertices[:, 1])) for patch in ax.patches)
+        assert legend_bottom > tallest, (n_models, legend_bottom, tallest)
